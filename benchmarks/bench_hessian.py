@@ -1,0 +1,132 @@
+"""accumulate_hessian: fused kernels vs the baselines of SPEC §5.
+
+GPU: the Triton kernel (MaCa weighting) vs cuBLAS bf16 ``xᵀx`` with fp32 output and no weighting, and
+vs the reference fp32 accumulation (upcast, ``H += w · X_sᵀ X_s`` per sequence); d ∈ {4096, 8192},
+256k tokens in a 128/512/1024/2048 length mix; errors vs float64 for all three.
+CPU: the C++ kernel vs torch fp32 ``xᵀx`` (no weighting) at d=1024, 64k tokens, all cores.
+
+    python -m benchmarks.bench_hessian [--cpu] [--gpu] [--tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import maca_kernels as mk
+from benchmarks.common import environment, print_table, time_cpu, time_gpu, write_results
+from maca_kernels.ops.hessian.reference import weighted_gram_reference
+
+COLUMNS = ["device", "case", "d", "tokens", "dtype", "impl", "ms", "tflops", "speedup", "rel_err_fp64"]
+
+
+def maca_lengths(total: int, seed: int = 0, mix=(128, 512, 1024, 2048)) -> torch.Tensor:
+    """A shuffled length mix with (about) equal token share per length, summing to ``total``."""
+    g = torch.Generator().manual_seed(seed)
+    per = total // len(mix)
+    lengths = torch.cat([torch.full((max(1, per // n),), n) for n in mix])
+    lengths = lengths[torch.randperm(lengths.numel(), generator=g)]
+    lengths = lengths[torch.cumsum(lengths, 0) <= total]
+    rest = total - int(lengths.sum())
+    return torch.cat([lengths, torch.tensor([rest])]) if rest else lengths
+
+
+def gram64(x: torch.Tensor, lengths: torch.Tensor, weighted: bool, chunk: int = 16384) -> torch.Tensor:
+    """float64 ground truth, computed in token chunks so the fp64 copy of x stays small."""
+    d = x.shape[1]
+    w = torch.repeat_interleave(1.0 / lengths.double() if weighted else torch.ones(lengths.numel(),
+                                dtype=torch.float64), lengths).to(x.device)
+    out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s : s + chunk].double()
+        out += (xs * w[s : s + chunk, None]).T @ xs
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _cublas_bf16_gram(x: torch.Tensor) -> torch.Tensor:
+    try:  # torch ≥ 2.8: bf16 inputs, fp32 output straight from cuBLAS
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    except TypeError:
+        return (x.T @ x).float()
+
+
+def bench_gpu(tokens: int, dims=(4096, 8192)) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    dev = torch.cuda.get_device_name()
+    for d in dims:
+        lengths = maca_lengths(tokens, seed=d)
+        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        flops_full = 2.0 * tokens * d * d  # count the full xᵀx for every impl so TFLOP/s compare
+        truth_w = gram64(x, lengths, weighted=True)
+        truth_u = gram64(x, lengths, weighted=False)
+        mk.accumulate_hessian(x, lengths)  # autotune once, outside the timing
+        impls = {
+            "maca_kernels (MaCa weights)": (lambda: mk.accumulate_hessian(x, lengths, check_finite=False), truth_w),
+            "cuBLAS bf16 xᵀx, fp32 out": (lambda: _cublas_bf16_gram(x), truth_u),
+            "reference fp32 accumulation": (lambda: weighted_gram_reference(x, lengths, "sequence"), truth_w),
+        }
+        times = {}
+        for name, (fn, truth) in impls.items():
+            err = rel(fn(), truth)
+            times[name] = time_gpu(fn)
+            rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype="bf16", impl=name,
+                             ms=times[name], tflops=flops_full / times[name] / 1e9, rel_err_fp64=err))
+        ours = times["maca_kernels (MaCa weights)"]
+        for r in rows[-3:]:
+            r["speedup"] = r["ms"] / ours if r["impl"] != "maca_kernels (MaCa weights)" else 1.0
+        del x, truth_w, truth_u
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_cpu(tokens: int = 65536, d: int = 1024) -> list[dict]:
+    rows = []
+    lengths = maca_lengths(tokens, seed=1)
+    dev = f"cpu ({torch.get_num_threads()} threads)"
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(tokens, d).to(dtype)
+        xf = x.float()
+        truth = gram64(x, lengths, weighted=True)
+        truth_u = gram64(x, lengths, weighted=False)
+        ours_fn = lambda: mk.accumulate_hessian(x, lengths, check_finite=False)  # noqa: E731
+        base_fn = lambda: xf.T @ xf  # noqa: E731
+        t_ours = time_cpu(ours_fn)
+        t_base = time_cpu(base_fn)
+        flops = 2.0 * tokens * d * d
+        name = str(dtype).split(".")[1]
+        rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype=name, impl="maca_kernels C++",
+                         ms=t_ours, tflops=flops / t_ours / 1e9, speedup=1.0, rel_err_fp64=rel(ours_fn(), truth)))
+        rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype=name,
+                         impl="torch fp32 xᵀx (no weighting)", ms=t_base, tflops=flops / t_base / 1e9,
+                         speedup=t_base / t_ours, rel_err_fp64=rel(base_fn(), truth_u)))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="only the CPU benchmark")
+    p.add_argument("--gpu", action="store_true", help="only the GPU benchmark")
+    p.add_argument("--tokens", type=int, default=256 * 1024, help="GPU token count")
+    args = p.parse_args()
+    env = environment()
+    rows = []
+    if not args.gpu:
+        rows += bench_cpu()
+    if not args.cpu:
+        if torch.cuda.is_available():
+            rows += bench_gpu(args.tokens)
+        else:
+            print("no CUDA device: GPU benchmark skipped (no GPU figure is written without one)")
+    print_table(rows, COLUMNS)
+    print("speedup = baseline ms / maca_kernels ms; tflops count the full xᵀx (2·T·d²) for every impl")
+    print("wrote", write_results("hessian", env, rows))
+
+
+if __name__ == "__main__":
+    main()

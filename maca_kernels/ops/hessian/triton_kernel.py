@@ -1,0 +1,277 @@
+"""Triton kernel for the weighted Gram matrix ``out += Σ_t w(t) a_tᵀ b_t``.
+
+One program owns a BLOCK_M × BLOCK_N tile of the output and streams the tokens through it in
+chunks of BLOCK_T rows, reading ``x`` once in its own dtype: bf16/fp16 go straight to the tensor
+cores with fp32 accumulation (the products are exact in fp32), fp32 uses IEEE fp32 (no silent tf32).
+
+Weighting: ``Σ_t w(t) a_tᵀ b_t`` does not depend on the token order, so the chunk table lists chunks
+sorted by weight (for a MaCa length mix: 4 distinct weights). The fp32 accumulator holds the running
+sum in units of the current weight; where the weight changes it is rescaled once by ``w_old / w_new``
+(a power of two for power-of-two lengths) and after the last chunk multiplied by ``w``. The input is
+never rescaled, the weighted kernel needs no second accumulator (the wide tiles keep their registers),
+and it adds a handful of roundings per tile.
+
+Symmetric case (Hessian): only tiles touching the upper triangle run, into a scratch matrix; a small
+second kernel adds its upper triangle and the mirror image to ``out``. (Mirroring inside the main kernel
+doubled the epilogue's registers and made the wide tiles spill.) Tokens may be split over ``grid[1]``
+programs (split-T) so the last wave of tiles is not mostly idle; results land with atomic adds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton_utils import INTERPRETING
+
+# Token-chunk height per input kind; the chunk table is built for it, so it is not autotuned.
+BLOCK_T_16BIT = 64
+BLOCK_T_FP32 = 32
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). None spills registers on sm_90 (the compile tier checks).
+CONFIGS_16BIT = [
+    (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 3),
+]
+# fp32 and the cross term run the dot on FMA units: fewer, smaller tiles.
+CONFIGS_FP32 = [(128, 256, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
+# Wide tiles spill on sm_8x (mma.sync accumulators are laid out differently): not tuned there.
+SM80_MAX_TILE = 128 * 128
+
+
+def _config(m, n, w, s):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _configs():
+    if INTERPRETING:  # the interpreter cannot autotune several configs; big tiles keep it fast
+        return [_config(32, 32, 4, 1)]
+    return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
+
+
+def _prune(configs, named_args, **kwargs):
+    if INTERPRETING:
+        return configs
+    wanted = CONFIGS_FP32 if kwargs["BLOCK_T"] == BLOCK_T_FP32 else CONFIGS_16BIT
+    sm80 = torch.cuda.get_device_capability()[0] < 9
+    kept = []
+    for c in configs:
+        m, n, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+        too_big_for_sm80 = m * n > SM80_MAX_TILE or (w < 8 and m * n == SM80_MAX_TILE)
+        if (m, n, w, c.num_stages) in wanted and not (sm80 and too_big_for_sm80):
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["d", "WEIGHTED", "SYMMETRIC", "HAS_SUB", "BLOCK_T"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["out_ptr"],  # tuning runs must not leave their sums in out
+)
+@triton.jit
+def _weighted_gram_kernel(
+    out_ptr,
+    a_ptr,
+    a_sub_ptr,
+    b_ptr,
+    chunk_start_ptr,  # int64 [n_chunks]: first row of the chunk
+    chunk_rows_ptr,  # int32 [n_chunks]: rows in the chunk (≤ BLOCK_T)
+    chunk_weight_ptr,  # fp32 [n_chunks]: weight of the chunk's tokens
+    chunk_rescale_ptr,  # fp32 [n_chunks]: w_c / w_(c+1) where the weight changes after chunk c, else 0
+    n_chunks,
+    d,
+    stride_row,
+    stride_out,
+    WEIGHTED: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_bn = tl.cdiv(d, BLOCK_N)
+    bi = pid // n_bn
+    bj = pid % n_bn
+    # Tiles entirely below the diagonal are the mirror image of upper ones: nothing to do.
+    if SYMMETRIC and bi * BLOCK_M >= (bj + 1) * BLOCK_N:
+        return
+
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    c_begin = (split * n_chunks) // n_split
+    c_end = ((split + 1) * n_chunks) // n_split
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_m = bi * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = bj * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < d
+    mask_n = offs_n < d
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(c_begin, c_end):
+        row0 = tl.load(chunk_start_ptr + c)
+        n_rows = tl.load(chunk_rows_ptr + c)
+        rows = (row0 + offs_t).to(tl.int64) * stride_row
+        mask_t = offs_t < n_rows
+        a_mask = mask_t[:, None] & mask_m[None, :]
+        b_mask = mask_t[:, None] & mask_n[None, :]
+        a = tl.load(a_ptr + rows[:, None] + offs_m[None, :], mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + rows[:, None] + offs_n[None, :], mask=b_mask, other=0.0)
+        if HAS_SUB:  # GPTAQ cross term: A = x_fp − x, formed in fp32
+            a_sub = tl.load(a_sub_ptr + rows[:, None] + offs_m[None, :], mask=a_mask, other=0.0)
+            a = a.to(tl.float32) - a_sub.to(tl.float32)
+            b = b.to(tl.float32)
+        if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        if WEIGHTED:
+            rescale = tl.load(chunk_rescale_ptr + c)
+            # The weight changes after this chunk (rare: chunks come sorted by weight). At the end of
+            # this program's range the final multiply below applies the chunk's own weight instead.
+            if (rescale != 0.0) & (c + 1 < c_end):
+                acc = acc * rescale
+    if WEIGHTED and c_end > c_begin:
+        acc = acc * tl.load(chunk_weight_ptr + c_end - 1)
+
+    # One writer per element unless tokens are split; the atomics make split-T and accumulation safe.
+    out_tile = offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+    tl.atomic_add(out_ptr + out_tile, acc, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+
+
+@triton.jit
+def _symmetrize_add_kernel(out_ptr, upper_ptr, d, stride_out, stride_upper, BLOCK: tl.constexpr):
+    """``out[i, j] += U[min(i, j), max(i, j)]``: completes a Gram matrix of which only the upper
+    triangle of ``U`` is valid. Lower tiles read their mirror tile coalesced and transpose it."""
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    offs_i = bi * BLOCK + tl.arange(0, BLOCK)
+    offs_j = bj * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = (offs_i < d)[:, None] & (offs_j < d)[None, :]
+    upper = offs_i[:, None] <= offs_j[None, :]
+    direct = tl.load(upper_ptr + offs_i[:, None].to(tl.int64) * stride_upper + offs_j[None, :],
+                     mask=in_bounds & upper, other=0.0)
+    # mirror[j, i] = U[j, i] for the elements with i > j, loaded row-major then transposed
+    mirror = tl.load(upper_ptr + offs_j[:, None].to(tl.int64) * stride_upper + offs_i[None, :],
+                     mask=tl.trans(in_bounds & ~upper), other=0.0)
+    value = tl.where(upper, direct, tl.trans(mirror))
+    out_tile = out_ptr + offs_i[:, None].to(tl.int64) * stride_out + offs_j[None, :]
+    tl.store(out_tile, tl.load(out_tile, mask=in_bounds) + value, mask=in_bounds)
+
+
+def chunk_table(run_start: torch.Tensor, run_len: torch.Tensor, run_weight: torch.Tensor, block_t: int):
+    """Cut runs into chunks of ≤ block_t rows, ordered by weight; mark where the weight changes."""
+    order = torch.sort(run_weight, stable=True).indices
+    run_start, run_len, run_weight = run_start[order], run_len[order], run_weight[order]
+    per_run = (run_len + block_t - 1) // block_t
+    n = int(per_run.sum())
+    run_of_chunk = torch.repeat_interleave(torch.arange(run_len.numel()), per_run)
+    first_chunk = torch.cumsum(per_run, 0) - per_run
+    k = torch.arange(n) - first_chunk[run_of_chunk]
+    start = run_start[run_of_chunk] + k * block_t
+    rows = torch.minimum(run_len[run_of_chunk] - k * block_t, torch.tensor(block_t)).to(torch.int32)
+    weight = run_weight[run_of_chunk]
+    rescale = torch.zeros_like(weight)
+    change = (weight[1:] != weight[:-1]).nonzero().flatten()
+    rescale[change] = weight[change] / weight[change + 1]
+    return start, rows, weight, rescale
+
+
+def _upper_tiles(d: int, bm: int, bn: int) -> int:
+    n_bm = triton.cdiv(d, bm)
+    return sum(min(n_bm, triton.cdiv((j + 1) * bn, bm)) for j in range(triton.cdiv(d, bn)))
+
+
+def choose_split(n_tiles: int, n_sms: int, n_chunks: int, max_split: int = 8) -> int:
+    """Split the tokens over programs so that the last wave of tiles is not mostly idle."""
+    best, best_cost = 1, float("inf")
+    for s in range(1, max(1, min(max_split, n_chunks // 4)) + 1):
+        cost = triton.cdiv(n_tiles * s, n_sms) / s  # waves, in units of one unsplit tile's work
+        if cost < best_cost * 0.97:
+            best, best_cost = s, cost
+    return best
+
+
+def launch_weighted_gram(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    a_sub: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    weighted: bool = True,
+    n_sms: int = 132,
+    split: int | None = None,
+) -> None:
+    """``out += Σ_t w(t) A_tᵀ B_t`` with A = a (or a − a_sub), B = b (or A: symmetric, upper tiles only)."""
+    d = a.shape[1]
+    symmetric = b is None
+    cross = a_sub is not None
+    fp32_path = a.dtype == torch.float32 or cross
+    block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
+    start, rows, weight, rescale = (t.to(a.device) for t in chunk_table(*runs, block_t))
+    n_chunks = start.numel()
+    target = torch.zeros_like(out) if symmetric else out
+
+    def grid(meta):
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        n_tiles = _upper_tiles(d, bm, bn) if symmetric else triton.cdiv(d, bm) * triton.cdiv(d, bn)
+        s = split if split is not None else choose_split(n_tiles, n_sms, n_chunks)
+        return (triton.cdiv(d, bm) * triton.cdiv(d, bn), max(1, min(s, n_chunks)))
+
+    _weighted_gram_kernel[grid](
+        target,
+        a,
+        a_sub if cross else a,
+        a if symmetric else b,
+        start,
+        rows,
+        weight,
+        rescale,
+        n_chunks,
+        d,
+        a.stride(0),
+        out.stride(0),
+        WEIGHTED=weighted,
+        SYMMETRIC=symmetric,
+        HAS_SUB=cross,
+        UPCAST=INTERPRETING and a.dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee",
+        BLOCK_T=block_t,
+    )
+    if symmetric:
+        block = 32 if INTERPRETING else 64
+        grid_sym = (triton.cdiv(d, block), triton.cdiv(d, block))
+        _symmetrize_add_kernel[grid_sym](out, target, d, out.stride(0), target.stride(0), BLOCK=block)
+
+
+def aot_variants():
+    """Every (kernel, signature, constexprs, launch options) the launcher can produce, for the
+    ahead-of-time compile tier (sm_90 / sm_80 on a CPU machine)."""
+    index = {
+        "*i64": ["chunk_start_ptr"], "*i32": ["chunk_rows_ptr"], "*fp32": ["chunk_weight_ptr", "chunk_rescale_ptr"],
+    }
+    scalars = {"n_chunks": "i32", "d": "i32", "stride_row": "i64", "stride_out": "i32"}
+    kinds = [  # (name, input dtype, symmetric, cross term, BLOCK_T, configs)
+        ("bf16", "bf16", True, False, BLOCK_T_16BIT, CONFIGS_16BIT),
+        ("fp16", "fp16", True, False, BLOCK_T_16BIT, CONFIGS_16BIT),
+        ("fp32", "fp32", True, False, BLOCK_T_FP32, CONFIGS_FP32),
+        ("cross_bf16", "bf16", False, True, BLOCK_T_FP32, CONFIGS_FP32),
+    ]
+    for name, dt, symmetric, cross, block_t, configs in kinds:
+        for weighted in (True, False):
+            for bm, bn, warps, stages in configs:
+                sig = {"out_ptr": "*fp32", "a_ptr": f"*{dt}", "a_sub_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
+                sig.update({arg: ty for ty, args in index.items() for arg in args})
+                sig.update(scalars)
+                const = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
+                             INPUT_PRECISION="ieee", BLOCK_T=block_t, BLOCK_M=bm, BLOCK_N=bn)
+                tag = f"gram_{name}_{'seq' if weighted else 'tok'}_{bm}x{bn}_w{warps}s{stages}"
+                yield tag, _weighted_gram_kernel.fn, sig, const, dict(num_warps=warps, num_stages=stages)
+    sig = {"out_ptr": "*fp32", "upper_ptr": "*fp32", "d": "i32", "stride_out": "i32", "stride_upper": "i32"}
+    yield "symmetrize_add", _symmetrize_add_kernel, sig, {"BLOCK": 64}, dict(num_warps=4, num_stages=1)
