@@ -41,7 +41,9 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError("cmake not found: pip install cmake")
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed directory (not setuptools' throw-away temp dir of editable installs) keeps rebuilds
+        # incremental: `make build` after a C++ edit recompiles one file.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
         native = os.environ.get("MACA_NATIVE", "1").lower() not in ("0", "off", "false", "no")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 # Pointers and these integer arguments are 16-divisible in every real launch (the JIT specialises on
 # that); without the hint the compiler cannot vectorise and does not pipeline the loads.
-ALIGNED_INTS = ("d", "stride_row", "stride_out", "stride_upper", "K", "N", "stride")
+ALIGNED_INTS = ("d", "stride_row", "stride_out", "stride_upper")
 
 
 @dataclass

@@ -55,7 +55,6 @@ constexpr int kNR = 16;   // columns of the register tile (two ymm vectors)
 constexpr int kKC = 256;  // tokens per K-block: a B panel (16 KB) + an A panel (6 KB) fit in L1
 constexpr int kRowGroupPanels = 32;  // A panels reused from L2: 192 rows x kKC x 4 B = 192 KB
 constexpr int64_t kDefaultScratchBudget = int64_t(256) << 20;
-constexpr int64_t kAddBlock = 64;    // row block of the final scratch -> out addition
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -247,10 +246,11 @@ Schedule build_schedule(const WeightedGramArgs& args) {
 // ---------------------------------------------------------------------------------------------
 // Micro-kernel: C[0:kMR, 0:kNR] += sum_s w_s * sum_{t in s} A[t, 0:kMR]^T B[t, 0:kNR]
 // A: packed panel [kKC][kMR]; B: packed panel [kKC][kNR] (32-byte aligned); C: 32-byte aligned rows.
+// With `overwrite` the first segment stores instead of adding: the scratch needs no zeroing pass.
 // ---------------------------------------------------------------------------------------------
 #if MACA_GRAM_AVX2
 inline void micro_kernel(const float* A, const float* B, const Segment* seg, const Segment* seg_end, float* C,
-                         int64_t ldc) {
+                         int64_t ldc, bool overwrite) {
   // The C tile is needed only at the first flush: start fetching it now (one 64-byte line per row).
   for (int r = 0; r < kMR; ++r) _mm_prefetch(reinterpret_cast<const char*>(C + r * ldc), _MM_HINT_T0);
   for (; seg != seg_end; ++seg) {
@@ -289,8 +289,13 @@ inline void micro_kernel(const float* A, const float* B, const Segment* seg, con
     // Flush: the weight scales the fp32 partial sums of this segment.
     const __m256 w = _mm256_set1_ps(seg->weight);
     auto flush_row = [&](float* row, __m256 lo, __m256 hi) {
-      _mm256_store_ps(row, _mm256_fmadd_ps(w, lo, _mm256_load_ps(row)));
-      _mm256_store_ps(row + 8, _mm256_fmadd_ps(w, hi, _mm256_load_ps(row + 8)));
+      if (overwrite) {
+        _mm256_store_ps(row, _mm256_mul_ps(w, lo));
+        _mm256_store_ps(row + 8, _mm256_mul_ps(w, hi));
+      } else {
+        _mm256_store_ps(row, _mm256_fmadd_ps(w, lo, _mm256_load_ps(row)));
+        _mm256_store_ps(row + 8, _mm256_fmadd_ps(w, hi, _mm256_load_ps(row + 8)));
+      }
     };
     flush_row(C + 0 * ldc, c00, c01);
     flush_row(C + 1 * ldc, c10, c11);
@@ -298,12 +303,52 @@ inline void micro_kernel(const float* A, const float* B, const Segment* seg, con
     flush_row(C + 3 * ldc, c30, c31);
     flush_row(C + 4 * ldc, c40, c41);
     flush_row(C + 5 * ldc, c50, c51);
+    overwrite = false;
+  }
+}
+#elif defined(__GNUC__)
+// Portable fallback with GCC/Clang 128-bit vector extensions (SSE on baseline x86-64, NEON on arm64);
+// same arithmetic: fp32 products and sums, the weight applied to partial sums. The 16 columns are
+// done as two halves of 8 so that the 12 accumulators fit in 16 vector registers.
+typedef float vec4 __attribute__((vector_size(16)));
+
+inline vec4 load4(const float* p) {
+  vec4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void micro_kernel(const float* A, const float* B, const Segment* seg, const Segment* seg_end, float* C,
+                         int64_t ldc, bool overwrite) {
+  for (; seg != seg_end; ++seg) {
+    for (int half = 0; half < 2; ++half) {
+      vec4 acc[kMR][2] = {};
+      for (int32_t t = seg->begin; t < seg->end; ++t) {
+        const float* a = A + static_cast<int64_t>(t) * kMR;
+        const float* b = B + static_cast<int64_t>(t) * kNR + 8 * half;
+        const vec4 b0 = load4(b), b1 = load4(b + 4);
+        for (int r = 0; r < kMR; ++r) {
+          const vec4 x = {a[r], a[r], a[r], a[r]};
+          acc[r][0] += x * b0;
+          acc[r][1] += x * b1;
+        }
+      }
+      const vec4 w = {seg->weight, seg->weight, seg->weight, seg->weight};
+      for (int r = 0; r < kMR; ++r) {
+        for (int q = 0; q < 2; ++q) {
+          float* c = C + r * ldc + 8 * half + 4 * q;
+          const vec4 sum = (overwrite ? vec4{} : load4(c)) + w * acc[r][q];
+          std::memcpy(c, &sum, sizeof sum);
+        }
+      }
+    }
+    overwrite = false;
   }
 }
 #else
-// Portable fallback with the same arithmetic (fp32 products and sums, weight on partial sums).
+// Plain scalar fallback for other compilers.
 inline void micro_kernel(const float* A, const float* B, const Segment* seg, const Segment* seg_end, float* C,
-                         int64_t ldc) {
+                         int64_t ldc, bool overwrite) {
   for (; seg != seg_end; ++seg) {
     float acc[kMR][kNR] = {};
     for (int32_t t = seg->begin; t < seg->end; ++t) {
@@ -313,7 +358,8 @@ inline void micro_kernel(const float* A, const float* B, const Segment* seg, con
         for (int j = 0; j < kNR; ++j) acc[r][j] += a[r] * b[j];
     }
     for (int r = 0; r < kMR; ++r)
-      for (int j = 0; j < kNR; ++j) C[r * ldc + j] += seg->weight * acc[r][j];
+      for (int j = 0; j < kNR; ++j) C[r * ldc + j] = (overwrite ? 0.0f : C[r * ldc + j]) + seg->weight * acc[r][j];
+    overwrite = false;
   }
 }
 #endif
@@ -405,7 +451,7 @@ void wait_for(const std::atomic<int64_t>& counter, int64_t target) {
 constexpr int64_t kAPanelStride = kKC * kMR + 16;  // +64 bytes: successive panels fall in different
 constexpr int64_t kBPanelStride = kKC * kNR + 16;  // L1 sets while packing (no 4 KiB aliasing)
 
-struct Slot {  // one entry of the ring of packed K-blocks
+struct alignas(64) Slot {  // one entry of the ring of packed K-blocks (own cache line for the counters)
   FloatBuffer a, b;
   std::atomic<int64_t> packed{0};    // thread shares packed, summed over the slot's lifetime
   std::atomic<int64_t> consumed{0};  // threads done computing from it, summed likewise
@@ -415,7 +461,7 @@ struct Context {
   const WeightedGramArgs& args;
   const Schedule& sched;
   bool symmetric;
-  int64_t row_len;  // padded length of a converted row (zero tail past d)
+  int64_t row_len;  // padded length of a converted row in the conversion buffers
   std::vector<Slot>& ring;
   float* scratch;   // [a_panels * kMR][lds] of the current stripe
 };
@@ -518,7 +564,8 @@ void pack_share(const Context& ctx, const Stripe& s, ShareRows share, ShareRows 
 
 // All micro-kernel calls of K-block kb that fall in this thread's B panels. Row groups outermost:
 // a block of kRowGroupPanels A panels stays in L2 while the owned B panels stream past it.
-void compute_share(const Context& ctx, const Stripe& s, const KBlock& kb, const Slot& slot, PanelRange own) {
+void compute_share(const Context& ctx, const Stripe& s, const KBlock& kb, const Slot& slot, PanelRange own,
+                   bool first_block) {
   const Segment* seg0 = ctx.sched.segments.data() + kb.seg_begin;
   const Segment* seg1 = ctx.sched.segments.data() + kb.seg_end;
   for (int64_t ig = 0; ig < s.a_panels; ig += kRowGroupPanels) {
@@ -528,17 +575,33 @@ void compute_share(const Context& ctx, const Stripe& s, const KBlock& kb, const 
       float* C = ctx.scratch + jr * kNR;
       const int64_t ir1 = std::min(ig1, a_panel_limit(s, ctx.symmetric, jr));
       for (int64_t ir = ig; ir < ir1; ++ir)
-        micro_kernel(slot.a.get() + ir * kAPanelStride, B, seg0, seg1, C + ir * kMR * s.lds, s.lds);
+        micro_kernel(slot.a.get() + ir * kAPanelStride, B, seg0, seg1, C + ir * kMR * s.lds, s.lds, first_block);
     }
   }
 }
 
-// Zeroes the scratch columns of the owned panels.
-void zero_share(const Context& ctx, const Stripe& s, PanelRange own) {
-  if (own.jr0 >= own.jr1) return;
-  const int64_t rows = s.a_panels * kMR;
-  const int64_t width = (own.jr1 - own.jr0) * kNR;
-  for (int64_t i = 0; i < rows; ++i) std::memset(ctx.scratch + i * s.lds + own.jr0 * kNR, 0, width * sizeof(float));
+// out[i, j] += G[j, i] for i in [i_begin, i_end) and every j < i, where G[j, i] = S[j * lds + i].
+// Works in kT x kT tiles through a small transposed buffer: destination rows are often a multiple of
+// 4 KiB apart (ld_out = d), and writing one element per row per step would thrash the L1 sets.
+void add_mirror(const WeightedGramArgs& g, const float* S, int64_t lds, int64_t i_begin, int64_t i_end) {
+  constexpr int64_t kT = 16;
+  float tile[kT][kT];
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += kT) {
+    const int64_t ni = std::min(kT, i_end - i0);
+    const int64_t j_end = i0 + ni - 1;  // j < i <= i0 + ni - 1
+    for (int64_t jb = 0; jb < j_end; jb += kT) {
+      const int64_t nj = std::min(kT, j_end - jb);
+      for (int64_t a = 0; a < nj; ++a) {  // source row jb + a, only the entries with j < i
+        const float* src = S + (jb + a) * lds;
+        for (int64_t b = std::max<int64_t>(0, jb + a + 1 - i0); b < ni; ++b) tile[b][a] = src[i0 + b];
+      }
+      for (int64_t b = 0; b < ni; ++b) {
+        float* o = g.out + (i0 + b) * g.ld_out + jb;
+        const int64_t n = std::min(nj, i0 + b - jb);
+        for (int64_t a = 0; a < n; ++a) o[a] += tile[b][a];
+      }
+    }
+  }
 }
 
 // out += scratch for the owned columns [j0, j1). For B = A the scratch holds G[i, j] for i <= j: it
@@ -555,15 +618,7 @@ void add_share_to_out(const Context& ctx, const Stripe& s, PanelRange own) {
     const float* src = S + i * s.lds;
     for (int64_t j = ctx.symmetric ? std::max(j0, i) : j0; j < j1; ++j) o[j] += src[j];
   }
-  if (!ctx.symmetric) return;
-  // Mirror, in blocks of destination rows: for a fixed j, G[j, i0:i1] is contiguous in the scratch.
-  for (int64_t i0 = j0; i0 < j1; i0 += kAddBlock) {
-    const int64_t i1 = std::min(i0 + kAddBlock, j1);
-    for (int64_t j = 0; j + 1 < i1; ++j) {
-      const float* src = S + j * s.lds;
-      for (int64_t i = std::max(i0, j + 1); i < i1; ++i) g.out[i * g.ld_out + j] += src[i];
-    }
-  }
+  if (ctx.symmetric) add_mirror(g, S, s.lds, j0, j1);
 }
 
 // One thread's part of a stripe. `block_base` numbers this stripe's first K-block globally, so the
@@ -571,7 +626,6 @@ void add_share_to_out(const Context& ctx, const Stripe& s, PanelRange own) {
 void process_stripe(const Context& ctx, const Stripe& s, int64_t block_base, int tid, int nth, float* buf_a,
                     float* buf_b) {
   const PanelRange own = owned_panels(s, ctx.symmetric, tid, nth);
-  zero_share(ctx, s, own);
   const int64_t ring = static_cast<int64_t>(ctx.ring.size());
   const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
   for (int64_t k = 0; k < n_blocks; ++k) {
@@ -584,7 +638,7 @@ void process_stripe(const Context& ctx, const Stripe& s, int64_t block_base, int
     pack_share(ctx, s, share, next_share, slot, buf_a, buf_b);
     slot.packed.fetch_add(1, std::memory_order_release);
     wait_for(slot.packed, nth * (generation + 1));  // every share of block p is in
-    compute_share(ctx, s, ctx.sched.blocks[k], slot, own);
+    compute_share(ctx, s, ctx.sched.blocks[k], slot, own, k == 0);  // block 0 initialises the scratch
     slot.consumed.fetch_add(1, std::memory_order_release);
   }
   add_share_to_out(ctx, s, own);
@@ -640,29 +694,33 @@ void weighted_gram(const WeightedGramArgs& args) {
     slot.a = alloc_floats(a_floats);
     slot.b = alloc_floats(b_floats);
   }
+  // Per-thread conversion buffers for kPackGroup rows (A, and B when it is a separate input), zeroed
+  // once: columns >= d are never written, which zero-pads the edge panels.
   const int64_t row_len = std::max(round_up(d, kMR), round_up(d, kNR));
+  const int64_t per_thread = kPackGroup * row_len * (symmetric ? 1 : 2);
+  FloatBuffer row_bufs = alloc_floats(requested * per_thread);
+  std::memset(row_bufs.get(), 0, static_cast<size_t>(requested * per_thread) * sizeof(float));
   const Context ctx{args, sched, symmetric, row_len, ring, scratch.get()};
 
 #pragma omp parallel num_threads(requested)
   {
     // The team may be smaller than requested (nesting, thread limits): split by the real size.
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    // Zero-initialised once: columns >= d are never written, which zero-pads the edge panels.
-    std::vector<float> buf_a(static_cast<size_t>(kPackGroup * row_len), 0.0f);
-    std::vector<float> buf_b(symmetric ? 0 : static_cast<size_t>(kPackGroup * row_len), 0.0f);
+    float* buf_a = row_bufs.get() + tid * per_thread;
+    float* buf_b = symmetric ? nullptr : buf_a + kPackGroup * row_len;
     for (size_t k = 0; k < stripes.size(); ++k) {
       if (k > 0) {
 #pragma omp barrier
         // the scratch is reused: every owner must have added the previous stripe to out
       }
       const int64_t block_base = static_cast<int64_t>(k * sched.blocks.size());
-      process_stripe(ctx, stripes[k], block_base, tid, nth, buf_a.data(), buf_b.data());
+      process_stripe(ctx, stripes[k], block_base, tid, nth, buf_a, buf_b);
     }
   }
 }
 
 std::string weighted_gram_build_info() {
-  std::string info = MACA_GRAM_AVX2 ? "avx2+fma" : "scalar";
+  std::string info = MACA_GRAM_AVX2 ? "avx2+fma" : "portable";
   if (MACA_GRAM_F16C) info += " f16c";
   info += " openmp";
   return info;

@@ -46,7 +46,7 @@ struct WeightedGramArgs {
 // that would make it read or write out of bounds (negative sizes, null pointers, bad dtype).
 void weighted_gram(const WeightedGramArgs& args);
 
-// Which code paths this build compiled in, e.g. "avx2+fma f16c openmp".
+// Which code paths this build compiled in: "avx2+fma f16c openmp" or "portable openmp".
 std::string weighted_gram_build_info();
 
 }  // namespace maca

@@ -23,8 +23,9 @@ def _check_out(out: torch.Tensor, d: int, device: torch.device) -> None:
         raise ValueError(f"out must be a float32 [d, d] = [{d}, {d}] tensor, got {out.dtype} {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"out is on {out.device} but x is on {device}")
-    if out.stride(1) != 1:
-        raise ValueError("out must have unit stride along its last dimension")
+    if out.stride(1) != 1 or out.stride(0) < d:
+        raise ValueError(f"out must have unit stride along its last dimension and rows ≥ {d} apart, "
+                         f"got strides {tuple(out.stride())}")
 
 
 def _resolve_backend(backend: str | None, device: torch.device) -> str:

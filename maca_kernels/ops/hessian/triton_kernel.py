@@ -4,12 +4,16 @@ One program owns a BLOCK_M × BLOCK_N tile of the output and streams the tokens 
 chunks of BLOCK_T rows, reading ``x`` once in its own dtype: bf16/fp16 go straight to the tensor
 cores with fp32 accumulation (the products are exact in fp32), fp32 uses IEEE fp32 (no silent tf32).
 
+Accuracy: tensor cores add into their fp32 accumulator with truncation, so a long chain of MMAs drifts
+toward zero on positive sums (the Hessian's diagonal). Every PROMOTE_EVERY chunks the MMA accumulator
+is added into a second, round-to-nearest fp32 accumulator and restarted, which bounds the chain at
+PROMOTE_EVERY · BLOCK_T tokens (the fp32 FMA path does not need it).
+
 Weighting: ``Σ_t w(t) a_tᵀ b_t`` does not depend on the token order, so the chunk table lists chunks
-sorted by weight (for a MaCa length mix: 4 distinct weights). The fp32 accumulator holds the running
-sum in units of the current weight; where the weight changes it is rescaled once by ``w_old / w_new``
-(a power of two for power-of-two lengths) and after the last chunk multiplied by ``w``. The input is
-never rescaled, the weighted kernel needs no second accumulator (the wide tiles keep their registers),
-and it adds a handful of roundings per tile.
+sorted by weight (a MaCa length mix has 4 distinct weights). The accumulator holds the running sum in
+units of the current weight; where the weight changes (the chunk's row count is stored negated) it is
+rescaled once by ``w_old / w_new`` (a power of two for power-of-two lengths), and after the last chunk
+multiplied by ``w``. The input is never rescaled and it costs a handful of roundings per tile.
 
 Symmetric case (Hessian): only tiles touching the upper triangle run, into a scratch matrix; a small
 second kernel adds its upper triangle and the mirror image to ``out``. (Mirroring inside the main kernel
@@ -18,6 +22,8 @@ programs (split-T) so the last wave of tiles is not mostly idle; results land wi
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -28,14 +34,14 @@ from ..._triton_utils import INTERPRETING
 # Token-chunk height per input kind; the chunk table is built for it, so it is not autotuned.
 BLOCK_T_16BIT = 64
 BLOCK_T_FP32 = 32
-
+# Tensor-core chains are restarted every PROMOTE_EVERY_16BIT chunks (128 tokens, 8 MMA k-steps).
+PROMOTE_EVERY_16BIT = 2
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). None spills registers on sm_90 (the compile tier checks).
-CONFIGS_16BIT = [
-    (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 3),
-]
-# fp32 and the cross term run the dot on FMA units: fewer, smaller tiles.
-CONFIGS_FP32 = [(128, 256, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3)]
+# The chunk-table load takes one pipeline stage, so num_stages = buffers + 2.
+CONFIGS_16BIT = [(128, 128, 8, 5), (128, 128, 8, 4), (64, 128, 4, 6), (128, 64, 4, 6), (64, 64, 4, 5)]
+# fp32 and the cross term run the dot on FMA units (one accumulator): wider tiles fit.
+CONFIGS_FP32 = [(128, 256, 8, 4), (128, 128, 8, 4), (64, 128, 8, 4), (64, 64, 4, 4)]
 # Wide tiles spill on sm_8x (mma.sync accumulators are laid out differently): not tuned there.
 SM80_MAX_TILE = 128 * 128
 
@@ -66,7 +72,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["d", "WEIGHTED", "SYMMETRIC", "HAS_SUB", "BLOCK_T"],
+    key=["d", "size_bucket", "WEIGHTED", "SYMMETRIC", "HAS_SUB", "BLOCK_T"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["out_ptr"],  # tuning runs must not leave their sums in out
 )
@@ -77,18 +83,20 @@ def _weighted_gram_kernel(
     a_sub_ptr,
     b_ptr,
     chunk_start_ptr,  # int64 [n_chunks]: first row of the chunk
-    chunk_rows_ptr,  # int32 [n_chunks]: rows in the chunk (≤ BLOCK_T)
+    chunk_rows_ptr,  # int32 [n_chunks]: rows in the chunk (≤ BLOCK_T), negated where the weight changes next
     chunk_weight_ptr,  # fp32 [n_chunks]: weight of the chunk's tokens
-    chunk_rescale_ptr,  # fp32 [n_chunks]: w_c / w_(c+1) where the weight changes after chunk c, else 0
+    chunk_rescale_ptr,  # fp32 [n_chunks]: w_c / w_(c+1) where the weight changes after chunk c
     n_chunks,
     d,
     stride_row,
     stride_out,
+    size_bucket,  # log2 of the chunk count: only an autotune key
     WEIGHTED: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     HAS_SUB: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PROMOTE_EVERY: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,10 +120,12 @@ def _weighted_gram_kernel(
     mask_m = offs_m < d
     mask_n = offs_n < d
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # round-to-nearest sum (stays 0 without promotion)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the dot's accumulator
     for c in range(c_begin, c_end):
         row0 = tl.load(chunk_start_ptr + c)
-        n_rows = tl.load(chunk_rows_ptr + c)
+        rows_flag = tl.load(chunk_rows_ptr + c)
+        n_rows = tl.abs(rows_flag)
         rows = (row0 + offs_t).to(tl.int64) * stride_row
         mask_t = offs_t < n_rows
         a_mask = mask_t[:, None] & mask_m[None, :]
@@ -129,13 +139,22 @@ def _weighted_gram_kernel(
         if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+        part = tl.dot(tl.trans(a), b, part, input_precision=INPUT_PRECISION)
+        # The weight changes after this chunk (rare: chunks come sorted by weight). At the end of this
+        # program's range the final multiply below applies the chunk's own weight instead.
+        change = (rows_flag < 0) & (c + 1 < c_end)
+        if PROMOTE_EVERY > 0:
+            if ((c - c_begin) % PROMOTE_EVERY == PROMOTE_EVERY - 1) | change:
+                acc += part
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if WEIGHTED:
-            rescale = tl.load(chunk_rescale_ptr + c)
-            # The weight changes after this chunk (rare: chunks come sorted by weight). At the end of
-            # this program's range the final multiply below applies the chunk's own weight instead.
-            if (rescale != 0.0) & (c + 1 < c_end):
-                acc = acc * rescale
+            if change:
+                rescale = tl.load(chunk_rescale_ptr + c)
+                if PROMOTE_EVERY > 0:
+                    acc = acc * rescale
+                else:
+                    part = part * rescale
+    acc += part
     if WEIGHTED and c_end > c_begin:
         acc = acc * tl.load(chunk_weight_ptr + c_end - 1)
 
@@ -165,7 +184,10 @@ def _symmetrize_add_kernel(out_ptr, upper_ptr, d, stride_out, stride_upper, BLOC
 
 
 def chunk_table(run_start: torch.Tensor, run_len: torch.Tensor, run_weight: torch.Tensor, block_t: int):
-    """Cut runs into chunks of ≤ block_t rows, ordered by weight; mark where the weight changes."""
+    """Cut runs into chunks of ≤ block_t rows, ordered by weight.
+
+    Returns (start int64, rows int32 — negated on the last chunk before a weight change, weight fp32,
+    rescale fp32 = w_c / w_(c+1) on those chunks, 0 elsewhere)."""
     order = torch.sort(run_weight, stable=True).indices
     run_start, run_len, run_weight = run_start[order], run_len[order], run_weight[order]
     per_run = (run_len + block_t - 1) // block_t
@@ -179,6 +201,7 @@ def chunk_table(run_start: torch.Tensor, run_len: torch.Tensor, run_weight: torc
     rescale = torch.zeros_like(weight)
     change = (weight[1:] != weight[:-1]).nonzero().flatten()
     rescale[change] = weight[change] / weight[change + 1]
+    rows[change] = -rows[change]
     return start, rows, weight, rescale
 
 
@@ -216,7 +239,7 @@ def launch_weighted_gram(
     block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
     start, rows, weight, rescale = (t.to(a.device) for t in chunk_table(*runs, block_t))
     n_chunks = start.numel()
-    target = torch.zeros_like(out) if symmetric else out
+    target = torch.zeros(d, d, dtype=torch.float32, device=out.device) if symmetric else out
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -236,12 +259,14 @@ def launch_weighted_gram(
         n_chunks,
         d,
         a.stride(0),
-        out.stride(0),
+        target.stride(0),
+        int(math.log2(max(1, n_chunks))),
         WEIGHTED=weighted,
         SYMMETRIC=symmetric,
         HAS_SUB=cross,
         UPCAST=INTERPRETING and a.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee",
+        PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,
         BLOCK_T=block_t,
     )
     if symmetric:
@@ -256,21 +281,21 @@ def aot_variants():
     index = {
         "*i64": ["chunk_start_ptr"], "*i32": ["chunk_rows_ptr"], "*fp32": ["chunk_weight_ptr", "chunk_rescale_ptr"],
     }
-    scalars = {"n_chunks": "i32", "d": "i32", "stride_row": "i64", "stride_out": "i32"}
-    kinds = [  # (name, input dtype, symmetric, cross term, BLOCK_T, configs)
-        ("bf16", "bf16", True, False, BLOCK_T_16BIT, CONFIGS_16BIT),
-        ("fp16", "fp16", True, False, BLOCK_T_16BIT, CONFIGS_16BIT),
-        ("fp32", "fp32", True, False, BLOCK_T_FP32, CONFIGS_FP32),
-        ("cross_bf16", "bf16", False, True, BLOCK_T_FP32, CONFIGS_FP32),
+    scalars = {"n_chunks": "i32", "d": "i32", "stride_row": "i64", "stride_out": "i32", "size_bucket": "i32"}
+    kinds = [  # (name, input dtype, symmetric, cross term, BLOCK_T, promote, configs)
+        ("bf16", "bf16", True, False, BLOCK_T_16BIT, PROMOTE_EVERY_16BIT, CONFIGS_16BIT),
+        ("fp16", "fp16", True, False, BLOCK_T_16BIT, PROMOTE_EVERY_16BIT, CONFIGS_16BIT),
+        ("fp32", "fp32", True, False, BLOCK_T_FP32, 0, CONFIGS_FP32),
+        ("cross_bf16", "bf16", False, True, BLOCK_T_FP32, 0, CONFIGS_FP32),
     ]
-    for name, dt, symmetric, cross, block_t, configs in kinds:
+    for name, dt, symmetric, cross, block_t, promote, configs in kinds:
         for weighted in (True, False):
             for bm, bn, warps, stages in configs:
                 sig = {"out_ptr": "*fp32", "a_ptr": f"*{dt}", "a_sub_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
                 sig.update({arg: ty for ty, args in index.items() for arg in args})
                 sig.update(scalars)
                 const = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
-                             INPUT_PRECISION="ieee", BLOCK_T=block_t, BLOCK_M=bm, BLOCK_N=bn)
+                             INPUT_PRECISION="ieee", PROMOTE_EVERY=promote, BLOCK_T=block_t, BLOCK_M=bm, BLOCK_N=bn)
                 tag = f"gram_{name}_{'seq' if weighted else 'tok'}_{bm}x{bn}_w{warps}s{stages}"
                 yield tag, _weighted_gram_kernel.fn, sig, const, dict(num_warps=warps, num_stages=stages)
     sig = {"out_ptr": "*fp32", "upper_ptr": "*fp32", "d": "i32", "stride_out": "i32", "stride_upper": "i32"}
