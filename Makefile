@@ -20,7 +20,7 @@ venv: $(STAMP)
 build: $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
-test: build
+test: build lint
 	$(VPY) -m pytest -q tests
 
 bench: build

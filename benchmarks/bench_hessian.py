@@ -55,57 +55,60 @@ def _cublas_bf16_gram(x: torch.Tensor) -> torch.Tensor:
         return (x.T @ x).float()
 
 
+def _gpu_case(d: int, tokens: int, dev: str) -> list[dict]:
+    lengths = maca_lengths(tokens, seed=d)
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    flops_full = 2.0 * tokens * d * d  # count the full xᵀx for every impl so TFLOP/s compare
+    truth_w = gram64(x, lengths, weighted=True)
+    truth_u = gram64(x, lengths, weighted=False)
+    mk.accumulate_hessian(x, lengths)  # autotune once, outside the timing
+    ours = "maca_kernels (MaCa weights)"
+    impls = {
+        ours: (lambda: mk.accumulate_hessian(x, lengths, check_finite=False), truth_w),
+        "cuBLAS bf16 xᵀx, fp32 out": (lambda: _cublas_bf16_gram(x), truth_u),
+        "reference fp32 accumulation": (lambda: weighted_gram_reference(x, lengths, "sequence"), truth_w),
+    }
+    rows = []
+    for name, (fn, truth) in impls.items():
+        err = rel(fn(), truth)
+        ms = time_gpu(fn)
+        rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype="bf16", impl=name,
+                         ms=ms, tflops=flops_full / ms / 1e9, rel_err_fp64=err))
+    for r in rows:
+        r["speedup"] = r["ms"] / rows[0]["ms"]  # baseline time over ours
+    return rows
+
+
 def bench_gpu(tokens: int, dims=(4096, 8192)) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    dev = torch.cuda.get_device_name()
     for d in dims:
-        lengths = maca_lengths(tokens, seed=d)
-        x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-        flops_full = 2.0 * tokens * d * d  # count the full xᵀx for every impl so TFLOP/s compare
-        truth_w = gram64(x, lengths, weighted=True)
-        truth_u = gram64(x, lengths, weighted=False)
-        mk.accumulate_hessian(x, lengths)  # autotune once, outside the timing
-        impls = {
-            "maca_kernels (MaCa weights)": (lambda: mk.accumulate_hessian(x, lengths, check_finite=False), truth_w),
-            "cuBLAS bf16 xᵀx, fp32 out": (lambda: _cublas_bf16_gram(x), truth_u),
-            "reference fp32 accumulation": (lambda: weighted_gram_reference(x, lengths, "sequence"), truth_w),
-        }
-        times = {}
-        for name, (fn, truth) in impls.items():
-            err = rel(fn(), truth)
-            times[name] = time_gpu(fn)
-            rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype="bf16", impl=name,
-                             ms=times[name], tflops=flops_full / times[name] / 1e9, rel_err_fp64=err))
-        ours = times["maca_kernels (MaCa weights)"]
-        for r in rows[-3:]:
-            r["speedup"] = r["ms"] / ours if r["impl"] != "maca_kernels (MaCa weights)" else 1.0
-        del x, truth_w, truth_u
+        rows += _gpu_case(d, tokens, torch.cuda.get_device_name())
         torch.cuda.empty_cache()
     return rows
 
 
+def _cpu_case(dtype: torch.dtype, tokens: int, d: int, lengths: torch.Tensor, dev: str) -> list[dict]:
+    x = torch.randn(tokens, d).to(dtype)
+    xf = x.float()
+    flops = 2.0 * tokens * d * d
+    name = str(dtype).split(".")[1]
+    ours = lambda: mk.accumulate_hessian(x, lengths, check_finite=False)  # noqa: E731
+    base = lambda: xf.T @ xf  # noqa: E731
+    t_ours, t_base = time_cpu(ours), time_cpu(base)
+    common = dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype=name)
+    return [
+        dict(common, impl="maca_kernels C++", ms=t_ours, tflops=flops / t_ours / 1e9, speedup=1.0,
+             rel_err_fp64=rel(ours(), gram64(x, lengths, weighted=True))),
+        dict(common, impl="torch fp32 xᵀx (no weighting)", ms=t_base, tflops=flops / t_base / 1e9,
+             speedup=t_base / t_ours, rel_err_fp64=rel(base(), gram64(x, lengths, weighted=False))),
+    ]
+
+
 def bench_cpu(tokens: int = 65536, d: int = 1024) -> list[dict]:
-    rows = []
     lengths = maca_lengths(tokens, seed=1)
     dev = f"cpu ({torch.get_num_threads()} threads)"
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(tokens, d).to(dtype)
-        xf = x.float()
-        truth = gram64(x, lengths, weighted=True)
-        truth_u = gram64(x, lengths, weighted=False)
-        ours_fn = lambda: mk.accumulate_hessian(x, lengths, check_finite=False)  # noqa: E731
-        base_fn = lambda: xf.T @ xf  # noqa: E731
-        t_ours = time_cpu(ours_fn)
-        t_base = time_cpu(base_fn)
-        flops = 2.0 * tokens * d * d
-        name = str(dtype).split(".")[1]
-        rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype=name, impl="maca_kernels C++",
-                         ms=t_ours, tflops=flops / t_ours / 1e9, speedup=1.0, rel_err_fp64=rel(ours_fn(), truth)))
-        rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype=name,
-                         impl="torch fp32 xᵀx (no weighting)", ms=t_base, tflops=flops / t_base / 1e9,
-                         speedup=t_base / t_ours, rel_err_fp64=rel(base_fn(), truth_u)))
-    return rows
+    return [row for dtype in (torch.float32, torch.bfloat16) for row in _cpu_case(dtype, tokens, d, lengths, dev)]
 
 
 def main() -> None:

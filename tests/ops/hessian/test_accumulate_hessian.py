@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, gram64, needs_interpreter, randn, ragged_lengths, rel_err
+from helpers import DTYPES, gram64, needs_interpreter, ragged_lengths, randn, rel_err
 
 import maca_kernels as mk
 

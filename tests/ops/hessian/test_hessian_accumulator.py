@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import gram64, needs_interpreter, randn, ragged_lengths, rel_err
+from helpers import gram64, needs_interpreter, ragged_lengths, randn, rel_err
 
 import maca_kernels as mk
 
