@@ -1,0 +1,95 @@
+"""GPTQ / GPTAQ quantization of one layer: ``gptq_quantize(W, H, ...)``.
+
+``prepare.py`` validates and does the dense linear algebra (dead columns, regularisation, act-order,
+damping escalation, Cholesky of H⁻¹, GPTAQ's P); the column sweep runs in the Triton kernel on CUDA
+tensors and in the plain-PyTorch reference on CPU tensors (or with ``backend="reference"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .prepare import check_inputs, prepare
+from .reference import gptq_sweep_reference
+from .result import GPTQResult
+
+BACKENDS = (None, "triton", "reference")
+
+
+def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym) -> GPTQResult:
+    N, K = W.shape
+    perm = prep.perm
+    codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
+    codes[:, perm] = codes_pos.to(torch.int32)
+    g = group_size if group_size > 0 else K
+    if prep.static_scale is not None:  # groups of original columns
+        scales, zeros = prep.static_scale, prep.static_zero
+        g_idx = torch.arange(K, device=W.device) // g
+    else:  # dynamic groups follow the processing order
+        scales, zeros = dyn_scales, dyn_zeros
+        g_idx = torch.empty(K, dtype=torch.int64, device=W.device)
+        g_idx[perm] = torch.arange(K, device=W.device) // g
+    zeros = zeros.to(torch.int32)
+    weight = (codes - zeros[:, g_idx]).to(torch.float32) * scales[:, g_idx]
+    dW = W.to(torch.float32) - weight
+    loss = float(((dW @ H.to(torch.float32)) * dW).sum())
+    return GPTQResult(codes, scales, zeros, g_idx.to(torch.int32), weight, loss, prep.damp, bits, group_size,
+                      sym, perm)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    *,
+    mse: bool = False,
+    dxxt: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    reg: float | None = None,
+    saliency: torch.Tensor | None = None,
+    backend: str | None = None,
+    name: str | None = None,
+) -> GPTQResult:
+    """Quantize ``W`` [N, K] (out × in) against the layer Hessian ``H`` [K, K] with GPTQ.
+
+    bits 2/3/4/8; ``group_size`` −1 for one group per row; ``sym`` symmetric zero points;
+    ``act_order`` processes columns by decreasing ``diag(H)``; ``static_groups`` fixes group
+    parameters on the original weights before the sweep; ``damp`` is a fraction of mean(diag H),
+    raised step by step if H is not positive definite (the value used is ``result.damp``);
+    ``mse`` grid-searches shrunk ranges. GPTAQ: pass ``dxxt`` = ΔXᵀX (and ``alpha``).
+    Saliency regularisation: ``reg`` = λ adds ``λ·mean(diag H)·diag(s)`` to H, ``s`` =
+    ``saliency`` or the normalised diag(H). ``name`` labels errors (e.g. the layer's name).
+    """
+    check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend is None:
+        backend = "triton" if W.device.type == "cuda" else "reference"
+    prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                   static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
+                   alpha=alpha, reg=reg, saliency=saliency, name=name)
+    if backend == "triton":
+        from ..._triton_utils import check_triton_device
+        from .triton_kernel import gptq_sweep_triton
+
+        check_triton_device(W, "gptq_quantize")
+        with torch.cuda.device(W.device) if W.device.type == "cuda" else _null():
+            codes, scales, zeros = gptq_sweep_triton(prep, bits, group_size, sym, mse)
+    else:
+        codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
+    return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+__all__ = ["GPTQResult", "gptq_quantize"]

@@ -1,0 +1,141 @@
+"""Validation and the dense linear algebra that every GPTQ solver shares.
+
+Dead columns, saliency regularisation, act-order permutation, damping (raised step by step until the
+Cholesky factorisations succeed), the upper Cholesky factor ``U`` of ``H⁻¹``, the GPTAQ matrix ``P``
+and static group parameters. The column sweep itself lives in ``reference.py`` / ``triton_kernel.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import find_params
+
+BITS = (2, 3, 4, 8)
+# Damping fractions tried after the requested one when H (+ damping) is not positive definite.
+DAMP_STEPS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+@dataclass
+class Prepared:
+    W: torch.Tensor  # [N, K] fp32, processing (permuted) order, dead columns zeroed
+    U: torch.Tensor  # [K, K] upper Cholesky factor of (H + damp)⁻¹ in processing order
+    P: torch.Tensor | None  # [K, K] GPTAQ correction (strictly upper), or None
+    perm: torch.Tensor  # [K] processing order → original column
+    damp: float  # damping fraction actually used (relative to mean(diag H))
+    group_of_pos: torch.Tensor  # [K] int64: group of the column processed at each position
+    static_scale: torch.Tensor | None  # [N, G] parameters fixed before the sweep (original group order)
+    static_zero: torch.Tensor | None
+    block_size: int
+
+
+def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name) -> None:
+    where = f" (layer {name})" if name else ""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
+        raise ValueError(f"W must be a floating-point [N, K] tensor{where}")
+    N, K = W.shape
+    if N == 0 or K == 0:
+        raise ValueError(f"W must be non-empty, got shape {tuple(W.shape)}{where}")
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (K, K) or not H.dtype.is_floating_point:
+        got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise ValueError(f"H must be a floating-point [K, K] = [{K}, {K}] tensor, got {got}{where}")
+    if H.device != W.device:
+        raise ValueError(f"H is on {H.device} but W is on {W.device}{where}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}{where}")
+    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}{where}")
+    if group_size > 0 and K % group_size:
+        raise ValueError(f"K = {K} (in_features) must be divisible by group_size = {group_size}{where}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}{where}")
+    if not (isinstance(damp, (int, float)) and 0 <= damp < 100):
+        raise ValueError(f"damp must be a fraction ≥ 0 of mean(diag H), got {damp!r}{where}")
+    if dxxt is not None:
+        if not isinstance(dxxt, torch.Tensor) or tuple(dxxt.shape) != (K, K):
+            got = tuple(dxxt.shape) if isinstance(dxxt, torch.Tensor) else type(dxxt).__name__
+            raise ValueError(f"dxxt (GPTAQ cross term) must be [K, K] = [{K}, {K}], got {got}{where}")
+        if dxxt.device != W.device:
+            raise ValueError(f"dxxt is on {dxxt.device} but W is on {W.device}{where}")
+        if not (isinstance(alpha, (int, float)) and alpha >= 0):
+            raise ValueError(f"alpha must be a number ≥ 0, got {alpha!r}{where}")
+    if reg is not None and not (isinstance(reg, (int, float)) and reg >= 0):
+        raise ValueError(f"reg must be a number ≥ 0, got {reg!r}{where}")
+    if saliency is not None and (not isinstance(saliency, torch.Tensor) or tuple(saliency.shape) != (K,)):
+        raise ValueError(f"saliency must be a [K] = [{K}] tensor{where}")
+    for label, t in (("W", W), ("H", H), ("dxxt", dxxt), ("saliency", saliency)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{label} contains NaN or Inf{where}")
+
+
+def _upper_inverse_factor(H: torch.Tensor, mean_diag: float, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, or None if H + damping is not PD."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp * mean_diag)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if info.item() != 0:
+        return None
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(U).all():
+        return None
+    return U
+
+
+def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, block_size, mse,
+            dxxt=None, alpha=0.25, reg=None, saliency=None, name=None) -> Prepared:
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    K = W.shape[1]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if dxxt is not None:
+        dxxt = dxxt.detach().to(torch.float32).clone()
+        dxxt[:, dead] = 0.0
+        dxxt[dead, :] = 0.0
+    mean_diag = H.diagonal().mean().item()
+    if reg:
+        # SARQC-style: λ·diag(s) pulls salient weights toward their original values; s defaults to the
+        # normalised diag(H), so reg is a fraction of mean(diag H) like damp.
+        s = saliency.to(H) if saliency is not None else H.diagonal() / mean_diag
+        H.diagonal().add_(reg * mean_diag * s)
+
+    # Parameters fixed before the sweep: static groups, and the single group of group_size = -1
+    # (taken from the original weights, as GPTQ does).
+    static_scale = static_zero = None
+    g = group_size if group_size > 0 else K
+    if static_groups or group_size <= 0:
+        params = [find_params(W[:, i : i + g], bits, sym, mse) for i in range(0, K, g)]
+        static_scale = torch.stack([p[0] for p in params], dim=1)
+        static_zero = torch.stack([p[1] for p in params], dim=1)
+
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        dxxt = None if dxxt is None else dxxt[perm][:, perm]
+    else:
+        perm = torch.arange(K, device=W.device)
+    positions = torch.arange(K, device=W.device)
+    group_of_pos = perm // g if static_scale is not None else positions // g
+
+    U, used = None, damp
+    for used in (damp,) + tuple(s for s in DAMP_STEPS if s > damp):
+        U = _upper_inverse_factor(H, mean_diag, used)
+        if U is not None:
+            break
+    if U is None:
+        where = f"layer {name}: " if name else ""
+        raise RuntimeError(
+            f"{where}H is not positive definite even with damping {DAMP_STEPS[-1]}·mean(diag H) "
+            "(check the calibration activations for this layer)"
+        )
+    P = None
+    if dxxt is not None and alpha:
+        P = alpha * ((dxxt @ U.T).triu(1)) @ U
+    # Dynamic groups must not straddle blocks: their parameters are taken from up-to-date weights.
+    if group_size > 0 and not static_groups:
+        block_size = max(1, block_size // group_size) * group_size
+    return Prepared(W, U, P, perm, float(used), group_of_pos, static_scale, static_zero, block_size)

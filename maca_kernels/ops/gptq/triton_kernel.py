@@ -1,0 +1,223 @@
+"""Triton kernel for the GPTQ / GPTAQ column sweep, one launch per column block.
+
+Rows of W are independent given ``U`` (and ``P``), so each program owns BLOCK_N rows and walks the
+block's columns in registers: find the group's parameters when a dynamic group starts, quantize the
+column, ``err = (w − q)/U_ii``, rank-1 update of the rest of the block (GPTAQ: plus ``w ⊗ P_i,:``).
+It writes the codes, the new groups' scales/zeros, and the block's ``Err`` and ``W_blk`` (values at
+quantization time); the lazy update of the later columns is then one GEMM per term in the launcher.
+Arithmetic mirrors ``quantizer.py`` exactly: IEEE division (``div_rn``), round-half-even, scales
+rounded to fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton_utils import INTERPRETING
+from .prepare import Prepared
+from .quantizer import mse_shrink_factors
+
+MAGIC_ROUND = tl.constexpr(12582912.0)  # 1.5·2²³: (x + M) − M rounds an fp32 |x| < 2²² to the nearest even integer
+
+
+@triton.jit
+def _rint(x):
+    return (x + MAGIC_ROUND) - MAGIC_ROUND
+
+
+@triton.jit
+def _round_scale(s):
+    s = tl.minimum(tl.maximum(s, 5.960464477539063e-08), 65504.0)  # [2⁻²⁴, fp16 max]
+    return s.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _scale_zero(xmin, xmax, MAXQ: tl.constexpr, SYM: tl.constexpr):
+    scale = _round_scale(tl.math.div_rn(xmax - xmin, tl.full(xmin.shape, MAXQ, tl.float32)))
+    if SYM:
+        zero = tl.full(xmin.shape, (MAXQ + 1) // 2, tl.float32)
+    else:
+        zero = _rint(tl.math.div_rn(-xmin, scale))
+        at_zero = zero < 1.0  # a v1 checkpoint cannot store a zero of 0
+        scale = tl.where(at_zero, _round_scale(tl.math.div_rn(xmax, tl.full(xmin.shape, MAXQ - 1, tl.float32))),
+                         scale)
+        zero = tl.minimum(tl.where(at_zero, 1.0, zero), MAXQ)
+    return scale, zero
+
+
+@triton.jit
+def _quantize(x, scale, zero, MAXQ: tl.constexpr):
+    return tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, scale)) + zero, 0.0), MAXQ)
+
+
+@triton.jit
+def _gptq_block_kernel(
+    w_ptr,  # [N, K] fp32 working weights (processing order); the block is read, not written
+    u_ptr,  # [K, K] fp32 upper Cholesky factor of H⁻¹
+    p_ptr,  # [K, K] fp32 GPTAQ matrix (read only when GPTAQ)
+    codes_ptr,  # [N, K] int32 out (processing order)
+    scales_ptr,  # [N, G] fp32: out for dynamic groups, in for precomputed ones
+    zeros_ptr,  # [N, G] fp32, same
+    err_ptr,  # [N, BLOCK_K] fp32 out: Err of the block
+    wq_ptr,  # [N, BLOCK_K] fp32 out: column values at quantization time (GPTAQ)
+    gpos_ptr,  # [K] int32: group of each processing position (precomputed groups)
+    shrink_ptr,  # [N_GRID] fp32 MSE range multipliers
+    i1,
+    count,
+    N,
+    stride_w,
+    stride_u,
+    stride_s,
+    stride_e,
+    MAXQ: tl.constexpr,
+    GROUP: tl.constexpr,  # dynamic group size (0: parameters are precomputed)
+    SYM: tl.constexpr,
+    N_GRID: tl.constexpr,  # 0: plain min/max; else the MSE grid search
+    NORM: tl.constexpr,
+    GPTAQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    cmask = cols < count
+    tile_mask = rmask[:, None] & cmask[None, :]
+    wb = tl.load(w_ptr + rows[:, None] * stride_w + (i1 + cols)[None, :], mask=tile_mask, other=0.0)
+    err_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    wq_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    q_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, count):
+        col = i1 + i
+        sel = cols[None, :] == i
+        if GROUP == 0:
+            g = tl.load(gpos_ptr + col)
+            scale = tl.load(scales_ptr + rows * stride_s + g, mask=rmask, other=1.0)
+            zero = tl.load(zeros_ptr + rows * stride_s + g, mask=rmask, other=0.0)
+        elif i % GROUP == 0:  # a dynamic group starts: its columns in this block are up to date
+            in_group = ((cols >= i) & (cols < i + GROUP))[None, :]
+            xmin = tl.min(tl.where(in_group, wb, 0.0), axis=1)  # 0 is always inside the range
+            xmax = tl.max(tl.where(in_group, wb, 0.0), axis=1)
+            if SYM:
+                xmax = tl.maximum(-xmin, xmax)
+                xmin = tl.where(xmin < 0.0, -xmax, xmin)
+            empty = (xmin == 0.0) & (xmax == 0.0)
+            xmin = tl.where(empty, -1.0, xmin)
+            xmax = tl.where(empty, 1.0, xmax)
+            scale, zero = _scale_zero(xmin, xmax, MAXQ, SYM)
+            if N_GRID > 0:
+                best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+                for step in range(N_GRID):
+                    p = tl.load(shrink_ptr + step)
+                    s1, z1 = _scale_zero(p * xmin, p * xmax, MAXQ, SYM)
+                    dq = (_quantize(wb, s1[:, None], z1[:, None], MAXQ) - z1[:, None]) * s1[:, None]
+                    e = tl.abs(dq - wb)
+                    e = tl.where(in_group & (e > 0.0), tl.exp2(NORM * tl.log2(tl.maximum(e, 1e-30))), 0.0)
+                    e = tl.sum(e, axis=1)
+                    better = e < best
+                    best = tl.where(better, e, best)
+                    scale = tl.where(better, s1, scale)
+                    zero = tl.where(better, z1, zero)
+            grp = col // GROUP
+            tl.store(scales_ptr + rows * stride_s + grp, scale, mask=rmask)
+            tl.store(zeros_ptr + rows * stride_s + grp, zero, mask=rmask)
+        w = tl.sum(tl.where(sel, wb, 0.0), axis=1)
+        q = _quantize(w, scale, zero, MAXQ)
+        d = tl.load(u_ptr + col.to(tl.int64) * stride_u + col)
+        err = tl.math.div_rn(w - (q - zero) * scale, tl.full(w.shape, 1.0, tl.float32) * d)
+        # U is upper triangular: entries left of the diagonal are 0, so the update leaves them alone.
+        u_row = tl.load(u_ptr + col.to(tl.int64) * stride_u + i1 + cols, mask=cmask, other=0.0)
+        wb -= err[:, None] * u_row[None, :]
+        if GPTAQ:
+            p_row = tl.load(p_ptr + col.to(tl.int64) * stride_u + i1 + cols, mask=cmask, other=0.0)
+            wb += w[:, None] * p_row[None, :]
+            wq_tile = tl.where(sel, w[:, None], wq_tile)
+        err_tile = tl.where(sel, err[:, None], err_tile)
+        q_tile = tl.where(sel, q[:, None], q_tile)
+    tl.store(codes_ptr + rows[:, None] * stride_w + (i1 + cols)[None, :], q_tile.to(tl.int32), mask=tile_mask)
+    tl.store(err_ptr + rows[:, None] * stride_e + cols[None, :], err_tile, mask=tile_mask)
+    if GPTAQ:
+        tl.store(wq_ptr + rows[:, None] * stride_e + cols[None, :], wq_tile, mask=tile_mask)
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """The lazy updates are fp32 GEMMs: never let a global TF32 setting round them."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def launch_config(block_k: int, interpreting: bool = INTERPRETING) -> tuple[int, int]:
+    """(rows per program, num_warps): 2048 tile elements keep the four register tiles spill-free on
+    sm_90 (checked by the compile tier); the interpreter pays per program, so it takes more rows."""
+    rows = max(1, (16384 if interpreting else 2048) // block_k)
+    return rows, 4 if block_k <= 128 else 8
+
+
+def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse: bool):
+    """Same contract as ``reference.gptq_sweep_reference`` (codes as int32)."""
+    W = prep.W.clone()
+    N, K = W.shape
+    dev = W.device
+    block_k = triton.next_power_of_2(prep.block_size)
+    block_n, num_warps = launch_config(block_k)
+    precomputed = prep.static_scale is not None
+    if precomputed:
+        scales, zeros = prep.static_scale.contiguous(), prep.static_zero.contiguous()
+    else:
+        scales = torch.empty(N, K // group_size, dtype=torch.float32, device=dev)
+        zeros = torch.empty_like(scales)
+    codes = torch.empty(N, K, dtype=torch.int32, device=dev)
+    err = torch.empty(N, block_k, dtype=torch.float32, device=dev)
+    wq = torch.empty_like(err) if prep.P is not None else err
+    gpos = prep.group_of_pos.to(torch.int32)
+    shrink = mse_shrink_factors(device=dev) if mse else torch.ones(1, device=dev)
+    U = prep.U.contiguous()
+    P = prep.P.contiguous() if prep.P is not None else U
+    grid = (triton.cdiv(N, block_n),)
+    with ieee_fp32_matmul():
+        for i1 in range(0, K, prep.block_size):
+            i2 = min(i1 + prep.block_size, K)
+            _gptq_block_kernel[grid](
+                W, U, P, codes, scales, zeros, err, wq, gpos, shrink,
+                i1, i2 - i1, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
+                MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
+                N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=prep.P is not None,
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            )
+            if i2 < K:
+                W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+                if prep.P is not None:
+                    W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
+    return codes, (None if precomputed else scales), (None if precomputed else zeros)
+
+
+def aot_variants():
+    """Kernel variants for the compile tier: every bit width, and each option on its own."""
+    sig = {"w_ptr": "*fp32", "u_ptr": "*fp32", "p_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*fp32",
+           "zeros_ptr": "*fp32", "err_ptr": "*fp32", "wq_ptr": "*fp32", "gpos_ptr": "*i32", "shrink_ptr": "*fp32",
+           "i1": "i32", "count": "i32", "N": "i32", "stride_w": "i32", "stride_u": "i32", "stride_s": "i32",
+           "stride_e": "i32"}
+    base = dict(GROUP=128, SYM=False, N_GRID=0, NORM=2.4, GPTAQ=False, BLOCK_K=128)
+    cases = [(f"{bits}b_g128", dict(MAXQ=2**bits - 1)) for bits in (2, 3, 4, 8)]
+    cases += [
+        ("4b_precomputed_sym", dict(MAXQ=15, GROUP=0, SYM=True)),
+        ("4b_g128_mse", dict(MAXQ=15, N_GRID=80)),
+        ("4b_g128_gptaq", dict(MAXQ=15, GPTAQ=True)),
+        ("3b_g256_blockk256", dict(MAXQ=7, GROUP=256, BLOCK_K=256)),
+    ]
+    for tag, over in cases:
+        const = {**base, **over}
+        const["BLOCK_N"], warps = launch_config(const["BLOCK_K"], interpreting=False)
+        yield f"gptq_block_{tag}", _gptq_block_kernel, sig, const, dict(num_warps=warps, num_stages=1)

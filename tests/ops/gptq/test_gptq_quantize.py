@@ -1,0 +1,174 @@
+"""gptq_quantize: the reference's invariants, the Triton sweep (interpreter) against the reference,
+robustness (dead columns, damping escalation, hopeless H) and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gptq_helpers import correlated_problem, rtn_loss
+from helpers import needs_interpreter
+
+import maca_kernels as mk
+
+# (bits, group_size, sym, act_order, static_groups, gptaq, reg, mse) — covers every option and bit width
+CASES = [
+    (4, 128, False, False, False, False, None, False),
+    (4, 32, True, True, False, False, None, False),
+    (3, 32, False, True, False, False, None, False),
+    (3, 128, True, False, False, True, None, False),
+    (2, -1, True, False, False, False, None, False),
+    (2, 32, False, True, True, False, None, False),
+    (8, 128, False, True, True, True, None, False),
+    (4, -1, False, True, False, True, 0.05, False),
+    (4, 32, False, False, False, False, 0.1, True),
+    (3, 32, True, True, True, False, None, True),
+]
+
+
+def case_id(c):
+    bits, g, sym, act, static, gptaq, reg, mse = c
+    parts = [f"{bits}b", f"g{g}", "sym" if sym else "asym"]
+    parts += [n for n, on in (("act", act), ("static", static), ("gptaq", gptaq), ("reg", reg), ("mse", mse)) if on]
+    return "-".join(parts)
+
+
+def run(case, shape, backend, seed=0):
+    bits, g, sym, act, static, gptaq, reg, mse = case
+    W, H, dxxt = correlated_problem(*shape, seed=seed)
+    return W, H, mk.gptq_quantize(W, H, bits=bits, group_size=g, sym=sym, act_order=act, static_groups=static,
+                                  mse=mse, dxxt=dxxt if gptaq else None, reg=reg, backend=backend)
+
+
+def check_invariants(r, W, bits, group_size):
+    N, K = W.shape
+    G = 1 if group_size == -1 else K // group_size
+    maxq = 2**bits - 1
+    assert r.codes.dtype == torch.int32 and r.codes.shape == (N, K)
+    assert int(r.codes.min()) >= 0 and int(r.codes.max()) <= maxq
+    assert r.scales.shape == (N, G) and r.zeros.shape == (N, G) and r.g_idx.shape == (K,)
+    assert int(r.zeros.min()) >= 1 and int(r.zeros.max()) <= maxq, "v1 checkpoints cannot hold a zero of 0"
+    assert torch.equal(r.scales, r.scales.half().float()), "scales must survive the fp16 checkpoint exactly"
+    g = r.g_idx.long()
+    assert torch.equal(r.weight, (r.codes - r.zeros[:, g]).float() * r.scales[:, g])
+    assert torch.bincount(g, minlength=G).tolist() == [K // G] * G
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_reference_invariants_and_beats_rtn(case):
+    bits, g, sym, act, static, gptaq, reg, mse = case
+    W, H, r = run(case, (48, 256), "reference")
+    check_invariants(r, W, bits, g)
+    dW = (W - r.weight).double()
+    assert r.loss == pytest.approx(float(((dW @ H.double()) * dW).sum()), rel=1e-4)
+    if not gptaq:  # GPTAQ minimises the error against the full-precision inputs, not tr(ΔW H ΔWᵀ)
+        assert r.loss < rtn_loss(W, H, bits, g, sym), "GPTQ must beat round-to-nearest on a real-looking H"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(96, 256), (70, 320)], ids=["96x256", "70x320"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case, shape):
+    bits, g, *_ = case
+    if shape[1] % max(g, 1) and g > 0:
+        pytest.skip("K must be a multiple of the group size")
+    W, H, ref = run(case, shape, "reference", seed=1)
+    _, _, ker = run(case, shape, "triton", seed=1)
+    check_invariants(ker, W, bits, g)
+    assert (ker.codes == ref.codes).float().mean().item() >= 0.99
+    assert ker.loss == pytest.approx(ref.loss, rel=5e-3)
+    assert torch.equal(ker.g_idx, ref.g_idx)
+
+
+def test_act_order_group_index():
+    W, H, _ = correlated_problem(16, 128, seed=2)
+    r = mk.gptq_quantize(W, H, bits=4, group_size=32, act_order=True)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True)
+    assert torch.equal(r.perm, order)
+    # dynamic groups follow the processing order: the first 32 processed columns form group 0
+    assert torch.equal(r.g_idx[order].long(), torch.arange(128) // 32)
+    s = mk.gptq_quantize(W, H, bits=4, group_size=32, act_order=True, static_groups=True)
+    assert torch.equal(s.g_idx.long(), torch.arange(128) // 32)  # static: groups of original columns
+
+
+def test_blocked_sweep_equals_column_by_column():
+    """Lazy block updates are an exact reorganisation (GPTAQ included): block size changes nothing."""
+    W, H, dxxt = correlated_problem(32, 128, seed=3)
+    a = mk.gptq_quantize(W, H, bits=3, group_size=32, dxxt=dxxt, block_size=32)
+    b = mk.gptq_quantize(W, H, bits=3, group_size=32, dxxt=dxxt, block_size=128)
+    assert (a.codes == b.codes).float().mean().item() >= 0.99
+    assert a.loss == pytest.approx(b.loss, rel=1e-3)
+
+
+def test_dead_columns():
+    W, H, _ = correlated_problem(24, 128, seed=4)
+    dead = torch.tensor([0, 5, 77])
+    H[dead, :] = 0
+    H[:, dead] = 0
+    r = mk.gptq_quantize(W, H, bits=4, group_size=64, act_order=True)
+    assert torch.all(r.weight[:, dead] == 0), "dead columns quantize to exactly zero"
+    assert r.loss == pytest.approx(float((((W - r.weight) @ H) * (W - r.weight)).sum()), rel=1e-4)
+
+
+def test_rank_deficient_hessian_raises_damping():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(40, 128, generator=g)  # rank 40 < 128
+    H = X.T @ X
+    W = torch.randn(16, 128, generator=g)
+    r = mk.gptq_quantize(W, H, bits=4, group_size=128, damp=0.0)
+    assert r.damp > 0.0, "a singular H must be damped, and the damping used reported"
+    assert torch.isfinite(r.weight).all()
+
+
+def test_hopeless_hessian_names_the_layer():
+    W = torch.randn(8, 64)
+    H = -100.0 * torch.eye(64)
+    with pytest.raises(RuntimeError, match="layer model.layers.3.mlp.down_proj: H is not positive definite"):
+        mk.gptq_quantize(W, H, group_size=32, name="model.layers.3.mlp.down_proj")
+
+
+def test_to_gptq_round_trip():
+    W, H, _ = correlated_problem(64, 256, seed=6)
+    for bits in (2, 3, 4, 8):
+        r = mk.gptq_quantize(W, H, bits=bits, group_size=128, act_order=True)
+        for convention in ("gptq", "gptq_v2"):
+            ck = r.to_gptq(convention)
+            assert ck["qweight"].dtype == torch.int32 and ck["qweight"].shape == (256 * bits // 32, 64)
+            assert ck["scales"].dtype == torch.float16 and ck["scales"].shape == (2, 64)
+            back = mk.dequantize_gptq(ck["qweight"], ck["scales"], ck["qzeros"], ck["g_idx"], bits, convention)
+            assert torch.equal(back, r.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(bits=5), ValueError, "bits must be one of"),
+        (dict(group_size=48), ValueError, "divisible by group_size = 48"),
+        (dict(group_size=0), ValueError, "group_size must be -1"),
+        (dict(block_size=0), ValueError, "block_size must be a positive int"),
+        (dict(damp=-0.1), ValueError, "damp must be"),
+        (dict(dxxt=torch.zeros(3, 3)), ValueError, r"dxxt \(GPTAQ cross term\) must be \[K, K\]"),
+        (dict(reg=-1.0), ValueError, "reg must be"),
+        (dict(saliency=torch.ones(5)), ValueError, "saliency must be"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    W, H, _ = correlated_problem(8, 128, seed=7)
+    with pytest.raises(exc, match=match):
+        mk.gptq_quantize(W, H, **kwargs)
+
+
+def test_bad_tensors():
+    W, H, _ = correlated_problem(8, 128, seed=8)
+    with pytest.raises(ValueError, match=r"H must be a floating-point \[K, K\]"):
+        mk.gptq_quantize(W, H[:64, :64])
+    with pytest.raises(ValueError, match="W must be a floating-point"):
+        mk.gptq_quantize(W.int(), H)
+    Wn = W.clone()
+    Wn[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        mk.gptq_quantize(Wn, H)
+    Hn = H.clone()
+    Hn[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="H contains NaN or Inf"):
+        mk.gptq_quantize(W, Hn, name="q_proj")
