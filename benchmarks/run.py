@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import bench_hessian
+from benchmarks import bench_gptq, bench_hessian, bench_quant_matmul
 
-BENCHMARKS = [bench_hessian]
+BENCHMARKS = [bench_hessian, bench_gptq, bench_quant_matmul]
 
 if __name__ == "__main__":
     for bench in BENCHMARKS:

@@ -14,7 +14,11 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 # Every module with Triton kernels exposes aot_variants(); add new ops here.
-KERNEL_MODULES = ["maca_kernels.ops.hessian.triton_kernel", "maca_kernels.ops.gptq.triton_kernel"]
+KERNEL_MODULES = [
+    "maca_kernels.ops.hessian.triton_kernel",
+    "maca_kernels.ops.gptq.triton_kernel",
+    "maca_kernels.ops.quant_matmul.triton_kernel",
+]
 ARCHS = (90, 80)
 
 

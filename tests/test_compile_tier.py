@@ -33,20 +33,31 @@ def compiled():
     return {(r["name"], r["arch"]): r for r in json.loads(res.stdout)}
 
 
+# (name prefix, tensor-core instruction expected on sm_90, on sm_80, software-pipelined loads expected)
+EXPECTED = [
+    ("gram_bf16", "wgmma", "mma_sync", True),
+    ("gram_fp16", "wgmma", "mma_sync", True),
+    ("gram_fp32", None, None, True),  # fp32 input must never silently use tf32
+    ("gram_cross", None, None, True),
+    ("symmetrize", None, None, False),
+    ("gptq_", None, None, False),  # fp32 math throughout
+    ("qmm_large", "wgmma", "mma_sync", True),
+    ("qmm_small", "mma_sync", "mma_sync", True),  # 16-row tiles are below wgmma's 64
+    ("qmm_gemv", None, None, False),  # CUDA-core dot per column
+]
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("name", variant_names())
 def test_kernel_compiles(compiled, name, arch):
     r = compiled[(name, arch)]
     assert "error" not in r, r.get("error")
     assert r["registers"] > 0
-    is_gram = name.startswith("gram_")
-    tensor_cores = is_gram and (name.startswith("gram_bf16") or name.startswith("gram_fp16"))
+    prefix, tc90, tc80, pipelined = next(e for e in EXPECTED if name.startswith(e[0]))
+    tensor_core = tc90 if arch == 90 else tc80
     if arch == 90:
         assert r["spill_bytes"] == 0, f"{name} spills {r['spill_bytes']} bytes on sm_90"
-        assert r["wgmma"] == tensor_cores
-    else:
-        assert r["mma_sync"] == tensor_cores
-    if is_gram:
-        assert r["pipelined"] and r["cp_async"], f"{name}: token loads are not software-pipelined"
-    if name.startswith(("gram_fp32", "gram_cross", "gptq_")):  # fp32 math must never silently use tf32
-        assert not r["wgmma"] and not r["mma_sync"]
+    for instr in ("wgmma", "mma_sync"):
+        assert r[instr] == (instr == tensor_core), f"{name} on sm_{arch}: {instr} expected {instr == tensor_core}"
+    if pipelined:
+        assert r["pipelined"] and r["cp_async"], f"{name}: loads are not software-pipelined"

@@ -2,7 +2,8 @@
 
 ``prepare.py`` validates and does the dense linear algebra (dead columns, regularisation, act-order,
 damping escalation, Cholesky of H⁻¹, GPTAQ's P); the column sweep runs in the Triton kernel on CUDA
-tensors and in the plain-PyTorch reference on CPU tensors (or with ``backend="reference"``).
+tensors, in the C++ kernel of the extension (``backend="cpp"``) on CPU tensors, and in the plain-PyTorch
+reference with ``backend="reference"``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from .prepare import check_inputs, prepare
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
 
-BACKENDS = (None, "triton", "reference")
+BACKENDS = (None, "triton", "cpp", "reference")
 
 
 def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym) -> GPTQResult:
@@ -70,7 +71,13 @@ def gptq_quantize(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
-        backend = "triton" if W.device.type == "cuda" else "reference"
+        backend = "triton" if W.device.type == "cuda" else "cpp"
+    if backend == "cpp":
+        if W.device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors, got W on {W.device}")
+        from .cpu_kernel import native_sweep
+
+        native_sweep()  # a missing or stale extension fails before the (long) preparation
     prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                    static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
                    alpha=alpha, reg=reg, saliency=saliency, name=name)
@@ -81,6 +88,10 @@ def gptq_quantize(
         check_triton_device(W, "gptq_quantize")
         with torch.cuda.device(W.device) if W.device.type == "cuda" else _null():
             codes, scales, zeros = gptq_sweep_triton(prep, bits, group_size, sym, mse)
+    elif backend == "cpp":
+        from .cpu_kernel import gptq_sweep_cpp
+
+        codes, scales, zeros = gptq_sweep_cpp(prep, bits, group_size, sym, mse)
     else:
         codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
     return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym)

@@ -97,8 +97,12 @@ class HessianAccumulator:
         return self
 
     def all_reduce(self, group=None) -> HessianAccumulator:
-        """Sum sums and counts over the ranks of ``group`` (every rank ends with the global total)."""
+        """Sum sums and counts over the ranks of ``group`` (every rank ends with the global total).
+        Without an initialised process group this is a world of one: nothing to do."""
         import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
 
         counts = torch.tensor([self.n_sequences, self.n_tokens], dtype=torch.int64, device=self.H.device)
         dist.all_reduce(self.H, group=group)

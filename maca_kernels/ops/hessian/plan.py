@@ -149,7 +149,7 @@ def make_plan(
                 raise ValueError(f"attention_mask must have shape [B, L] = {(B, L)}, got {got}")
             mask = attention_mask.detach().cpu()
             if mask.dtype != torch.bool:
-                if mask.dtype.is_floating_point or not ((mask == 0) | (mask == 1)).all():
+                if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
                     raise ValueError("attention_mask must be boolean or hold only 0 and 1")
                 mask = mask.bool()
             seq_len = mask.sum(dim=1)

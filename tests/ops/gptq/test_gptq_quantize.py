@@ -1,5 +1,5 @@
-"""gptq_quantize: the reference's invariants, the Triton sweep (interpreter) against the reference,
-robustness (dead columns, damping escalation, hopeless H) and bad input."""
+"""gptq_quantize: the reference's invariants, the Triton sweep (interpreter) and the C++ sweep against the
+reference, robustness (dead columns, damping escalation, hopeless H) and bad input."""
 
 from __future__ import annotations
 
@@ -77,6 +77,70 @@ def test_triton_matches_reference(case, shape):
     assert (ker.codes == ref.codes).float().mean().item() >= 0.99
     assert ker.loss == pytest.approx(ref.loss, rel=5e-3)
     assert torch.equal(ker.g_idx, ref.g_idx)
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (70, 320)], ids=["96x256", "70x320"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cpp_matches_reference(case, shape):
+    """The C++ sweep repeats the reference's fp32 operations one by one: the codes agree (bit for bit,
+    up to near-ties of the MSE search's error sums)."""
+    bits, g, *_ = case
+    if shape[1] % max(g, 1) and g > 0:
+        pytest.skip("K must be a multiple of the group size")
+    W, H, ref = run(case, shape, "reference", seed=1)
+    _, _, ker = run(case, shape, "cpp", seed=1)
+    check_invariants(ker, W, bits, g)
+    assert (ker.codes == ref.codes).float().mean().item() >= 0.99
+    assert ker.loss == pytest.approx(ref.loss, rel=5e-3)
+    assert torch.equal(ker.g_idx, ref.g_idx)
+
+
+@pytest.mark.parametrize(
+    "N, K, kwargs",
+    [
+        (37, 200, dict(bits=4, group_size=40)),  # rows not a multiple of the row tile; blocks of 120 + 80
+        (5, 200, dict(bits=3, group_size=-1, block_size=48, act_order=True)),  # fewer rows than a tile; K % block
+        (70, 200, dict(bits=2, group_size=20, block_size=50, act_order=True, static_groups=True, sym=True)),
+        (33, 96, dict(bits=8, group_size=32, block_size=64, mse=True)),
+    ],
+    ids=["37x200-g40", "5x200-g-1-b48", "70x200-g20-b50-static", "33x96-b64-mse"],
+)
+def test_cpp_odd_shapes(N, K, kwargs):
+    W, H, dxxt = correlated_problem(N, K, seed=9)
+    for extra in ({}, {"dxxt": dxxt}):
+        ref = mk.gptq_quantize(W, H, backend="reference", **kwargs, **extra)
+        ker = mk.gptq_quantize(W, H, backend="cpp", **kwargs, **extra)
+        check_invariants(ker, W, kwargs["bits"], kwargs["group_size"])
+        assert (ker.codes == ref.codes).float().mean().item() >= 0.99
+        assert ker.loss == pytest.approx(ref.loss, rel=5e-3)
+
+
+def test_cpp_fp16_scale_rounding():
+    """The kernel's fp16 rounding of scales (F16C and the portable fallback) is torch's, subnormals included."""
+    from maca_kernels._native import require_native
+    from maca_kernels.ops.gptq.quantizer import round_scale
+
+    C = require_native("gptq_quantize")
+    g = torch.Generator().manual_seed(10)
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    mid = (halves[:-1] + halves[1:]) / 2  # exact ties between neighbouring fp16 values
+    x = torch.cat([halves, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e9)),
+                   torch.exp(torch.randn(100_000, generator=g) * 8), torch.tensor([0.0, -1.0, 1e-30, 7e4, 1e9])])
+    want = round_scale(x)
+    for software in (False, True):
+        got = x.clone()
+        C.gptq_round_scale(got.data_ptr(), got.numel(), software)
+        assert torch.equal(got, want), f"software={software}"
+
+
+def test_cpp_backend_needs_the_extension(monkeypatch):
+    import maca_kernels.ops.gptq.cpu_kernel as cpu_kernel
+
+    W, H, _ = correlated_problem(8, 64, seed=11)
+    monkeypatch.setattr(cpu_kernel, "require_native", lambda op: object())  # an extension without the kernel
+    with pytest.raises(RuntimeError, match="predates the CPU GPTQ kernel"):
+        mk.gptq_quantize(W, H, group_size=32)
+    assert mk.gptq_quantize(W, H, group_size=32, backend="reference").codes.shape == (8, 64)
 
 
 def test_act_order_group_index():

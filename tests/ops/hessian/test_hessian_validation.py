@@ -43,6 +43,8 @@ def x16(t=10, d=8, dtype=torch.float32):
          r"shape \[B, L\] = \(2, 5\)"),
         (lambda: mk.accumulate_hessian(torch.randn(2, 5, 4), attention_mask=torch.full((2, 5), 2)), ValueError,
          "only 0 and 1"),
+        (lambda: mk.accumulate_hessian(torch.randn(2, 5, 4), attention_mask=torch.full((2, 5), 0.5)), ValueError,
+         "only 0 and 1"),
         (lambda: mk.accumulate_hessian(torch.randn(2, 5, 4), attention_mask=torch.tensor([[1] * 5, [0] * 5])),
          ValueError, "row 1 has no valid token"),
         (lambda: mk.accumulate_hessian(torch.randn(2, 5, 4), [5, 5], attention_mask=torch.ones(2, 5)), ValueError,
@@ -75,6 +77,7 @@ def test_non_finite_in_valid_part_of_padded_batch():
 
 def test_cpp_backend_rejects_cuda_and_triton_needs_interpreter_or_gpu(monkeypatch):
     from maca_kernels import _triton_utils
+    from maca_kernels.ops.hessian import triton_kernel  # noqa: F401  (imported unpatched: its configs depend on it)
 
     monkeypatch.setattr(_triton_utils, "INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton' needs a CUDA tensor"):

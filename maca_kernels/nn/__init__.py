@@ -1,0 +1,5 @@
+"""nn.Modules built on the kernels."""
+
+from .quant_linear import QuantLinear
+
+__all__ = ["QuantLinear"]

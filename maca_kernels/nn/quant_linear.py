@@ -1,0 +1,64 @@
+"""``QuantLinear``: a linear layer whose weight lives in the GPTQ checkpoint format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.quant_matmul.op import quant_matmul
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W)ᵀ + bias``. Its ``state_dict`` holds exactly the checkpoint tensors
+    (``qweight``, ``qzeros``, ``scales``, ``g_idx`` and ``bias`` if any)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
+        super().__init__()
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits!r}")
+        G = 1 if group_size == -1 else in_features // group_size
+        if group_size != -1 and (group_size <= 0 or in_features % group_size):
+            raise ValueError(f"in_features = {in_features} must be divisible by group_size = {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.checkpoint_format = bits, group_size, checkpoint_format
+        z = dict(dtype=torch.int32, device=device)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, **z))
+        self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, **z))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", (torch.arange(in_features, device=device) // max(in_features // G, 1)).to(
+            torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
+        self._gidx_trivial = True  # decided when g_idx changes, never inside forward (torch.compile)
+
+    @classmethod
+    def from_gptq(cls, q, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq") -> QuantLinear:
+        """From a ``gptq_quantize`` result (``q``), packing its codes into the checkpoint layout."""
+        N, K = q.codes.shape
+        layer = cls(K, N, q.bits, q.group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
+                    device=q.codes.device)
+        for name, t in q.to_gptq(checkpoint_format).items():
+            getattr(layer, name).copy_(t)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        layer._gidx_trivial = layer._sorted_groups()
+        return layer
+
+    def _sorted_groups(self) -> bool:
+        # Without act-order g_idx is k // group_size: the kernels then take the faster per-tile path.
+        g = self.group_size if self.group_size != -1 else self.in_features
+        return bool(torch.equal(self.g_idx.cpu(), (torch.arange(self.in_features) // g).to(torch.int32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g_idx = None if self._gidx_trivial else self.g_idx
+        y = quant_matmul(x, self.qweight, self.scales, self.qzeros, g_idx, self.bits, self.group_size,
+                         self.checkpoint_format)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._gidx_trivial = self._sorted_groups()  # a new g_idx: decide the kernel path again
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
