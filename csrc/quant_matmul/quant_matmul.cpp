@@ -1,22 +1,26 @@
 // Packed low-bit matmul y = x @ dequant(W)^T from GPTQ checkpoint tensors (see quant_matmul.h).
 //
 // Two paths, both parallel over N (each OpenMP thread owns a contiguous range of output columns, so it
-// streams its own part of qweight once):
+// streams its own part of qweight once per pass):
 //
-//  * GEMV path (small M, groups sorted and aligned to the packing, AVX2 builds). qweight is streamed
-//    row by row (a row of words holds one packing run of every column), the words are decoded in
-//    registers and FMA'd against broadcast x values, eight columns per ymm. The zero point and scale
-//    are factored out of the group sum:
+//  * GEMV path (M <= kGemvMaxM, groups k / gs with gs a multiple of the packing run, AVX2 builds).
+//    qweight is streamed row by row (a row of words holds one packing run of every column); the words
+//    are decoded in registers and FMA'd against broadcast x values, eight columns per ymm, sixteen per
+//    step. Zero point and scale are factored out of each group's sum:
 //        sum_{k in g} x_k (c_k - z) s  =  s * (sum_{k in g} x_k c_k  -  z * sum_{k in g} x_k),
-//    so the inner loop is shift, mask, convert, FMA; the per-group fold happens on the group's last
-//    packed row. Group partial sums live in a small L1 scratch, the output rows in L1/L2.
+//    and a field that sits inside its word is only masked, not shifted: it converts to c * 2^shift
+//    exactly, and x was pre-scaled by 2^-shift (exact powers of two, with a per-row exponent offset that
+//    keeps every pre-scaled value a normal float). So the inner loop is mask, convert, FMA per eight
+//    weights; the group fold happens on the group's last packed row. Group sums live in an L1 scratch,
+//    output rows in L1/L2. Rows are handled in passes of kGemvMR.
 //
-//  * Tile path (larger M, act-order g_idx, any group size; also the portable fallback). A K-block x
-//    N-block tile of W is dequantized exactly to fp32 once (w = c*s - z*s with per-k group lookup),
-//    laid out as 16-column panels, then a 6x16 register-blocked micro-kernel runs over all rows of x
-//    (rows in blocks of kTileRows so that x, y and the tile stay in L2).
+//  * Tile path (larger M, act-order or uneven g_idx, any group size; the whole job in portable builds).
+//    A K-block x N-block tile of W is dequantized exactly to fp32 once (w = c*s - z*s, per-k group
+//    lookup), laid out as 16-column panels, then a 6x16 register-blocked micro-kernel runs over all rows
+//    of x (in blocks of kTileRows so that x, y and the tile stay in L2).
 //
-// Dequantized weights are exact in fp32: (c - z) is a small integer and s an fp16 value.
+// Dequantized weights are exact in fp32: (c - z) is a small integer and s an fp16 value. Both paths
+// accumulate in fp32.
 #include "quant_matmul.h"
 
 #include <omp.h>
@@ -55,8 +59,9 @@ constexpr int64_t kTileK = 256;       // tile path: k per tile; a multiple of ev
 constexpr int64_t kTileRows = 192;    // tile path: rows of x per pass over a column block
 constexpr int kMR = 6;                // tile path: rows of the register tile
 constexpr int64_t kGemvMaxM = 12;     // GEMV path for M <= this (in passes of kGemvMR rows)
-constexpr int kGemvMR = 4;            // rows handled per GEMV pass (at most 8)
+constexpr int kGemvMR = 4;            // rows handled per GEMV pass
 constexpr int64_t kGemvCols = 1024;   // GEMV path: columns per block (group sums stay in L1)
+constexpr int64_t kGemvPrefetchRuns = 2;  // GEMV path: software prefetch distance in packed runs
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -249,12 +254,13 @@ void micro_avx2(const float* x, int64_t ldx, const float* b, int64_t kc, float* 
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // Rows past MR are never read; their pointers alias row 0 so that no out-of-range address is formed.
   const float* x0 = x;
-  const float* x1 = x + 1 * ldx;
-  const float* x2 = x + 2 * ldx;
-  const float* x3 = x + 3 * ldx;
-  const float* x4 = x + 4 * ldx;
-  const float* x5 = x + 5 * ldx;
+  const float* x1 = MR > 1 ? x + 1 * ldx : x;
+  const float* x2 = MR > 2 ? x + 2 * ldx : x;
+  const float* x3 = MR > 3 ? x + 3 * ldx : x;
+  const float* x4 = MR > 4 ? x + 4 * ldx : x;
+  const float* x5 = MR > 5 ? x + 5 * ldx : x;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * kPanel);
@@ -529,8 +535,14 @@ void gemv_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, flo
         constexpr bool kLast = decltype(last_c)::value;
         const float* xk = xq + r * P * MR;
         const int32_t* wrow = p.qw + r * W * N + cb;
+        // Software prefetch of run r + kGemvPrefetchRuns (same columns): each run's block is a separate
+        // 4 KB stretch of memory, too short for the hardware prefetchers to ramp up on.
+        const int32_t* pf = r + kGemvPrefetchRuns < total_runs ? wrow + kGemvPrefetchRuns * W * N : wrow;
         if constexpr (MR <= 4) {  // two chunks per step: each broadcast feeds both
           for (int64_t j = 0; j < nb16; j += 16) {
+            if constexpr (kGemvPrefetchRuns > 0) {
+              for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * N + j), _MM_HINT_T0);
+            }
             gemv_chunks<BITS, MR, 2, kFirst, kLast>(p, m0, cb, j, wrow, xk, acc, g, srow, zrow, xs, unscale);
           }
         } else {  // 5..8 rows: enough independent accumulators with one chunk (and registers for no more)
@@ -557,22 +569,20 @@ void gemv_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, flo
 
 template <int BITS>
 void gemv_path_bits(const Problem& p, int64_t n_begin, int64_t n_end, float* acc) {
+  static_assert(kGemvMR == 4, "the dispatch below instantiates 1..4 rows per pass");
   for (int64_t m0 = 0; m0 < p.M; m0 += kGemvMR) {
     switch (std::min<int64_t>(kGemvMR, p.M - m0)) {
       case 1: gemv_rows<BITS, 1>(p, m0, n_begin, n_end, acc); break;
       case 2: gemv_rows<BITS, 2>(p, m0, n_begin, n_end, acc); break;
       case 3: gemv_rows<BITS, 3>(p, m0, n_begin, n_end, acc); break;
-      case 4: gemv_rows<BITS, 4>(p, m0, n_begin, n_end, acc); break;
-      case 5: gemv_rows<BITS, 5>(p, m0, n_begin, n_end, acc); break;
-      case 6: gemv_rows<BITS, 6>(p, m0, n_begin, n_end, acc); break;
-      case 7: gemv_rows<BITS, 7>(p, m0, n_begin, n_end, acc); break;
-      default: gemv_rows<BITS, 8>(p, m0, n_begin, n_end, acc); break;
+      default: gemv_rows<BITS, 4>(p, m0, n_begin, n_end, acc); break;
     }
   }
 }
 
-// GEMV inputs per row m: t_m puts max|x[m]| in [1, 2) (clamped to +-100), so that x * 2^(t_m - field_exp)
-// stays a normal float, i.e. exact (field_exp <= 28); xsum holds the group sums of x * 2^t_m.
+// GEMV inputs per row m: t_m puts max|x[m]| in [1, 2) (t_m clamped to +-100), so that x * 2^(t_m - field_exp)
+// (field_exp <= 28) is a normal float, i.e. exact, for every element within 2^-98 of the row's maximum
+// (smaller ones cannot matter at fp32 precision); xsum holds the group sums of x * 2^t_m.
 void prepare_gemv_x(Problem& p, FloatBuffer& xq, FloatBuffer& unscale, FloatBuffer& xsum) {
   const int P = run_values(p.bits);
   xq = alloc_floats(p.M * p.K);

@@ -76,7 +76,7 @@ def run_checked(x, qweight, scales, qzeros, g_idx, bits, group_size, convention,
 def test_matches_float64(bits, convention, group_size, act_order):
     N, K = N_FOR_BITS[bits], 256
     qweight, scales, qzeros, g_idx, W = make_case(N, K, bits, group_size, convention, act_order, seed=bits)
-    for i, M in enumerate([1, 3, 16, 67]):
+    for i, M in enumerate([1, 3, 6, 16, 67]):  # 6: two row passes of the small-M path
         x = randn(M, K, dtype=DTYPES[i % 3], seed=10 * bits + i)
         # act-order needs g_idx; sorted groups go both ways (g_idx=None and the explicit identity map)
         gi = g_idx if act_order or i % 2 else None
@@ -149,6 +149,22 @@ def test_extreme_zero_fields():
         for convention, zero in (("gptq", 1 << bits), ("gptq_v2", (1 << bits) - 1)):
             W = (codes.double() - zero) * scales.t().double()[:, g]
             run_checked(randn(2, K, seed=bits), qweight, scales, qzeros, None, bits, 32, convention, W)
+
+
+@pytest.mark.parametrize("scale_exp", [-100, -40, 40, 100])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_extreme_activation_scales(bits, scale_exp):
+    """The small-M path pre-scales x by powers of two (per-row exponent offset): tiny and huge rows stay
+    exact, including rows of very different magnitude in one call."""
+    N, K = N_FOR_BITS[bits], 256
+    qweight, scales, qzeros, _, W = make_case(N, K, bits, 64, "gptq_v2", False, seed=bits)
+    x = randn(3, K, seed=scale_exp & 0xFF)
+    x[0] *= 2.0**scale_exp
+    x[2] *= 2.0 ** (-scale_exp // 2)
+    y = cpu_quant_matmul(x, qweight, scales, qzeros, None, bits, 64, "gptq_v2")
+    want = x.double() @ W.T
+    for m in range(3):  # row by row: the rows differ by up to 2^150
+        assert rel_err(y[m], want[m]) <= TOL, f"row {m}"
 
 
 def test_reference_matches_float64():
