@@ -9,14 +9,13 @@ implementation pays, the same layer's lazy-update GEMMs and Cholesky factorisati
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
 import maca_kernels as mk
-from benchmarks.common import environment, print_table, time_cpu, write_results
+from benchmarks.common import run_benchmark, time_cpu
 from maca_kernels.ops.gptq.prepare import prepare
 
 COLUMNS = ["device", "shape", "method", "impl", "ms", "speedup", "loss", "loss_vs_ref", "vs_floor"]
@@ -97,24 +96,10 @@ def bench_cpu(N: int = 4096, K: int = 4096) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu", action="store_true", help="only the CPU benchmark")
-    p.add_argument("--gpu", action="store_true", help="only the GPU benchmark")
-    args = p.parse_args()
-    env = environment()
-    rows = []
-    if not args.gpu:
-        rows += bench_cpu()
-    if not args.cpu:
-        if torch.cuda.is_available():
-            rows += bench_gpu()
-        else:
-            print("no CUDA device: GPU benchmark skipped (no GPU figure is written without one)")
-    print_table(rows, COLUMNS)
-    print("speedup = reference ms / impl ms. CPU: vs_floor = impl ms / floor ms, the floor being the "
-          "Cholesky factorisations + lazy-update GEMMs any implementation pays; the full solves also pay "
-          "the result assembly (loss tr(ΔW H ΔWᵀ): one more N×K×K GEMM), the 'prepare + sweep only' row does not")
-    print("wrote", write_results("gptq", env, rows))
+    legend = ("speedup = reference ms / impl ms. CPU: vs_floor = impl ms / floor ms, the floor being the Cholesky "
+              "factorisations + lazy-update GEMMs any implementation pays; the full solves also pay the result "
+              "assembly (loss tr(ΔW H ΔWᵀ): one more N×K×K GEMM), the 'prepare + sweep only' row does not")
+    run_benchmark("gptq", __doc__, bench_cpu, bench_gpu, COLUMNS, legend)
 
 
 if __name__ == "__main__":

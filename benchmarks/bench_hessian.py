@@ -15,7 +15,7 @@ import argparse
 import torch
 
 import maca_kernels as mk
-from benchmarks.common import environment, print_table, time_cpu, time_gpu, write_results
+from benchmarks.common import run_benchmark, time_cpu, time_gpu
 from maca_kernels.ops.hessian.reference import weighted_gram_reference
 
 COLUMNS = ["device", "case", "d", "tokens", "dtype", "impl", "ms", "tflops", "speedup", "rel_err_fp64"]
@@ -111,24 +111,15 @@ def bench_cpu(tokens: int = 65536, d: int = 1024) -> list[dict]:
     return [row for dtype in (torch.float32, torch.bfloat16) for row in _cpu_case(dtype, tokens, d, lengths, dev)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu", action="store_true", help="only the CPU benchmark")
-    p.add_argument("--gpu", action="store_true", help="only the GPU benchmark")
+def _tokens() -> int:
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--tokens", type=int, default=256 * 1024, help="GPU token count")
-    args = p.parse_args()
-    env = environment()
-    rows = []
-    if not args.gpu:
-        rows += bench_cpu()
-    if not args.cpu:
-        if torch.cuda.is_available():
-            rows += bench_gpu(args.tokens)
-        else:
-            print("no CUDA device: GPU benchmark skipped (no GPU figure is written without one)")
-    print_table(rows, COLUMNS)
-    print("speedup = baseline ms / maca_kernels ms; tflops count the full xᵀx (2·T·d²) for every impl")
-    print("wrote", write_results("hessian", env, rows))
+    return p.parse_known_args()[0].tokens
+
+
+def main() -> None:
+    run_benchmark("hessian", __doc__, bench_cpu, lambda: bench_gpu(_tokens()), COLUMNS,
+                  "speedup = baseline ms / maca_kernels ms; tflops count the full xᵀx (2·T·d²) for every impl")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ time) as a fraction of the measured device-to-device copy bandwidth; L2 flushed 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import maca_kernels as mk
-from benchmarks.common import environment, print_table, time_cpu, time_gpu, write_results
+from benchmarks.common import run_benchmark, time_cpu, time_gpu
 from maca_kernels.formats.gptq import pack_gptq, pack_gptq_zeros
 
 COLUMNS = ["device", "K", "N", "M", "bits", "impl", "ms", "speedup", "GB/s", "bw_fraction", "rel_err"]
@@ -111,22 +109,8 @@ def bench_cpu(K: int = 4096, N: int = 4096, group: int = 128) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu", action="store_true", help="only the CPU benchmark")
-    p.add_argument("--gpu", action="store_true", help="only the GPU benchmark")
-    args = p.parse_args()
-    env = environment()
-    rows = []
-    if not args.gpu:
-        rows += bench_cpu()
-    if not args.cpu:
-        if torch.cuda.is_available():
-            rows += bench_gpu()
-        else:
-            print("no CUDA device: GPU benchmark skipped (no GPU figure is written without one)")
-    print_table(rows, COLUMNS)
-    print("speedup = baseline ms / impl ms; GB/s counts packed weight + scales + zeros")
-    print("wrote", write_results("quant_matmul", env, rows))
+    run_benchmark("quant_matmul", __doc__, bench_cpu, bench_gpu, COLUMNS,
+                  "speedup = baseline ms / impl ms; GB/s counts packed weight + scales + zeros")
 
 
 if __name__ == "__main__":

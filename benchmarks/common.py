@@ -91,3 +91,25 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def run_benchmark(name: str, doc: str, bench_cpu, bench_gpu, columns: list[str], legend: str) -> None:
+    """Shared command line: ``[--cpu] [--gpu]``, then the table, the legend and the JSON file."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="only the CPU benchmark")
+    p.add_argument("--gpu", action="store_true", help="only the GPU benchmark")
+    args, _ = p.parse_known_args()
+    env = environment()
+    rows = []
+    if not args.gpu:
+        rows += bench_cpu()
+    if not args.cpu:
+        if torch.cuda.is_available():
+            rows += bench_gpu()
+        else:
+            print("no CUDA device: GPU benchmark skipped (no GPU figure is written without one)")
+    print_table(rows, columns)
+    print(legend)
+    print("wrote", write_results(name, env, rows))

@@ -538,17 +538,11 @@ void gemv_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, flo
         // Software prefetch of run r + kGemvPrefetchRuns (same columns): each run's block is a separate
         // 4 KB stretch of memory, too short for the hardware prefetchers to ramp up on.
         const int32_t* pf = r + kGemvPrefetchRuns < total_runs ? wrow + kGemvPrefetchRuns * W * N : wrow;
-        if constexpr (MR <= 4) {  // two chunks per step: each broadcast feeds both
-          for (int64_t j = 0; j < nb16; j += 16) {
-            if constexpr (kGemvPrefetchRuns > 0) {
-              for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * N + j), _MM_HINT_T0);
-            }
-            gemv_chunks<BITS, MR, 2, kFirst, kLast>(p, m0, cb, j, wrow, xk, acc, g, srow, zrow, xs, unscale);
+        for (int64_t j = 0; j < nb16; j += 16) {  // two chunks per step: each broadcast feeds both
+          if constexpr (kGemvPrefetchRuns > 0) {
+            for (int i = 0; i < W; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf + i * N + j), _MM_HINT_T0);
           }
-        } else {  // 5..8 rows: enough independent accumulators with one chunk (and registers for no more)
-          for (int64_t j = 0; j < nb16; j += 8) {
-            gemv_chunks<BITS, MR, 1, kFirst, kLast>(p, m0, cb, j, wrow, xk, acc, g, srow, zrow, xs, unscale);
-          }
+          gemv_chunks<BITS, MR, 2, kFirst, kLast>(p, m0, cb, j, wrow, xk, acc, g, srow, zrow, xs, unscale);
         }
         if (nb16 < nb) {
           gemv_chunks<BITS, MR, 1, kFirst, kLast>(p, m0, cb, nb16, wrow, xk, acc, g, srow, zrow, xs, unscale);
@@ -569,7 +563,8 @@ void gemv_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, flo
 
 template <int BITS>
 void gemv_path_bits(const Problem& p, int64_t n_begin, int64_t n_end, float* acc) {
-  static_assert(kGemvMR == 4, "the dispatch below instantiates 1..4 rows per pass");
+  static_assert(kGemvMR == 4, "the dispatch below instantiates 1..4 rows per pass (registers allow no more "
+                              "with two chunks per step: 2 x 4 accumulators + codes + broadcast)");
   for (int64_t m0 = 0; m0 < p.M; m0 += kGemvMR) {
     switch (std::min<int64_t>(kGemvMR, p.M - m0)) {
       case 1: gemv_rows<BITS, 1>(p, m0, n_begin, n_end, acc); break;

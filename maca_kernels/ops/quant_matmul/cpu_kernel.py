@@ -129,9 +129,7 @@ def cpu_quant_matmul(
         if K % group_size:
             raise ValueError(f"K = x.shape[1] = {K} must be a multiple of group_size = {group_size}")
         if K and K // group_size != G:
-            raise ValueError(
-                f"scales has G = {G} groups but K / group_size = {K} / {group_size} = {K // group_size}"
-            )
+            raise ValueError(f"scales has G = {G} groups but K / group_size = {K} / {group_size} = {K // group_size}")
         g_ptr = 0
     else:
         if not isinstance(g_idx, torch.Tensor):

@@ -131,8 +131,9 @@ def test_unsorted_monotone_g_idx():
     bits, N, K = 4, 40, 256
     qweight, scales, qzeros, _, _ = make_case(N, K, bits, 32, "gptq", False, seed=9)  # G = 8
     g_idx = torch.sort(torch.randint(0, 8, (K,), generator=torch.Generator().manual_seed(2))).values.int()
-    W = quant_matmul_reference(torch.eye(K, dtype=torch.float64), qweight, scales, qzeros, g_idx, bits,
-                               convention="gptq", dtype=torch.float64).T
+    W = quant_matmul_reference(
+        torch.eye(K, dtype=torch.float64), qweight, scales, qzeros, g_idx, bits, convention="gptq", dtype=torch.float64
+    ).T
     for M in (1, 8):
         run_checked(randn(M, K, seed=M), qweight, scales, qzeros, g_idx, bits, 32, "gptq", W)
 
@@ -193,8 +194,16 @@ def test_empty_and_default_out():
 def good():
     bits, N, K = 4, 40, 256
     qweight, scales, qzeros, g_idx, _ = make_case(N, K, bits, 128, "gptq", True)
-    return dict(x=randn(3, K), qweight=qweight, scales=scales, qzeros=qzeros, g_idx=None, bits=bits,
-                group_size=128, convention="gptq"), g_idx
+    return dict(
+        x=randn(3, K),
+        qweight=qweight,
+        scales=scales,
+        qzeros=qzeros,
+        g_idx=None,
+        bits=bits,
+        group_size=128,
+        convention="gptq",
+    ), g_idx
 
 
 def _call(base, **changes):
@@ -255,14 +264,37 @@ def test_native_bounds_checks(good):
     bad_gidx = torch.full((256,), 7, dtype=torch.int32)
 
     def call(**kw):
-        a = dict(y_ptr=y.data_ptr(), ldy=40, x_ptr=x.data_ptr(), x_dtype=0, ldx=256, M=3, N=40, K=256,
-                 qweight_ptr=qw.data_ptr(), qzeros_ptr=qz.data_ptr(), scales_ptr=sc.data_ptr(), g_idx_ptr=0, G=2,
-                 group_size=128, bits=4, zero_offset=1)
+        a = dict(
+            y_ptr=y.data_ptr(),
+            ldy=40,
+            x_ptr=x.data_ptr(),
+            x_dtype=0,
+            ldx=256,
+            M=3,
+            N=40,
+            K=256,
+            qweight_ptr=qw.data_ptr(),
+            qzeros_ptr=qz.data_ptr(),
+            scales_ptr=sc.data_ptr(),
+            g_idx_ptr=0,
+            G=2,
+            group_size=128,
+            bits=4,
+            zero_offset=1,
+        )
         a.update(kw)
         _C.quant_matmul(**a)
 
     call()
-    for kw in ({"g_idx_ptr": bad_gidx.data_ptr()}, {"bits": 5}, {"K": 250}, {"N": 36}, {"ldx": 100},
-               {"group_size": 64}, {"qweight_ptr": 0}, {"x_dtype": 7}):
+    for kw in (
+        {"g_idx_ptr": bad_gidx.data_ptr()},
+        {"bits": 5},
+        {"K": 250},
+        {"N": 36},
+        {"ldx": 100},
+        {"group_size": 64},
+        {"qweight_ptr": 0},
+        {"x_dtype": 7},
+    ):
         with pytest.raises(ValueError, match="quant_matmul"):
             call(**kw)
