@@ -29,7 +29,7 @@ def problem(N: int, K: int, device: str, tokens: int = 8192, seed: int = 0):
     return correlated_problem(N, K, seed=seed, tokens=tokens, device=device)
 
 
-def _time_once(fn, device: str) -> float:
+def _time_once(fn, device: str) -> tuple[float, object]:
     """One timed call after one warm-up call (a layer solve is long: no need for many repeats)."""
     fn()
     if device == "cuda":
