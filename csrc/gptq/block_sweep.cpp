@@ -17,6 +17,8 @@
 // ordered differently.
 #include "block_sweep.h"
 
+#include "common/fp16.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -43,57 +45,8 @@ constexpr int kRowTile = 32;  // rows per task: one tile column is 4 AVX registe
 constexpr float kFp16MinSubnormal = 5.9604644775390625e-08f;  // 2^-24
 constexpr float kFp16Max = 65504.0f;
 
-// ---------------------------------------------------------------------------------------------
-// fp32 <-> fp16, round to nearest even (the software path handles subnormals, overflow, NaN).
-// ---------------------------------------------------------------------------------------------
-uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-uint16_t float_to_half_sw(float f) {
-  uint32_t x = float_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u));
-  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (x < 0x38800000u) {  // below 2^-14: an fp16 subnormal (or zero)
-    const uint32_t e = x >> 23;
-    if (e < 102) return static_cast<uint16_t>(sign);  // below 2^-25: rounds to zero
-    const uint32_t m = (x & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126 - e;  // value / 2^-24 = m / 2^shift, shift in 14 .. 24
-    uint32_t h = m >> shift;
-    const uint32_t rem = m & ((1u << shift) - 1);
-    const uint32_t halfway = 1u << (shift - 1);
-    if (rem > halfway || (rem == halfway && (h & 1u))) ++h;  // may carry into the smallest normal
-    return static_cast<uint16_t>(sign | h);
-  }
-  uint32_t h = (x >> 13) - (112u << 10);  // rebias the exponent (127 -> 15), keep 10 mantissa bits
-  const uint32_t rem = x & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry moves into the exponent correctly
-  return static_cast<uint16_t>(sign | h);
-}
-
-float half_to_float_sw(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu;
-  const uint32_t m = h & 0x3ffu;
-  if (e == 0) {
-    const float v = static_cast<float>(m) * kFp16MinSubnormal;  // exact
-    return sign ? -v : v;
-  }
-  if (e == 31) return bits_float(sign | 0x7f800000u | (m << 13));
-  return bits_float(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-inline float fp16_round_sw(float x) { return half_to_float_sw(float_to_half_sw(x)); }
+// fp32 -> fp16 -> fp32, round to nearest even (software path: common/fp16.h).
+inline float fp16_round_sw(float x) { return half_to_float(float_to_half(x)); }
 
 inline float fp16_round(float x) {
 #if MACA_GPTQ_F16C

@@ -16,6 +16,9 @@
 //     per-K-block barriers (see "Work split").
 #include "weighted_gram.h"
 
+#include "common/float_buffer.h"
+#include "common/fp16.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -26,10 +29,6 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -58,49 +57,6 @@ constexpr int64_t kDefaultScratchBudget = int64_t(256) << 20;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
-// ---------------------------------------------------------------------------------------------
-// Aligned fp32 buffers (64-byte aligned; large ones on transparent huge pages to spare the TLB).
-// ---------------------------------------------------------------------------------------------
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-
-FloatBuffer alloc_floats(int64_t n) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
-  const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
-  bytes = static_cast<size_t>(round_up(static_cast<int64_t>(bytes), static_cast<int64_t>(align)));
-  void* p = std::aligned_alloc(align, bytes);
-  if (p == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);  // a hint; failure is harmless
-#endif
-  return FloatBuffer(static_cast<float*>(p));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Element conversion to fp32 (exact for all three input types).
-// ---------------------------------------------------------------------------------------------
-float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
-  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
-  // Zero or subnormal: mantissa * 2^-24 is exact in fp32.
-  const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
-  return sign ? -magnitude : magnitude;
-}
-
-float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 // Per-dtype storage type and converters. vec8 is the AVX2 path for 8 elements.
 template <InputDType DT>

@@ -23,6 +23,9 @@
 // accumulate in fp32.
 #include "quant_matmul.h"
 
+#include "common/float_buffer.h"
+#include "common/fp16.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -68,24 +71,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers
 // ---------------------------------------------------------------------------------------------
-float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
-  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
-  const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // zero or subnormal, exact
-  return sign ? -magnitude : magnitude;
-}
-
-float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
 // Value j of a little-endian bit stream of 32-bit words that lie `stride` elements apart: a qweight
 // column (stride N, along K) or a qzeros row (stride 1, along N). Values may straddle two words (3-bit).
 inline uint32_t stream_field(const int32_t* base, int64_t stride, int64_t j, int bits) {
@@ -100,20 +85,6 @@ inline uint32_t stream_field(const int32_t* base, int64_t stride, int64_t j, int
 // Values per packing run and words per run (a run is one qweight row for 2/4/8 bits, three for 3).
 constexpr int run_values(int bits) { return bits == 3 ? 32 : 32 / bits; }
 constexpr int run_words(int bits) { return bits == 3 ? 3 : 1; }
-
-// 64-byte aligned float scratch.
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
-
-FloatBuffer alloc_floats(int64_t n) {
-  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
-  bytes = (bytes + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (p == nullptr) throw std::bad_alloc();
-  return FloatBuffer(static_cast<float*>(p));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shared problem description (after validation and x conversion)

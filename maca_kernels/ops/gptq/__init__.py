@@ -8,9 +8,11 @@ reference with ``backend="reference"``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .prepare import check_inputs, prepare
+from .prepare import check_inputs, ieee_fp32_matmul, prepare
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
 
@@ -78,29 +80,24 @@ def gptq_quantize(
         from .cpu_kernel import native_sweep
 
         native_sweep()  # a missing or stale extension fails before the (long) preparation
-    prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                   static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
-                   alpha=alpha, reg=reg, saliency=saliency, name=name)
-    if backend == "triton":
-        from ..._triton_utils import check_triton_device
-        from .triton_kernel import gptq_sweep_triton
+    with ieee_fp32_matmul():
+        prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                       static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
+                       alpha=alpha, reg=reg, saliency=saliency, name=name)
+        if backend == "triton":
+            from ..._triton_utils import check_triton_device
+            from .triton_kernel import gptq_sweep_triton
 
-        check_triton_device(W, "gptq_quantize")
-        with torch.cuda.device(W.device) if W.device.type == "cuda" else _null():
-            codes, scales, zeros = gptq_sweep_triton(prep, bits, group_size, sym, mse)
-    elif backend == "cpp":
-        from .cpu_kernel import gptq_sweep_cpp
+            check_triton_device(W, "gptq_quantize")
+            with torch.cuda.device(W.device) if W.device.type == "cuda" else contextlib.nullcontext():
+                codes, scales, zeros = gptq_sweep_triton(prep, bits, group_size, sym, mse)
+        elif backend == "cpp":
+            from .cpu_kernel import gptq_sweep_cpp
 
-        codes, scales, zeros = gptq_sweep_cpp(prep, bits, group_size, sym, mse)
-    else:
-        codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
-    return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
+            codes, scales, zeros = gptq_sweep_cpp(prep, bits, group_size, sym, mse)
+        else:
+            codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
+        return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym)
 
 
 __all__ = ["GPTQResult", "gptq_quantize"]

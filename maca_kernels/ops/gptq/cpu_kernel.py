@@ -9,8 +9,6 @@ by one, so the codes agree with the reference bit for bit (MSE search: up to nea
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..._native import require_native
@@ -31,21 +29,10 @@ def native_sweep():
     return C
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul():
-    """The lazy updates are fp32 GEMMs: never let a global precision setting round them."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def gptq_sweep_cpp(prep: Prepared, bits: int, group_size: int, sym: bool, mse: bool, num_threads: int = 0):
     """Same contract as ``reference.gptq_sweep_reference`` (codes as int32). ``num_threads`` ≤ 0: torch's."""
     C = native_sweep()
-    W = prep.W.to(device="cpu", dtype=torch.float32).contiguous().clone()
+    W = prep.W.contiguous()
     N, K = W.shape
     precomputed = prep.static_scale is not None
     if precomputed:
@@ -68,17 +55,16 @@ def gptq_sweep_cpp(prep: Prepared, bits: int, group_size: int, sym: bool, mse: b
     U = prep.U.to(torch.float32).contiguous()
     P = prep.P.to(torch.float32).contiguous() if gptaq else None
     threads = num_threads if num_threads > 0 else torch.get_num_threads()
-    with _ieee_fp32_matmul():
-        for i1 in range(0, K, bs):
-            i2 = min(i1 + bs, K)
-            C.gptq_block_sweep(
-                W.data_ptr(), W.stride(0), N, i1, i2 - i1, U.data_ptr(), P.data_ptr() if gptaq else 0, U.stride(0),
-                codes.data_ptr(), codes.stride(0), scales.data_ptr(), zeros.data_ptr(), scales.stride(0), dyn_group,
-                gpos.data_ptr(), err.data_ptr(), wq.data_ptr() if gptaq else 0, err.stride(0), 2**bits - 1, sym,
-                shrink.data_ptr() if mse else 0, shrink.numel() if mse else 0, NORM, threads,
-            )
-            if i2 < K:
-                W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
-                if gptaq:
-                    W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        C.gptq_block_sweep(
+            W.data_ptr(), W.stride(0), N, i1, i2 - i1, U.data_ptr(), P.data_ptr() if gptaq else 0, U.stride(0),
+            codes.data_ptr(), codes.stride(0), scales.data_ptr(), zeros.data_ptr(), scales.stride(0), dyn_group,
+            gpos.data_ptr(), err.data_ptr(), wq.data_ptr() if gptaq else 0, err.stride(0), 2**bits - 1, sym,
+            shrink.data_ptr() if mse else 0, shrink.numel() if mse else 0, NORM, threads,
+        )
+        if i2 < K:
+            W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+            if gptaq:
+                W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
     return codes, (None if precomputed else scales), (None if precomputed else zeros)

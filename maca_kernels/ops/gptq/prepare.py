@@ -7,6 +7,7 @@ and static group parameters. The column sweep itself lives in ``reference.py`` /
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,21 @@ BITS = (2, 3, 4, 8)
 DAMP_STEPS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Every GEMM of a solve (P, the lazy updates, the loss) is fp32: never let a global TF32 setting
+    round them."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @dataclass
 class Prepared:
-    W: torch.Tensor  # [N, K] fp32, processing (permuted) order, dead columns zeroed
+    W: torch.Tensor  # [N, K] fp32, processing (permuted) order, dead columns zeroed; the sweep consumes it
     U: torch.Tensor  # [K, K] upper Cholesky factor of (H + damp)⁻¹ in processing order
     P: torch.Tensor | None  # [K, K] GPTAQ correction (strictly upper), or None
     perm: torch.Tensor  # [K] processing order → original column

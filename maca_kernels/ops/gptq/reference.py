@@ -19,7 +19,7 @@ from .quantizer import dequantize, find_params, quantize
 def gptq_sweep_reference(prep: Prepared, bits: int, group_size: int, sym: bool, mse: bool):
     """The column sweep. Returns ``codes`` [N, K] (float, processing order) and, for dynamic groups,
     ``scales``/``zeros`` [N, G] with group k = processing positions k·g … (k+1)·g − 1 (else None)."""
-    W = prep.W.clone()
+    W = prep.W
     N, K = W.shape
     maxq = 2**bits - 1
     U, P = prep.U, prep.P

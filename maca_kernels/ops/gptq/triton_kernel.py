@@ -11,8 +11,6 @@ rounded to fp16.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -147,17 +145,6 @@ def _gptq_block_kernel(
         tl.store(wq_ptr + rows[:, None] * stride_e + cols[None, :], wq_tile, mask=tile_mask)
 
 
-@contextlib.contextmanager
-def ieee_fp32_matmul():
-    """The lazy updates are fp32 GEMMs: never let a global TF32 setting round them."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(old)
-
-
 def launch_config(block_k: int, interpreting: bool = INTERPRETING) -> tuple[int, int]:
     """(rows per program, num_warps): 2048 tile elements keep the four register tiles spill-free on
     sm_90 (checked by the compile tier); the interpreter pays per program, so it takes more rows."""
@@ -167,7 +154,7 @@ def launch_config(block_k: int, interpreting: bool = INTERPRETING) -> tuple[int,
 
 def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse: bool):
     """Same contract as ``reference.gptq_sweep_reference`` (codes as int32)."""
-    W = prep.W.clone()
+    W = prep.W
     N, K = W.shape
     dev = W.device
     block_k = triton.next_power_of_2(prep.block_size)
@@ -186,20 +173,19 @@ def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse
     U = prep.U.contiguous()
     P = prep.P.contiguous() if prep.P is not None else U
     grid = (triton.cdiv(N, block_n),)
-    with ieee_fp32_matmul():
-        for i1 in range(0, K, prep.block_size):
-            i2 = min(i1 + prep.block_size, K)
-            _gptq_block_kernel[grid](
-                W, U, P, codes, scales, zeros, err, wq, gpos, shrink,
-                i1, i2 - i1, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
-                MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
-                N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=prep.P is not None,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-            )
-            if i2 < K:
-                W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
-                if prep.P is not None:
-                    W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
+    for i1 in range(0, K, prep.block_size):
+        i2 = min(i1 + prep.block_size, K)
+        _gptq_block_kernel[grid](
+            W, U, P, codes, scales, zeros, err, wq, gpos, shrink,
+            i1, i2 - i1, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
+            MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
+            N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=prep.P is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        )
+        if i2 < K:
+            W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+            if prep.P is not None:
+                W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
     return codes, (None if precomputed else scales), (None if precomputed else zeros)
 
 
