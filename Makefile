@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv build test test-fast bench lint clean
+.PHONY: venv build test test-fast bench lint clean gpu-check
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -31,3 +31,18 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info maca_kernels/_C*.so
+
+# `make gpu-check` on a lent GPU machine (SPEC §7): the machine's own python3 (torch 2.11, triton 3.6, no
+# network); none of the .venv machinery above runs. Builds the extension in place, runs the GPU test tier and
+# the GPU benchmarks with bounded autotuning, writes benchmarks/results/<date>-<gpu>.{json,md}. Stops itself
+# within GPU_CHECK_LIMIT_S (SIGINT: partial results are kept). `make gpu-check DRY=1`: a CPU check of the
+# script with the .venv python, tiny shapes, output in a temporary folder.
+GPU_PY ?= python3
+GPU_CHECK_LIMIT_S ?= 480
+ifeq ($(DRY),1)
+gpu-check: build
+	$(VPY) -m benchmarks.gpu_check --dry-run
+else
+gpu-check:
+	MACA_KERNELS_TUNE=$${MACA_KERNELS_TUNE:-quick} timeout -s INT -k 30 $(GPU_CHECK_LIMIT_S) $(GPU_PY) -m benchmarks.gpu_check
+endif

@@ -9,6 +9,7 @@ implementation pays, the same layer's lazy-update GEMMs and Cholesky factorisati
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -20,18 +21,21 @@ from maca_kernels.ops.gptq.prepare import prepare
 
 COLUMNS = ["device", "shape", "method", "impl", "ms", "speedup", "loss", "loss_vs_ref", "vs_floor"]
 SETTINGS = dict(bits=4, group_size=128, act_order=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def problem(N: int, K: int, device: str, tokens: int = 8192, seed: int = 0):
-    sys.path.insert(0, "tests/ops/gptq")
+    sys.path.insert(0, os.path.join(ROOT, "tests", "ops", "gptq"))
     from gptq_helpers import correlated_problem
 
     return correlated_problem(N, K, seed=seed, tokens=tokens, device=device)
 
 
-def _time_once(fn, device: str) -> tuple[float, object]:
-    """One timed call after one warm-up call (a layer solve is long: no need for many repeats)."""
-    fn()
+def _time_once(fn, device: str, warmup: bool = True) -> tuple[float, object]:
+    """One timed call, after one warm-up call unless ``warmup=False`` (a layer solve is long: no need
+    for many repeats)."""
+    if warmup:
+        fn()
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -41,18 +45,33 @@ def _time_once(fn, device: str) -> tuple[float, object]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
+def gpu_case(N: int, K: int, methods=("gptq", "gptaq"), device: str = "cuda", ref_warmup: bool = True,
+             tokens: int = 8192) -> list[dict]:
+    """Fused solver vs the reference sweep for one layer shape. ``ref_warmup=False`` times the reference
+    from a single cold call (the kernel's warm-up already initialised cuBLAS/cuSOLVER): cheaper when the
+    reference is slow, and says so in the row."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+    ours = "triton" if device == "cuda" else None  # off CUDA (dry runs): the device's default backend
+    W, H, dxxt = problem(N, K, device, tokens=tokens)
+    rows = []
+    for method in methods:
+        kw = dict(SETTINGS, **({"dxxt": dxxt} if method == "gptaq" else {}))
+        t_ker, ker = _time_once(lambda kw=kw: mk.gptq_quantize(W, H, backend=ours, **kw), device)
+        t_ref, ref = _time_once(lambda kw=kw: mk.gptq_quantize(W, H, backend="reference", **kw), device,
+                                warmup=ref_warmup)
+        for impl, t, r in (("maca_kernels fused", t_ker, ker), ("reference (plain PyTorch)", t_ref, ref)):
+            rows.append(dict(device=dev, shape=f"{N}x{K}", method=method, impl=impl, ms=t, speedup=t_ref / t,
+                             loss=r.loss, loss_vs_ref=r.loss / ref.loss - 1,
+                             timing="1 call after 1 warm-up" if impl != "reference (plain PyTorch)" or ref_warmup
+                             else "1 cold call (no warm-up)"))
+    return rows
+
+
 def bench_gpu() -> list[dict]:
     rows = []
-    dev = torch.cuda.get_device_name()
     for N, K in ((4096, 4096), (14336, 4096)):
-        W, H, dxxt = problem(N, K, "cuda")
-        for method, extra in (("gptq", {}), ("gptaq", {"dxxt": dxxt})):
-            kw = dict(SETTINGS, **extra)
-            t_ker, ker = _time_once(lambda kw=kw: mk.gptq_quantize(W, H, backend="triton", **kw), "cuda")  # noqa: B023
-            t_ref, ref = _time_once(lambda kw=kw: mk.gptq_quantize(W, H, backend="reference", **kw), "cuda")  # noqa: B023
-            for impl, t, r in (("maca_kernels fused", t_ker, ker), ("reference (plain PyTorch)", t_ref, ref)):
-                rows.append(dict(device=dev, shape=f"{N}x{K}", method=method, impl=impl, ms=t, speedup=t_ref / t,
-                                 loss=r.loss, loss_vs_ref=r.loss / ref.loss - 1))
+        rows += gpu_case(N, K)
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -2,7 +2,9 @@
 
 GPU: the Triton kernel (MaCa weighting) vs cuBLAS bf16 ``xᵀx`` with fp32 output and no weighting, and
 vs the reference fp32 accumulation (upcast, ``H += w · X_sᵀ X_s`` per sequence); d ∈ {4096, 8192},
-256k tokens in a 128/512/1024/2048 length mix; errors vs float64 for all three.
+256k tokens in a 128/512/1024/2048 length mix; errors vs float64 for all three. Also the GPTAQ cross term
+``Σ w ΔXᵀX`` against H alone (d=4096), and the per-call overhead of ``accumulate_hessian`` in a loop at
+16k tokens, d=4096 (wall time per call vs the call timed alone, and the host syncs torch reports).
 CPU: the C++ kernel vs torch fp32 ``xᵀx`` (no weighting) at d=1024, 64k tokens, all cores.
 
     python -m benchmarks.bench_hessian [--cpu] [--gpu] [--tokens N]
@@ -11,14 +13,18 @@ CPU: the C++ kernel vs torch fp32 ``xᵀx`` (no weighting) at d=1024, 64k tokens
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
 import maca_kernels as mk
 from benchmarks.common import run_benchmark, time_cpu, time_gpu
+from maca_kernels.ops.hessian import gram_from_plan, make_plan
 from maca_kernels.ops.hessian.reference import weighted_gram_reference
 
-COLUMNS = ["device", "case", "d", "tokens", "dtype", "impl", "ms", "tflops", "speedup", "rel_err_fp64"]
+COLUMNS = ["device", "case", "d", "tokens", "dtype", "impl", "ms", "tflops", "speedup", "rel_err_fp64", "kernel_ms",
+           "overhead", "host_syncs"]
 
 
 def maca_lengths(total: int, seed: int = 0, mix=(128, 512, 1024, 2048)) -> torch.Tensor:
@@ -49,15 +55,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cublas_bf16_gram(x: torch.Tensor) -> torch.Tensor:
-    try:  # torch ≥ 2.8: bf16 inputs, fp32 output straight from cuBLAS
+    try:  # torch ≥ 2.8 on CUDA: bf16 inputs, fp32 output straight from cuBLAS
         return torch.mm(x.T, x, out_dtype=torch.float32)
-    except TypeError:
+    except (TypeError, NotImplementedError, RuntimeError):
         return (x.T @ x).float()
 
 
-def _gpu_case(d: int, tokens: int, dev: str) -> list[dict]:
+def cublas_gram_method(x: torch.Tensor) -> str:
+    """Which baseline ``_cublas_bf16_gram`` runs for ``x`` (said beside the figure)."""
+    try:
+        torch.mm(x[:16].T, x[:16], out_dtype=torch.float32)
+        return "torch.mm(x.T, x, out_dtype=torch.float32)"
+    except (TypeError, NotImplementedError, RuntimeError):
+        return "(x.T @ x).float() (bf16 matmul, bf16 out, then upcast: out_dtype unsupported)"
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def maca_case(d: int, tokens: int, device: str = "cuda", timer=time_gpu) -> list[dict]:
+    """Ours (MaCa weights) vs cuBLAS bf16 ``xᵀx`` (fp32 out, no weighting) vs the reference fp32 loop."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
     lengths = maca_lengths(tokens, seed=d)
-    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
     flops_full = 2.0 * tokens * d * d  # count the full xᵀx for every impl so TFLOP/s compare
     truth_w = gram64(x, lengths, weighted=True)
     truth_u = gram64(x, lengths, weighted=False)
@@ -71,11 +93,93 @@ def _gpu_case(d: int, tokens: int, dev: str) -> list[dict]:
     rows = []
     for name, (fn, truth) in impls.items():
         err = rel(fn(), truth)
-        ms = time_gpu(fn)
+        ms = timer(fn)
         rows.append(dict(device=dev, case="maca-mix", d=d, tokens=tokens, dtype="bf16", impl=name,
                          ms=ms, tflops=flops_full / ms / 1e9, rel_err_fp64=err))
     for r in rows:
         r["speedup"] = r["ms"] / rows[0]["ms"]  # baseline time over ours
+    rows[1]["method"] = cublas_gram_method(x)
+    return rows
+
+
+def cross_term_case(d: int, tokens: int, device: str = "cuda", timer=time_gpu) -> list[dict]:
+    """GPTAQ cross term ``Σ w ΔXᵀX`` (``gram_from_plan(cross=True)``) vs H alone on the same plan; errors vs
+    float64 for ours and for the reference fp32 accumulation (upcast, per sequence)."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+    lengths = maca_lengths(tokens, seed=d + 1)
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
+    x_fp = (x.float() + 0.05 * torch.randn_like(x, dtype=torch.float32)).to(torch.bfloat16)
+    plan = make_plan(x, lengths, x_fp=x_fp, check_finite=False)
+
+    def run(cross: bool, backend=None) -> torch.Tensor:
+        out = torch.zeros(d, d, device=device, dtype=torch.float32)
+        return gram_from_plan(plan, out, cross=cross, weighting="sequence", backend=backend)
+
+    w = torch.repeat_interleave(1.0 / lengths.double(), lengths).to(device)
+    truth = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for s in range(0, tokens, 16384):
+        xs, dx = x[s : s + 16384].double(), x_fp[s : s + 16384].double() - x[s : s + 16384].double()
+        truth += (dx * w[s : s + 16384, None]).T @ xs
+    run(False), run(True)  # autotune both outside the timing
+    t_h, t_cross = timer(lambda: run(False)), timer(lambda: run(True))
+    common = dict(device=dev, case="gptaq-cross", d=d, tokens=tokens, dtype="bf16")
+    return [
+        dict(common, impl="maca_kernels H (Σ w XᵀX)", ms=t_h, speedup=1.0),
+        dict(common, impl="maca_kernels cross term (Σ w ΔXᵀX)", ms=t_cross, speedup=t_h / t_cross,
+             time_vs_H=t_cross / t_h, rel_err_fp64=rel(run(True), truth)),
+        dict(common, impl="reference fp32 cross term", rel_err_fp64=rel(run(True, "reference"), truth)),
+    ]
+
+
+def count_host_syncs(fn) -> int | None:
+    """Synchronising CUDA calls torch reports during ``fn()`` (``set_sync_debug_mode``); None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def per_call_case(d: int = 4096, tokens: int = 16384, device: str = "cuda", timer=time_gpu, calls: int = 50,
+                  loops: int = 5) -> list[dict]:
+    """Per-call cost in a loop: median over ``loops`` of (wall time of ``calls`` back-to-back calls, one
+    sync at the end) / ``calls``, against the time of one call measured alone by ``timer`` (do_bench on a
+    GPU); overhead = loop / alone − 1. Two forms: ``HessianAccumulator.add`` with default arguments (the
+    calibration hot path: its NaN/Inf check is deferred to the sums) and ``accumulate_hessian(x, lengths,
+    out=H, check_finite=False)`` (the functional form; with its default check_finite=True it waits once
+    per call for the NaN/Inf check)."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+    lengths = maca_lengths(tokens, seed=7)
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
+    H = torch.zeros(d, d, device=device, dtype=torch.float32)
+    acc = mk.HessianAccumulator(d, device=device)
+    rows = []
+    forms = (("HessianAccumulator.add, default args", lambda: acc.add(x, lengths)),
+             ("accumulate_hessian(out=H), check_finite=False",
+              lambda: mk.accumulate_hessian(x, lengths, out=H, check_finite=False)))
+    for label, call in forms:
+        call()
+        _sync(device)
+        alone = timer(call)
+        per_call = []
+        for _ in range(loops):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+            _sync(device)
+            per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+        loop = statistics.median(per_call)
+        rows.append(dict(device=dev, case=f"per-call ({label})", d=d, tokens=tokens, dtype="bf16",
+                         impl=f"loop of {calls} calls, wall / call", ms=loop, kernel_ms=alone,
+                         overhead=loop / alone - 1, host_syncs=count_host_syncs(call)))
     return rows
 
 
@@ -83,8 +187,11 @@ def bench_gpu(tokens: int, dims=(4096, 8192)) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for d in dims:
-        rows += _gpu_case(d, tokens, torch.cuda.get_device_name())
+        rows += maca_case(d, tokens)
         torch.cuda.empty_cache()
+    rows += cross_term_case(4096, tokens)
+    torch.cuda.empty_cache()
+    rows += per_call_case()
     return rows
 
 

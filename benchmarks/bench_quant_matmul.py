@@ -3,8 +3,8 @@
 GPU: K×N ∈ {4096×4096, 4096×14336, 14336×4096, 8192×28672}, M ∈ {1, 16, 128, 2048}, bits 2/3/4, group
 128: time vs fp16 ``x @ Wᵀ``, effective bandwidth (packed weight + fp16 scales + packed zeros over the
 time) as a fraction of the measured device-to-device copy bandwidth; L2 flushed between runs
-(do_bench), CUDA graphs for M = 1 (launch cost). CPU: M = 1 and 16 at 4096×4096 vs torch fp32
-``F.linear`` on the dequantized weight, all cores.
+(do_bench), CUDA graphs for M = 1 (launch cost); act-order ``g_idx`` vs sorted groups at M = 1, int4.
+CPU: M = 1 and 16 at 4096×4096 vs torch fp32 ``F.linear`` on the dequantized weight, all cores.
 
     python -m benchmarks.bench_quant_matmul [--cpu] [--gpu]
 """
@@ -18,20 +18,25 @@ import maca_kernels as mk
 from benchmarks.common import run_benchmark, time_cpu, time_gpu
 from maca_kernels.formats.gptq import pack_gptq, pack_gptq_zeros
 
-COLUMNS = ["device", "K", "N", "M", "bits", "impl", "ms", "speedup", "GB/s", "bw_fraction", "rel_err"]
+COLUMNS = ["device", "K", "N", "M", "bits", "impl", "ms", "speedup", "GB/s", "bw_fraction", "vs_sorted", "rel_err"]
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
 
-def checkpoint(N: int, K: int, bits: int, group: int, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+def checkpoint(N: int, K: int, bits: int, group: int, device: str, seed: int = 0, act_order: bool = False):
+    """Random codes/zeros/scales generated on ``device`` → (W fp32 [N, K], (qweight, scales, qzeros), g_idx).
+    ``act_order``: a random permutation of the sorted group index (the same packed tensors otherwise)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     maxq = 2**bits - 1
     G = K // group
-    codes = torch.randint(0, maxq + 1, (N, K), generator=g)
-    zeros = torch.randint(1, maxq + 1, (N, G), generator=g)
-    scales = (torch.rand(N, G, generator=g) * 0.01 + 0.001).half()
-    W = ((codes - zeros.repeat_interleave(group, 1)).float() * scales.float().repeat_interleave(group, 1))
+    codes = torch.randint(0, maxq + 1, (N, K), generator=g, device=device)
+    zeros = torch.randint(1, maxq + 1, (N, G), generator=g, device=device)
+    scales = (torch.rand(N, G, generator=g, device=device) * 0.01 + 0.001).half()
+    gi = torch.arange(K, device=device) // group
+    if act_order:
+        gi = gi[torch.randperm(K, generator=g, device=device)]
+    W = (codes - zeros[:, gi]).float() * scales.float()[:, gi]
     ck = (pack_gptq(codes, bits), scales.T.contiguous(), pack_gptq_zeros(zeros, bits))
-    return W.to(device), tuple(t.to(device) for t in ck)
+    return W, ck, (gi.to(torch.int32) if act_order else None)
 
 
 def packed_bytes(N: int, K: int, bits: int, group: int) -> int:
@@ -60,9 +65,9 @@ def _graphed(fn):
     return graph.replay
 
 
-def _measure(x, W, ck, bits, group, timer, base_weight, graphs=False):
+def _measure(x, W, ck, bits, group, timer, base_weight, graphs=False, g_idx=None):
     qw, sc, qz = ck
-    ours = lambda: mk.quant_matmul(x, qw, sc, qz, None, bits, group)  # noqa: E731
+    ours = lambda: mk.quant_matmul(x, qw, sc, qz, g_idx, bits, group)  # noqa: E731
     base = lambda: F.linear(x, base_weight)  # noqa: E731  (x @ Wᵀ in the weight's dtype)
     want = x.double() @ W.double().T
     err = ((ours().double() - want).norm() / want.norm()).item()
@@ -71,23 +76,58 @@ def _measure(x, W, ck, bits, group, timer, base_weight, graphs=False):
     return timer(ours), timer(base), err
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
+
+
+def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128, device: str = "cuda",
+             timer=time_gpu, bw: float | None = None) -> list[dict]:
+    """One weight shape and bit width against fp16 ``F.linear`` at each batch size (CUDA graphs at M = 1)."""
+    rows = []
+    dev = _device_name(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32  # off CUDA (dry runs): fp32 activations
+    W, ck, _ = checkpoint(N, K, bits, group, device, seed=K + N + bits)
+    for M in Ms:
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        t_ours, t_base, err = _measure(x, W, ck, bits, group, timer, W.to(dtype), graphs=M == 1 and device == "cuda")
+        gbs = packed_bytes(N, K, bits, group) / t_ours / 1e6
+        common = dict(device=dev, K=K, N=N, M=M, bits=bits)
+        rows.append(dict(common, impl="maca_kernels", ms=t_ours, speedup=t_base / t_ours, **{"GB/s": gbs},
+                         bw_fraction=gbs / bw if bw else None, rel_err=err))
+        rows.append(dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0))
+    return rows
+
+
+def act_order_case(K: int, N: int, bits: int = 4, M: int = 1, group: int = 128, device: str = "cuda",
+                   timer=time_gpu) -> list[dict]:
+    """Act-order ``g_idx`` (a random permutation of the groups) vs the same packed weight with sorted
+    groups (``g_idx=None``): vs_sorted = act-order ms / sorted ms."""
+    dev = _device_name(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    graphs = M == 1 and device == "cuda"
+    W, ck, g_idx = checkpoint(N, K, bits, group, device, seed=K + N + bits + 1, act_order=True)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    t_act, t_base, err = _measure(x, W, ck, bits, group, timer, W.to(dtype), graphs=graphs, g_idx=g_idx)
+    sorted_fn = lambda: mk.quant_matmul(x, *ck, None, bits, group)  # noqa: E731
+    t_sorted = timer(_graphed(sorted_fn) if graphs else sorted_fn)
+    common = dict(device=dev, K=K, N=N, M=M, bits=bits)
+    return [
+        dict(common, impl="maca_kernels act-order g_idx", ms=t_act, speedup=t_base / t_act, vs_sorted=t_act / t_sorted,
+             rel_err=err),
+        dict(common, impl="maca_kernels sorted groups", ms=t_sorted, speedup=t_base / t_sorted, vs_sorted=1.0),
+        dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0),
+    ]
+
+
 def bench_gpu(group: int = 128) -> list[dict]:
     rows = []
-    dev = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     for K, N in SHAPES:
         for bits in (4, 3, 2):
-            W, ck = checkpoint(N, K, bits, group, "cuda", seed=K + N + bits)
-            for M in (1, 16, 128, 2048):
-                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                t_ours, t_base, err = _measure(x, W, ck, bits, group, time_gpu, W.half(), graphs=M == 1)
-                gbs = packed_bytes(N, K, bits, group) / t_ours / 1e6
-                common = dict(device=dev, K=K, N=N, M=M, bits=bits)
-                rows.append(dict(common, impl="maca_kernels", ms=t_ours, speedup=t_base / t_ours, **{"GB/s": gbs},
-                                 bw_fraction=gbs / bw, rel_err=err))
-                rows.append(dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0))
-            del W, ck
+            rows += gpu_case(K, N, bits, group=group, bw=bw)
             torch.cuda.empty_cache()
+        rows += act_order_case(K, N, group=group)
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -96,7 +136,7 @@ def bench_cpu(K: int = 4096, N: int = 4096, group: int = 128) -> list[dict]:
     dev = f"cpu ({torch.get_num_threads()} threads)"
     timer = lambda fn: time_cpu(fn, warmup=3, reps=20)  # noqa: E731
     for bits in (4, 3, 2):
-        W, ck = checkpoint(N, K, bits, group, "cpu", seed=bits)
+        W, ck, _ = checkpoint(N, K, bits, group, "cpu", seed=bits)
         for M in (1, 16):
             t_ours, t_base, err = _measure(torch.randn(M, K), W, ck, bits, group, timer, W)
             gbs = packed_bytes(N, K, bits, group) / t_ours / 1e6

@@ -7,12 +7,16 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
 import torch
 
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
+# do_bench windows (ms of measured runs). benchmarks/gpu_check.py shortens them to fit a GPU session.
+GPU_WARMUP_MS = 25
+GPU_REP_MS = 200
 
 
 def environment() -> dict:
@@ -32,6 +36,11 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(0)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["sms"] = props.multi_processor_count
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["driver"] = _nvidia_driver()
     else:
         info["device"] = "cpu"
     return info
@@ -46,6 +55,15 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> float:
@@ -64,7 +82,7 @@ def time_gpu(fn: Callable[[], object]) -> float:
     """Median ms with warm-up and the L2 cache flushed before every run (triton's do_bench)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])[0]
+    return triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, quantiles=[0.5, 0.2, 0.8])[0]
 
 
 def write_results(name: str, env: dict, rows: list[dict], out_dir: str = OUT_DIR) -> str:

@@ -8,6 +8,8 @@ import torch
 
 # triton.jit decides between compiling and interpreting when the decorator runs, so this is read once.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MACA_KERNELS_TUNE=quick trims every autotune list to a few configs (a time-boxed GPU session).
+TUNE_QUICK = os.environ.get("MACA_KERNELS_TUNE", "full") == "quick"
 
 try:
     import triton  # noqa: F401

@@ -1,11 +1,11 @@
 // GPTQ / GPTAQ column sweep, one column block for all rows (see block_sweep.h).
 //
-// Layout: each task owns kRowTile rows and copies the block's columns of those rows into a
-// column-major tile t[j * kRowTile + r] (kRowTile x 128 fp32 = 16 KB for the default block, so it stays
-// in L1 while the block is walked). Every per-column step is then a loop over kRowTile contiguous
-// floats with a compile-time trip count, which the compiler turns into whole AVX registers:
-// quantize column i of all rows at once, and the rank-1 update t[j] -= err * U[i, j] (j > i) is one
-// broadcast + multiply + subtract per register. Column i is never written after it is quantized, so
+// Layout: each work chunk (common/parallel.h) owns kRowTile rows and copies the block's columns of
+// those rows into a column-major tile t[j * kRowTile + r] (kRowTile x 128 fp32 = 16 KB for the default
+// block, so it stays in L1 while the block is walked). Every per-column step is then a loop over
+// kRowTile contiguous floats with a compile-time trip count, which the compiler turns into whole AVX
+// registers: quantize column i of all rows at once, and the rank-1 update t[j] -= err * U[i, j] (j > i)
+// is one broadcast + multiply + subtract per register. Column i is never written after it is quantized, so
 // at the end the tile holds W_blk (the values at quantization time) for GPTAQ's lazy update.
 //
 // Bit-for-bit agreement with quantizer.py / reference.py: every operation is the same IEEE fp32
@@ -18,8 +18,7 @@
 #include "block_sweep.h"
 
 #include "common/fp16.h"
-
-#include <omp.h>
+#include "common/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -250,14 +249,15 @@ void gptq_block_sweep(const GptqBlockArgs& args) {
   check_args(args);
   if (args.n_rows == 0 || args.count == 0) return;
   const int64_t n_tiles = (args.n_rows + kRowTile - 1) / kRowTile;
-  int threads = args.num_threads > 0 ? args.num_threads : omp_get_max_threads();
+  int threads = args.num_threads > 0 ? args.num_threads : default_num_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_tiles)));
-#pragma omp parallel num_threads(threads)
-  {
-    TileBuffers buf(args.count);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t tile = 0; tile < n_tiles; ++tile) sweep_tile(args, tile * kRowTile, buf);
-  }
+  // One chunk per row tile (tens of microseconds), claimed dynamically (common/parallel.h): no thread
+  // waits at a barrier for a preempted peer. Tiles are independent; each is computed the same way
+  // whichever thread runs it.
+  std::vector<TileBuffers> bufs;
+  bufs.reserve(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) bufs.emplace_back(args.count);
+  parallel_chunks(n_tiles, threads, [&](int64_t tile, int slot) { sweep_tile(args, tile * kRowTile, bufs[slot]); });
 }
 
 void gptq_round_scale(float* x, int64_t n, bool software) {

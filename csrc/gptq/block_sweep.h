@@ -1,8 +1,8 @@
 // GPTQ / GPTAQ column sweep on the CPU: one column block for all rows (the C++ twin of the Triton
 // kernel `_gptq_block_kernel` in maca_kernels/ops/gptq/triton_kernel.py).
 //
-// Rows of W are independent given U (and P): each OpenMP task owns a tile of rows, copies the block's
-// columns of those rows into a column-major tile that stays in L1/L2, and walks the block's columns:
+// Rows of W are independent given U (and P): each work chunk (common/parallel.h) owns a tile of rows,
+// copies the block's columns of those rows into a column-major tile that stays in L1/L2, and walks them:
 // find the group's parameters when a dynamic group starts, quantize the column,
 // err = (w - dq) / U_ii, rank-1 update of the rest of the block (GPTAQ: plus w * P_i,:). It writes
 // the codes, the new groups' scales/zeros, and the block's Err and W_blk (values at quantization

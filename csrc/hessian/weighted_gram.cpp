@@ -11,23 +11,20 @@
 //   * C lives in an fp32 scratch buffer that is added to `out` at the end; for B = A only the tiles
 //     touching the upper triangle are computed and the mirror is added explicitly, because `out` need
 //     not be symmetric on entry;
-//   * each OpenMP thread owns a fixed range of C columns with an equal share of the (triangular) work
-//     and packs an equal share of every K-block; a small ring of pack buffers with counters replaces
-//     per-K-block barriers (see "Work split").
+//   * the work is a sequence of chunks claimed in order by whichever threads are running (common/
+//     parallel.h): "pack a share of K-block p+1" and "compute column range c of K-block p"; a small ring
+//     of pack buffers with progress counters replaces per-K-block barriers (see "Work split").
 #include "weighted_gram.h"
 
 #include "common/float_buffer.h"
 #include "common/fp16.h"
-
-#include <omp.h>
+#include "common/parallel.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -354,20 +351,26 @@ int64_t stripe_width(int64_t d, int64_t budget) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Work split. Every thread owns a contiguous range of B panels (columns of C) for the whole call,
-// sized so that all threads get the same number of micro-kernel calls, and packs an equal share
-// of every K-block. Threads never write the same C element, so the only synchronisation is "block
-// packed" / "block consumed" counters on a small ring of pack buffers: a thread that is preempted
-// holds the others up by at most the ring depth, and nobody spins at a barrier per K-block.
+// Work split. C columns are cut into n_compute ranges of B panels with equal (triangular) work, and each
+// K-block's tokens into n_pack shares. One stripe is one sequence of chunks, claimed in order by the
+// caller and any helper that is running (common/parallel.h):
+//     pack(0, *) | pack(1, *) compute(0, *) | pack(2, *) compute(1, *) | ... | compute(last, *) | add_out(*)
+// (one thread: pack(p) compute(p) with a single ring slot, exactly the serial loop);
+// compute(p, c) waits for every pack(p, *) and for compute(p - 1, c) (the same C elements, so each
+// element still sums its K-blocks in order, and its value does not depend on who ran what); pack(p, *)
+// waits until compute(p - ring, *) has freed the ring slot. Every wait is for an earlier chunk, which
+// its holder is running. A preempted thread holds the others up only once they are a K-block's worth of
+// chunks past its chunk (they then block, freeing the core), and at the end nobody waits for a thread
+// that holds no chunk; with fixed per-thread column ownership the whole run waited for the slowest.
 // ---------------------------------------------------------------------------------------------
 struct PanelRange {
   int64_t jr0, jr1;  // B panels [jr0, jr1) of the stripe
 };
 
-PanelRange owned_panels(const Stripe& s, bool symmetric, int tid, int nth) {
+PanelRange owned_panels(const Stripe& s, bool symmetric, int64_t tid, int64_t nth) {
   int64_t total = 0;
   for (int64_t jr = 0; jr < s.b_panels; ++jr) total += a_panel_limit(s, symmetric, jr);
-  // Thread t owns the panels whose cumulative work ends in (total*t/nth, total*(t+1)/nth].
+  // Range t holds the panels whose cumulative work ends in (total*t/nth, total*(t+1)/nth].
   const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
   PanelRange r{s.b_panels, s.b_panels};
   int64_t before = 0;
@@ -383,34 +386,15 @@ PanelRange owned_panels(const Stripe& s, bool symmetric, int tid, int nth) {
   return r;
 }
 
-void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-// Waits until counter >= target; yields the core after a short spin (it may be needed by the
-// thread we are waiting for when the machine is oversubscribed).
-void wait_for(const std::atomic<int64_t>& counter, int64_t target) {
-  for (int spin = 0; counter.load(std::memory_order_acquire) < target; ++spin) {
-    if (spin < 2000) {
-      cpu_relax();
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Shared state of one call.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kAPanelStride = kKC * kMR + 16;  // +64 bytes: successive panels fall in different
 constexpr int64_t kBPanelStride = kKC * kNR + 16;  // L1 sets while packing (no 4 KiB aliasing)
+constexpr int kComputeChunksPerThread = 2;  // column ranges per thread and K-block (more: more A traffic)
 
-struct alignas(64) Slot {  // one entry of the ring of packed K-blocks (own cache line for the counters)
+struct Slot {  // one entry of the ring of packed K-blocks
   FloatBuffer a, b;
-  std::atomic<int64_t> packed{0};    // thread shares packed, summed over the slot's lifetime
-  std::atomic<int64_t> consumed{0};  // threads done computing from it, summed likewise
 };
 
 struct Context {
@@ -475,7 +459,7 @@ void prefetch_row(const Context& ctx, const Stripe& s, int64_t row) {
   span(g.b, s.c0, nb);
 }
 
-// The source rows of one thread's share (an equal slice of positions) of a K-block, in order.
+// The source rows of one share (an equal slice of positions) of a K-block, in order.
 class ShareRows {
  public:
   ShareRows(const Schedule& sched, const KBlock& kb, int tid, int nth)
@@ -499,7 +483,7 @@ class ShareRows {
   int32_t pos_ = 0, end_ = 0;
 };
 
-// Packs this thread's share of a K-block into slot, prefetching its share of the next K-block.
+// Packs one share of a K-block into slot, prefetching the same share of the next K-block.
 void pack_share(const Context& ctx, const Stripe& s, ShareRows share, ShareRows next_share, const Slot& slot,
                 float* buf_a, float* buf_b) {
   int64_t rows[kPackGroup];
@@ -518,7 +502,7 @@ void pack_share(const Context& ctx, const Stripe& s, ShareRows share, ShareRows 
   if (n > 0) pack_rows(ctx, s, slot, rows, group_start, n, buf_a, buf_b);
 }
 
-// All micro-kernel calls of K-block kb that fall in this thread's B panels. Row groups outermost:
+// All micro-kernel calls of K-block kb that fall in the B panels `own`. Row groups outermost:
 // a block of kRowGroupPanels A panels stays in L2 while the owned B panels stream past it.
 void compute_share(const Context& ctx, const Stripe& s, const KBlock& kb, const Slot& slot, PanelRange own,
                    bool first_block) {
@@ -577,28 +561,68 @@ void add_share_to_out(const Context& ctx, const Stripe& s, PanelRange own) {
   if (ctx.symmetric) add_mirror(g, S, s.lds, j0, j1);
 }
 
-// One thread's part of a stripe. `block_base` numbers this stripe's first K-block globally, so the
-// ring counters keep counting across stripes.
-void process_stripe(const Context& ctx, const Stripe& s, int64_t block_base, int tid, int nth, float* buf_a,
-                    float* buf_b) {
-  const PanelRange own = owned_panels(s, ctx.symmetric, tid, nth);
-  const int64_t ring = static_cast<int64_t>(ctx.ring.size());
-  const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
-  for (int64_t k = 0; k < n_blocks; ++k) {
-    const int64_t p = block_base + k;
-    Slot& slot = ctx.ring[p % ring];
-    const int64_t generation = p / ring;
-    wait_for(slot.consumed, nth * generation);  // everyone is done with block p - ring
-    const ShareRows share(ctx.sched, ctx.sched.blocks[k], tid, nth);
-    const ShareRows next_share = k + 1 < n_blocks ? ShareRows(ctx.sched, ctx.sched.blocks[k + 1], tid, nth) : ShareRows();
-    pack_share(ctx, s, share, next_share, slot, buf_a, buf_b);
-    slot.packed.fetch_add(1, std::memory_order_release);
-    wait_for(slot.packed, nth * (generation + 1));  // every share of block p is in
-    compute_share(ctx, s, ctx.sched.blocks[k], slot, own, k == 0);  // block 0 initialises the scratch
-    slot.consumed.fetch_add(1, std::memory_order_release);
+// Chunk sequence of one stripe (see "Work split").
+struct StripeJob {
+  const Context& ctx;
+  const Stripe& s;
+  int64_t n_pack, n_compute, lag;
+  std::vector<PanelRange> ranges;                       // [n_compute]
+  std::unique_ptr<Progress[]> packed, consumed, done;   // per ring slot (x2), per column range
+  std::vector<int64_t> order;                           // chunk -> kind | block | index
+
+  enum Kind : int64_t { kPack = 0, kCompute = 1, kAddOut = 2 };
+  static int64_t encode(Kind k, int64_t block, int64_t i) { return (block << 24) | (i << 2) | k; }
+
+  StripeJob(const Context& c, const Stripe& st, int threads, int64_t ring)
+      : ctx(c), s(st), n_pack(threads), n_compute(1), lag(ring >= 2 ? 1 : 0) {
+    if (threads > 1) n_compute = std::min<int64_t>(s.b_panels, int64_t(kComputeChunksPerThread) * threads);
+    for (int64_t i = 0; i < n_compute; ++i) ranges.push_back(owned_panels(s, ctx.symmetric, i, n_compute));
+    packed.reset(new Progress[ring]);
+    consumed.reset(new Progress[ring]);
+    done.reset(new Progress[n_compute]);
+    const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
+    auto add_pack = [&](int64_t p) {
+      if (p < n_blocks) for (int64_t i = 0; i < n_pack; ++i) order.push_back(encode(kPack, p, i));
+    };
+    for (int64_t p = 0; p < lag; ++p) add_pack(p);
+    for (int64_t p = 0; p < n_blocks; ++p) {
+      add_pack(p + lag);  // packed while block p is computed
+      for (int64_t i = 0; i < n_compute; ++i) order.push_back(encode(kCompute, p, i));
+    }
+    for (int64_t i = 0; i < n_compute; ++i) order.push_back(encode(kAddOut, 0, i));
   }
-  add_share_to_out(ctx, s, own);
-}
+
+  void run(int64_t chunk, float* buf_a, float* buf_b) {
+    const int64_t code = order[static_cast<size_t>(chunk)];
+    const int64_t p = code >> 24, i = (code >> 2) & ((int64_t(1) << 22) - 1);
+    const int64_t ring = static_cast<int64_t>(ctx.ring.size());
+    const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
+    const int64_t generation = p / ring;
+    switch (static_cast<Kind>(code & 3)) {
+      case kPack: {
+        consumed[p % ring].wait_at_least(n_compute * generation);  // block p - ring is done with the slot
+        const ShareRows share(ctx.sched, ctx.sched.blocks[p], static_cast<int>(i), static_cast<int>(n_pack));
+        const ShareRows next_share = p + 1 < n_blocks
+            ? ShareRows(ctx.sched, ctx.sched.blocks[p + 1], static_cast<int>(i), static_cast<int>(n_pack))
+            : ShareRows();
+        pack_share(ctx, s, share, next_share, ctx.ring[p % ring], buf_a, buf_b);
+        packed[p % ring].add();
+        break;
+      }
+      case kCompute:
+        packed[p % ring].wait_at_least(n_pack * (generation + 1));  // every share of block p is in
+        done[i].wait_at_least(p);                                     // block p - 1 of these columns
+        compute_share(ctx, s, ctx.sched.blocks[p], ctx.ring[p % ring], ranges[i], p == 0);  // 0 initialises
+        done[i].add();
+        consumed[p % ring].add();
+        break;
+      case kAddOut:
+        done[i].wait_at_least(n_blocks);
+        add_share_to_out(ctx, s, ranges[i]);
+        break;
+    }
+  }
+};
 
 void validate(const WeightedGramArgs& g) {
   auto fail = [](const char* what) { throw std::invalid_argument(std::string("weighted_gram: ") + what); };
@@ -613,7 +637,8 @@ void validate(const WeightedGramArgs& g) {
   if (g.a_sub != nullptr && g.b == nullptr) fail("a_sub requires b (the cross term is not symmetric)");
 }
 
-// Ring depth: enough packed K-blocks in flight to ride out a preempted thread, within ~24 MiB.
+// Ring depth: enough packed K-blocks in flight to ride out a preempted thread, within ~24 MiB (at least
+// 2 with helpers, so that block p + 1 can be packed while block p is computed).
 int ring_depth(int64_t slot_floats, int nth) {
   if (nth == 1) return 1;
   const int64_t fit = (int64_t(24) << 20) / std::max<int64_t>(1, slot_floats * int64_t(sizeof(float)));
@@ -643,9 +668,11 @@ void weighted_gram(const WeightedGramArgs& args) {
   const int64_t a_floats = ceil_div(d, kMR) * kAPanelStride;
   const int64_t b_floats = max_b_panels * kBPanelStride;
 
-  const int requested = args.num_threads > 0 ? args.num_threads : omp_get_max_threads();
+  const int requested = args.num_threads > 0 ? args.num_threads : default_num_threads();
+  // More threads than B panels of the widest stripe would find nothing to compute.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, max_b_panels)));
   FloatBuffer scratch = alloc_floats(max_scratch);
-  std::vector<Slot> ring(static_cast<size_t>(ring_depth(a_floats + b_floats, requested)));
+  std::vector<Slot> ring(static_cast<size_t>(ring_depth(a_floats + b_floats, threads)));
   for (Slot& slot : ring) {
     slot.a = alloc_floats(a_floats);
     slot.b = alloc_floats(b_floats);
@@ -654,24 +681,18 @@ void weighted_gram(const WeightedGramArgs& args) {
   // once: columns >= d are never written, which zero-pads the edge panels.
   const int64_t row_len = std::max(round_up(d, kMR), round_up(d, kNR));
   const int64_t per_thread = kPackGroup * row_len * (symmetric ? 1 : 2);
-  FloatBuffer row_bufs = alloc_floats(requested * per_thread);
-  std::memset(row_bufs.get(), 0, static_cast<size_t>(requested * per_thread) * sizeof(float));
+  FloatBuffer row_bufs = alloc_floats(threads * per_thread);
+  std::memset(row_bufs.get(), 0, static_cast<size_t>(threads * per_thread) * sizeof(float));
   const Context ctx{args, sched, symmetric, row_len, ring, scratch.get()};
 
-#pragma omp parallel num_threads(requested)
-  {
-    // The team may be smaller than requested (nesting, thread limits): split by the real size.
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    float* buf_a = row_bufs.get() + tid * per_thread;
-    float* buf_b = symmetric ? nullptr : buf_a + kPackGroup * row_len;
-    for (size_t k = 0; k < stripes.size(); ++k) {
-      if (k > 0) {
-#pragma omp barrier
-        // the scratch is reused: every owner must have added the previous stripe to out
-      }
-      const int64_t block_base = static_cast<int64_t>(k * sched.blocks.size());
-      process_stripe(ctx, stripes[k], block_base, tid, nth, buf_a, buf_b);
-    }
+  // One job per stripe: the scratch is reused, so every range of a stripe must be in `out` first.
+  for (const Stripe& st : stripes) {
+    StripeJob job(ctx, st, threads, static_cast<int64_t>(ring.size()));
+    parallel_chunks(static_cast<int64_t>(job.order.size()), threads, [&](int64_t chunk, int slot) {
+      float* buf_a = row_bufs.get() + slot * per_thread;
+      float* buf_b = symmetric ? nullptr : buf_a + kPackGroup * row_len;
+      job.run(chunk, buf_a, buf_b);
+    });
   }
 }
 

@@ -1,7 +1,8 @@
 // Packed low-bit matmul y = x @ dequant(W)^T from GPTQ checkpoint tensors (see quant_matmul.h).
 //
-// Two paths, both parallel over N (each OpenMP thread owns a contiguous range of output columns, so it
-// streams its own part of qweight once per pass):
+// Two paths, both parallel over N in chunks of whole 16-column panels (common/parallel.h: the caller and any
+// helper that gets scheduled claim chunks; each chunk streams its own columns of qweight once per pass, and
+// every output element is computed the same way whichever thread runs its chunk):
 //
 //  * GEMV path (M <= kGemvMaxM, groups k / gs with gs a multiple of the packing run, AVX2 builds).
 //    qweight is streamed row by row (a row of words holds one packing run of every column); the words
@@ -25,8 +26,7 @@
 
 #include "common/float_buffer.h"
 #include "common/fp16.h"
-
-#include <omp.h>
+#include "common/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -65,6 +65,12 @@ constexpr int64_t kGemvMaxM = 12;     // GEMV path for M <= this (in passes of k
 constexpr int kGemvMR = 4;            // rows handled per GEMV pass
 constexpr int64_t kGemvCols = 1024;   // GEMV path: columns per block (group sums stay in L1)
 constexpr int64_t kGemvPrefetchRuns = 2;  // GEMV path: software prefetch distance in packed runs
+// Work-sharing chunks (columns, multiples of kPanel): about four per thread, so that a late or preempted
+// helper leaves little for the others to wait for, but no narrower than kGemvMinChunk: every packed row
+// of a chunk is one contiguous stretch of memory, and short stretches stream from DRAM less efficiently.
+// One thread: one chunk (the whole GEMV in kGemvCols blocks, as before).
+constexpr int64_t kGemvMinChunk = 128, kGemvMaxChunk = 512;
+constexpr int64_t kTileChunkCols = kTileCols;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -670,12 +676,25 @@ void quant_matmul(const QuantMatmulArgs& a) {
   }
   p.n_groups = p.g_idx ? 0 : ceil_div(a.K, p.gs);
 
-  // Threads: contiguous column ranges in 16-column (64-byte) units.
-  const int requested = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-  const int64_t units = ceil_div(a.N, kPanel);
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, units)));
+  bool use_gemv = false;
+#if MACA_QMM_AVX2
+  use_gemv = a.M <= kGemvMaxM && p.g_idx == nullptr && p.gs % P == 0;
+#endif
 
-  // x as fp32 rows.
+  // Chunks of whole panels, so the panel/16-column grouping of every column (and so its arithmetic) does
+  // not depend on the thread count; only the last chunk has a ragged end, as the last range had before.
+  const int requested = a.num_threads > 0 ? a.num_threads : default_num_threads();
+  int64_t chunk_cols = kTileChunkCols;
+  if (use_gemv) {
+    chunk_cols = requested <= 1 ? ceil_div(a.N, kPanel) * kPanel
+                                : std::clamp(ceil_div(a.N, 4 * int64_t(requested) * kPanel) * kPanel, kGemvMinChunk,
+                                             kGemvMaxChunk);
+  }
+  const int64_t n_chunks = ceil_div(a.N, chunk_cols);
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, n_chunks)));
+
+  // x as fp32 rows. Small x (every GEMV) is converted on this thread: a parallel region would cost more
+  // than the conversion.
   FloatBuffer xbuf;
   if (a.x_dtype == QuantMatmulXType::kFloat32) {
     p.x = static_cast<const float*>(a.x);
@@ -684,25 +703,29 @@ void quant_matmul(const QuantMatmulArgs& a) {
     xbuf = alloc_floats(a.M * a.K);
     const size_t esize = 2;
     const char* base = static_cast<const char*>(a.x);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t m = 0; m < a.M; ++m) {
-      convert_row(xbuf.get() + m * a.K, base + static_cast<size_t>(m * a.ldx) * esize, a.x_dtype, a.K);
+    auto convert_rows = [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        convert_row(xbuf.get() + m * a.K, base + static_cast<size_t>(m * a.ldx) * esize, a.x_dtype, a.K);
+      }
+    };
+    constexpr int64_t kSerialConvert = int64_t(1) << 20;  // elements
+    if (a.M * a.K < kSerialConvert || nthreads == 1) {
+      convert_rows(0, a.M);
+    } else {
+      const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 16) / a.K);
+      parallel_chunks(ceil_div(a.M, rows), nthreads,
+                      [&](int64_t c, int) { convert_rows(c * rows, std::min(a.M, (c + 1) * rows)); });
     }
     p.x = xbuf.get();
     p.ldx = a.K;
   }
-
-  bool use_gemv = false;
-#if MACA_QMM_AVX2
-  use_gemv = a.M <= kGemvMaxM && p.g_idx == nullptr && p.gs % P == 0;
-#endif
 
   FloatBuffer xq, xq_unscale, xsum;
 #if MACA_QMM_AVX2
   if (use_gemv) prepare_gemv_x(p, xq, xq_unscale, xsum);
 #endif
 
-  // Per-thread scratch, allocated here so that nothing inside the parallel region can throw.
+  // Per-thread scratch, allocated here so that no chunk can throw.
   std::vector<TileScratch> tiles(nthreads);
   std::vector<FloatBuffer> gemv_acc(nthreads);
   for (int t = 0; t < nthreads; ++t) {
@@ -715,26 +738,19 @@ void quant_matmul(const QuantMatmulArgs& a) {
     }
   }
 
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int t = omp_get_thread_num();
-    const int nt = omp_get_num_threads();
-    const int64_t n_begin = std::min(a.N, units * t / nt * kPanel);
-    const int64_t n_end = std::min(a.N, units * (t + 1) / nt * kPanel);
-    if (n_begin < n_end) {
+  parallel_chunks(n_chunks, nthreads, [&](int64_t c, int slot) {
+    const int64_t n_begin = c * chunk_cols;
+    const int64_t n_end = std::min(a.N, n_begin + chunk_cols);
 #if MACA_QMM_AVX2
-      if (use_gemv) {
-        const int64_t n_vec = n_begin + (n_end - n_begin) / 8 * 8;
-        if (n_vec > n_begin) gemv_path(p, n_begin, n_vec, gemv_acc[t].get());
-        if (n_vec < n_end) tile_path(p, n_vec, n_end, tiles[t]);
-      } else {
-        tile_path(p, n_begin, n_end, tiles[t]);
-      }
-#else
-      tile_path(p, n_begin, n_end, tiles[t]);
-#endif
+    if (use_gemv) {
+      const int64_t n_vec = n_begin + (n_end - n_begin) / 8 * 8;
+      if (n_vec > n_begin) gemv_path(p, n_begin, n_vec, gemv_acc[slot].get());
+      if (n_vec < n_end) tile_path(p, n_vec, n_end, tiles[slot]);
+      return;
     }
-  }
+#endif
+    tile_path(p, n_begin, n_end, tiles[slot]);
+  });
 }
 
 std::string quant_matmul_build_info() {

@@ -1,7 +1,7 @@
 """Checkpoint formats: the GPTQ packing of quantized weights, zero points and scales."""
 
 from .gptq import (
-    CONVENTIONS,
+    CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
     dequantize_gptq,
     pack_gptq,
@@ -13,7 +13,7 @@ from .gptq import (
 )
 
 __all__ = [
-    "CONVENTIONS",
+    "CHECKPOINT_FORMATS",
     "SUPPORTED_BITS",
     "dequantize_gptq",
     "pack_gptq",

@@ -17,7 +17,7 @@ the GPTQ 3-bit layout.
 Words are raw 32-bit patterns: shifting is done in int64 on values in ``[0, 2³²)`` and converted
 back to int32 with explicit two's-complement wraparound, so bit 31 round-trips.
 
-Zero points: ``convention="gptq"`` (v1) stores ``zero − 1`` in each field, ``"gptq_v2"`` the true
+Zero points: ``checkpoint_format="gptq"`` (v1) stores ``zero − 1`` in each field, ``"gptq_v2"`` the true
 zero. Readers of v1 that add 1 to the whole packed word (instead of per field) carry into the
 neighbouring field when a stored field is all-ones, so v1 packing refuses ``zero == 0``.
 """
@@ -29,13 +29,13 @@ import operator
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-CONVENTIONS = ("gptq", "gptq_v2")
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 _MASK32 = 0xFFFFFFFF
 _FP16_MAX = torch.finfo(torch.float16).max
 
 __all__ = [
-    "CONVENTIONS",
+    "CHECKPOINT_FORMATS",
     "SUPPORTED_BITS",
     "dequantize_gptq",
     "pack_gptq",
@@ -63,10 +63,10 @@ def _check_bits(bits) -> int:
     return b
 
 
-def _check_convention(convention) -> str:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    return convention
+def _check_checkpoint_format(checkpoint_format) -> str:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    return checkpoint_format
 
 
 def _run_len(bits: int) -> int:
@@ -207,36 +207,36 @@ def unpack_gptq(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
 # qzeros
 
 
-def pack_gptq_zeros(zeros: torch.Tensor, bits: int, convention: str = "gptq") -> torch.Tensor:
+def pack_gptq_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """Pack zero points ``[N, G]`` (W's orientation) into GPTQ ``qzeros`` int32 ``[G, N·bits/32]``,
-    packed along N. ``convention="gptq"`` (v1) stores ``zero − 1`` and refuses ``zero == 0``;
+    packed along N. ``checkpoint_format="gptq"`` (v1) stores ``zero − 1`` and refuses ``zero == 0``;
     ``"gptq_v2"`` stores the true zero. N must be a multiple of 32/bits (32 for 3-bit)."""
     bits = _check_bits(bits)
-    convention = _check_convention(convention)
+    checkpoint_format = _check_checkpoint_format(checkpoint_format)
     _check_int_2d(zeros, "zeros", "[N, G] (out_features × groups)")
     _check_packable_len(zeros.shape[0], bits, "N (zeros.shape[0])", "the out_features dimension of qzeros")
     z = zeros.detach().to(torch.int64)
     maxq = (1 << bits) - 1
-    if convention == "gptq":
+    if checkpoint_format == "gptq":
         if z.numel() and bool((z == 0).any()):
             raise ValueError(
-                'zeros contains a zero point of 0, which convention="gptq" (v1) cannot store: v1 stores '
+                'zeros contains a zero point of 0, which checkpoint_format="gptq" (v1) cannot store: v1 stores '
                 "zero − 1, so 0 becomes an all-ones field and readers that add 1 to the whole packed word "
-                'carry into the neighbouring zero. Use convention="gptq_v2" or a quantizer that keeps zeros ≥ 1'
+                'carry into the neighbouring zero. Use checkpoint_format="gptq_v2" or a quantizer that keeps zeros ≥ 1'
             )
-        _check_range(z, 1, maxq, "zeros", bits, ' with convention="gptq"')
+        _check_range(z, 1, maxq, "zeros", bits, ' with checkpoint_format="gptq"')
         z = z - 1
     else:
         _check_range(z, 0, maxq, "zeros", bits)
     return _pack_dim0(z, bits).t().contiguous()
 
 
-def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int, N: int, convention: str = "gptq") -> torch.Tensor:
+def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int, N: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """Inverse of :func:`pack_gptq_zeros`: ``qzeros`` int32 ``[G, N·bits/32]`` → zeros int32 ``[N, G]``.
     For v1 each field is unpacked first and 1 added per field (never across the word), so an
     all-ones v1 field reads back as ``2^bits``."""
     bits = _check_bits(bits)
-    convention = _check_convention(convention)
+    checkpoint_format = _check_checkpoint_format(checkpoint_format)
     N = _check_dim(N, "N")
     _check_packable_len(N, bits, "N", "the out_features dimension of qzeros")
     _check_int32_2d(qzeros, "qzeros", "[G, N·bits/32]")
@@ -247,7 +247,7 @@ def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int, N: int, convention: str =
             f"got shape {tuple(qzeros.shape)}"
         )
     z = _unpack_dim0(qzeros.detach().t(), bits)  # [N, G]
-    if convention == "gptq":
+    if checkpoint_format == "gptq":
         z = z + 1
     return z.to(torch.int32).contiguous()
 
@@ -308,14 +308,14 @@ def dequantize_gptq(
     qzeros: torch.Tensor,
     g_idx: torch.Tensor,
     bits: int,
-    convention: str = "gptq",
+    checkpoint_format: str = "gptq",
 ) -> torch.Tensor:
     """``W[n, k] = (code[n, k] − zero[n, g_idx[k]]) · scale[n, g_idx[k]]`` as fp32 ``[N, K]`` from the
     checkpoint tensors: ``qweight`` int32 ``[K·bits/32, N]``, ``scales`` ``[G, N]`` (fp16),
     ``qzeros`` int32 ``[G, N·bits/32]``, ``g_idx`` int ``[K]``. K is ``len(g_idx)``.
     The result is exact: (code − zero) is a small integer and scales are fp16."""
     bits = _check_bits(bits)
-    convention = _check_convention(convention)
+    checkpoint_format = _check_checkpoint_format(checkpoint_format)
     _check_tensor(g_idx, "g_idx")
     if not _is_integer_dtype(g_idx.dtype):
         raise TypeError(f"g_idx must be an integer tensor, got dtype {g_idx.dtype}")
@@ -335,7 +335,7 @@ def dequantize_gptq(
         )
     K = g_idx.shape[0]
     codes = unpack_gptq(qweight, bits, K)
-    zeros = unpack_gptq_zeros(qzeros, bits, n, convention)
+    zeros = unpack_gptq_zeros(qzeros, bits, n, checkpoint_format)
     if zeros.shape[1] != g:
         raise ValueError(
             f"qzeros has {zeros.shape[1]} group rows but scales has G = {g}: both must be [G, ...], "

@@ -46,8 +46,13 @@ class QuantLinear(nn.Module):
 
     def _sorted_groups(self) -> bool:
         # Without act-order g_idx is k // group_size: the kernels then take the faster per-tile path.
+        # Also the one place the g_idx range is checked for CUDA weights (quant_matmul skips it there: a sync).
         g = self.group_size if self.group_size != -1 else self.in_features
-        return bool(torch.equal(self.g_idx.cpu(), (torch.arange(self.in_features) // g).to(torch.int32)))
+        g_idx, G = self.g_idx.cpu(), self.scales.shape[0]
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+            raise ValueError(f"g_idx must lie in [0, G − 1] = [0, {G - 1}], got values in "
+                             f"[{int(g_idx.min())}, {int(g_idx.max())}]")
+        return bool(torch.equal(g_idx, (torch.arange(self.in_features) // g).to(torch.int32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g_idx = None if self._gidx_trivial else self.g_idx

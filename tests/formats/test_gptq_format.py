@@ -130,9 +130,9 @@ def test_qzeros_round_trip(bits, convention, n_units, g, device):
     n = unit(bits) * n_units
     low = 1 if convention == "gptq" else 0
     zeros = rand_codes(n, g, bits, seed=31 * bits + n_units + g, low=low).to(device)
-    qzeros = pack_gptq_zeros(zeros, bits, convention=convention)
+    qzeros = pack_gptq_zeros(zeros, bits, checkpoint_format=convention)
     assert qzeros.dtype == torch.int32 and qzeros.shape == (g, n * bits // 32)
-    back = unpack_gptq_zeros(qzeros, bits, n, convention=convention)
+    back = unpack_gptq_zeros(qzeros, bits, n, checkpoint_format=convention)
     assert back.dtype == torch.int32 and back.shape == (n, g)
     assert torch.equal(back, zeros.to(torch.int32))
 
@@ -279,7 +279,7 @@ def test_qzeros_v1_v2_fields_differ_by_one(bits):
 def test_qzeros_v1_zero_of_zero_raises(bits):
     zeros = torch.full((unit(bits), 2), 1)
     zeros[3, 1] = 0
-    with pytest.raises(ValueError, match='zero point of 0.*convention="gptq"'):
+    with pytest.raises(ValueError, match='zero point of 0.*checkpoint_format="gptq"'):
         pack_gptq_zeros(zeros, bits, "gptq")
     with pytest.raises(ValueError, match="zero point of 0"):
         pack_gptq_zeros(zeros, bits)  # v1 is the default
@@ -335,7 +335,7 @@ def test_dequantize_matches_float64(bits, convention, device):
     qweight = pack_gptq(codes, bits).to(device)
     qzeros = pack_gptq_zeros(zeros, bits, convention).to(device)
     sc = pack_scales(scales).to(device)
-    got = dequantize_gptq(qweight, sc, qzeros, g_idx.to(device), bits, convention=convention)
+    got = dequantize_gptq(qweight, sc, qzeros, g_idx.to(device), bits, checkpoint_format=convention)
     assert got.dtype == torch.float32 and got.shape == (n, k) and got.device == qweight.device
     assert torch.equal(got.cpu().double(), want)  # exact: small integer × fp16 fits fp32
 
@@ -417,11 +417,11 @@ C4 = torch.zeros(4, 16, dtype=torch.int64)
         (lambda: pack_gptq_zeros(torch.full((8, 2), 16), 4, "gptq_v2"), ValueError, r"zeros must lie in \[0, 15\]"),
         (lambda: pack_gptq_zeros(torch.full((8, 2), -1), 4, "gptq_v2"), ValueError, r"zeros must lie in \[0, 15\]"),
         (lambda: pack_gptq_zeros(torch.full((8, 2), 16), 4, "gptq"), ValueError,
-         r'zeros must lie in \[1, 15\] for bits=4 with convention="gptq"'),
+         r'zeros must lie in \[1, 15\] for bits=4 with checkpoint_format="gptq"'),
         (lambda: pack_gptq_zeros(torch.zeros(4, 1, dtype=torch.int64), 8, "gptq"), ValueError, "zero point of 0"),
         (lambda: pack_gptq_zeros(torch.ones(8, 1, dtype=torch.int64), 4, "gptq_v3"), ValueError,
-         r"convention must be one of \('gptq', 'gptq_v2'\), got 'gptq_v3'"),
-        (lambda: unpack_gptq_zeros(QZ, 4, 32, "awq"), ValueError, "convention must be one of"),
+         r"checkpoint_format must be one of \('gptq', 'gptq_v2'\), got 'gptq_v3'"),
+        (lambda: unpack_gptq_zeros(QZ, 4, 32, "awq"), ValueError, "checkpoint_format must be one of"),
         (lambda: unpack_gptq_zeros(QZ, 4, 64), ValueError,
          r"qzeros must have N·bits/32 = 64·4/32 = 8 columns for N = 64, got shape \(2, 4\)"),
         (lambda: unpack_gptq_zeros(QZ, 4, 12), ValueError, "N = 12 must be a multiple of 8 for bits=4"),
@@ -450,7 +450,7 @@ C4 = torch.zeros(4, 16, dtype=torch.int64)
         (lambda: dequantize_gptq(QW, SC.int(), QZ, GI, 4), TypeError, "scales must be a floating-point"),
         (lambda: dequantize_gptq(QW, SC, QZ[:1], GI, 4), ValueError, "qzeros has 1 group rows but scales has G = 2"),
         (lambda: dequantize_gptq(QW, SC, QZ[:, :2], GI, 4), ValueError, "qzeros must have N·bits/32"),
-        (lambda: dequantize_gptq(QW, SC, QZ, GI, 4, "v1"), ValueError, "convention must be one of"),
+        (lambda: dequantize_gptq(QW, SC, QZ, GI, 4, "v1"), ValueError, "checkpoint_format must be one of"),
         (lambda: dequantize_gptq(QW.long(), SC, QZ, GI, 4), TypeError, "qweight must be an int32 tensor"),
     ],
 )

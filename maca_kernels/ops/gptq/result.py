@@ -21,15 +21,15 @@ class GPTQResult:
     sym: bool
     perm: torch.Tensor  # int64 [K]: processing order (act-order permutation, identity otherwise)
 
-    def to_gptq(self, convention: str = "gptq") -> dict[str, torch.Tensor]:
+    def to_gptq(self, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
         """Checkpoint tensors: qweight int32 [K·bits/32, N], qzeros int32 [G, N·bits/32],
-        scales fp16 [G, N], g_idx int32 [K]. ``convention`` "gptq" (v1, zeros stored minus one)
+        scales fp16 [G, N], g_idx int32 [K]. ``checkpoint_format`` "gptq" (v1, zeros stored minus one)
         or "gptq_v2" (true zeros)."""
         from ...formats.gptq import pack_gptq, pack_gptq_zeros, pack_scales
 
         return {
             "qweight": pack_gptq(self.codes, self.bits),
-            "qzeros": pack_gptq_zeros(self.zeros, self.bits, convention=convention),
+            "qzeros": pack_gptq_zeros(self.zeros, self.bits, checkpoint_format=checkpoint_format),
             "scales": pack_scales(self.scales),
             "g_idx": self.g_idx.to(torch.int32),
         }

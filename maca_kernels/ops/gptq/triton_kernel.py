@@ -145,6 +145,11 @@ def _gptq_block_kernel(
         tl.store(wq_ptr + rows[:, None] * stride_e + cols[None, :], wq_tile, mask=tile_mask)
 
 
+# No FMA contraction: ``w − q·s`` and the rank-1 update stay two roundings each, as in the reference
+# (and the C++ sweep, built with -ffp-contract=off), so the codes agree bit for bit.
+SWEEP_OPTIONS = {"enable_fp_fusion": False}
+
+
 def launch_config(block_k: int, interpreting: bool = INTERPRETING) -> tuple[int, int]:
     """(rows per program, num_warps): 2048 tile elements keep the four register tiles spill-free on
     sm_90 (checked by the compile tier); the interpreter pays per program, so it takes more rows."""
@@ -166,8 +171,8 @@ def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse
         scales = torch.empty(N, K // group_size, dtype=torch.float32, device=dev)
         zeros = torch.empty_like(scales)
     codes = torch.empty(N, K, dtype=torch.int32, device=dev)
-    err = torch.empty(N, block_k, dtype=torch.float32, device=dev)
-    wq = torch.empty_like(err) if prep.P is not None else err
+    err_buf = torch.empty(N * block_k, dtype=torch.float32, device=dev)
+    wq_buf = torch.empty_like(err_buf) if prep.P is not None else err_buf
     gpos = prep.group_of_pos.to(torch.int32)
     shrink = mse_shrink_factors(device=dev) if mse else torch.ones(1, device=dev)
     U = prep.U.contiguous()
@@ -175,35 +180,55 @@ def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse
     grid = (triton.cdiv(N, block_n),)
     for i1 in range(0, K, prep.block_size):
         i2 = min(i1 + prep.block_size, K)
+        # [N, count] contiguous, like the reference's Err1/Wq1: the lazy GEMMs below then see the same
+        # operand layouts as the reference's and round the same way
+        err = err_buf[: N * (i2 - i1)].view(N, i2 - i1)
+        wq = wq_buf[: N * (i2 - i1)].view(N, i2 - i1)
         _gptq_block_kernel[grid](
             W, U, P, codes, scales, zeros, err, wq, gpos, shrink,
             i1, i2 - i1, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
             MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
             N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=prep.P is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **SWEEP_OPTIONS,
         )
-        if i2 < K:
-            W[:, i2:].addmm_(err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)
+        if i2 < K:  # written as the reference writes it (a product, then a subtraction: two roundings)
+            W[:, i2:] -= err @ U[i1:i2, i2:]
             if prep.P is not None:
-                W[:, i2:].addmm_(wq[:, : i2 - i1], P[i1:i2, i2:])
+                W[:, i2:] += wq @ P[i1:i2, i2:]
     return codes, (None if precomputed else scales), (None if precomputed else zeros)
 
 
 def aot_variants():
-    """Kernel variants for the compile tier: every bit width, and each option on its own."""
-    sig = {"w_ptr": "*fp32", "u_ptr": "*fp32", "p_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*fp32",
-           "zeros_ptr": "*fp32", "err_ptr": "*fp32", "wq_ptr": "*fp32", "gpos_ptr": "*i32", "shrink_ptr": "*fp32",
-           "i1": "i32", "count": "i32", "N": "i32", "stride_w": "i32", "stride_u": "i32", "stride_s": "i32",
-           "stride_e": "i32"}
-    base = dict(GROUP=128, SYM=False, N_GRID=0, NORM=2.4, GPTAQ=False, BLOCK_K=128)
-    cases = [(f"{bits}b_g128", dict(MAXQ=2**bits - 1)) for bits in (2, 3, 4, 8)]
-    cases += [
-        ("4b_precomputed_sym", dict(MAXQ=15, GROUP=0, SYM=True)),
-        ("4b_g128_mse", dict(MAXQ=15, N_GRID=80)),
-        ("4b_g128_gptaq", dict(MAXQ=15, GPTAQ=True)),
-        ("3b_g256_blockk256", dict(MAXQ=7, GROUP=256, BLOCK_K=256)),
+    """For the compile tier: every bit width × group mode × option, launched the way
+    ``gptq_sweep_triton`` launches a middle column block of a 4096 × 4096 layer (block_size 128, or 256
+    for 256-column groups). The tier derives signature and alignment from these values with the JIT's
+    own rules (a per-channel scale table has stride 1, which the JIT turns into a constexpr)."""
+    from ..._aot import AotTensor, Variant
+
+    N = K = 4096
+    n_grid = mse_shrink_factors().numel()
+    modes = [  # (tag, group_size (-1: one group), precomputed, sym, mse, gptaq, block_size)
+        ("g128", 128, False, False, False, False, 128), ("g128_sym", 128, False, True, False, False, 128),
+        ("g32", 32, False, False, False, False, 128), ("g256", 256, False, False, False, False, 256),
+        ("static_g128", 128, True, False, False, False, 128), ("perchannel", -1, True, True, False, False, 128),
+        ("g128_mse", 128, False, False, True, False, 128), ("g128_gptaq", 128, False, False, False, True, 128),
+        ("g128_mse_gptaq", 128, False, False, True, True, 128),
     ]
-    for tag, over in cases:
-        const = {**base, **over}
-        const["BLOCK_N"], warps = launch_config(const["BLOCK_K"], interpreting=False)
-        yield f"gptq_block_{tag}", _gptq_block_kernel, sig, const, dict(num_warps=warps, num_stages=1)
+    for bits in (2, 3, 4, 8):
+        for tag, group_size, precomputed, sym, mse, gptaq, block_size in modes:
+            block_k = triton.next_power_of_2(block_size)
+            block_n, num_warps = launch_config(block_k, interpreting=False)
+            g = group_size if group_size > 0 else K
+            W, U = AotTensor(torch.float32, N, K), AotTensor(torch.float32, K, K)
+            P = AotTensor(torch.float32, K, K) if gptaq else U
+            scales = AotTensor(torch.float32, N, K // g)
+            err = AotTensor(torch.float32, N, block_size)  # [N, count] views of one flat buffer
+            wq = AotTensor(torch.float32, N, block_size) if gptaq else err
+            shrink = AotTensor(torch.float32, n_grid if mse else 1)
+            i1 = block_size  # a middle block (every block starts at a multiple of block_size)
+            args = (W, U, P, AotTensor(torch.int32, N, K), scales, scales, err, wq, AotTensor(torch.int32, K), shrink,
+                    i1, block_size, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0))
+            kwargs = dict(MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
+                          N_GRID=n_grid if mse else 0, NORM=2.4, GPTAQ=gptaq, BLOCK_N=block_n, BLOCK_K=block_k,
+                          num_warps=num_warps, **SWEEP_OPTIONS)
+            yield Variant(f"gptq_block_{bits}b_{tag}", _gptq_block_kernel, args, kwargs)

@@ -28,7 +28,7 @@ def _check_out(out: torch.Tensor, d: int, device: torch.device) -> None:
                          f"got strides {tuple(out.stride())}")
 
 
-def _resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
@@ -46,11 +46,13 @@ def gram_from_plan(
     weighting: str,
     backend: str | None = None,
     deterministic: bool = False,
+    upper_only: bool = False,
 ) -> torch.Tensor:
-    """Run one validated plan: ``out += Σ w XᵀX`` (or ``Σ w ΔXᵀX`` when ``cross``)."""
+    """Run one validated plan: ``out += Σ w XᵀX`` (or ``Σ w ΔXᵀX`` when ``cross``). ``upper_only``: only
+    the upper triangle of ``out`` needs to come out right (the Triton kernel then skips its mirror pass)."""
     a, a_sub, b = (plan.x_fp, plan.x, plan.x) if cross else (plan.x, None, None)
     runs = (plan.run_start, plan.run_len, plan.run_weight)
-    backend = _resolve_backend(backend, plan.x.device)
+    backend = resolve_backend(backend, plan.x.device)
     if backend == "triton":
         from ..._triton_utils import check_triton_device, num_sms
         from .triton_kernel import launch_weighted_gram
@@ -60,7 +62,7 @@ def gram_from_plan(
         with torch.cuda.device(plan.x.device) if on_gpu else contextlib.nullcontext():
             launch_weighted_gram(
                 out, a, runs, a_sub=a_sub, b=b, weighted=weighting == "sequence",
-                n_sms=num_sms(plan.x.device), split=1 if deterministic else None,
+                n_sms=num_sms(plan.x.device), split=1 if deterministic else None, upper_only=upper_only,
             )
     elif backend == "cpp":
         from .cpu_kernel import cpu_weighted_gram

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _check_out, gram_from_plan
+from . import _check_out, gram_from_plan, resolve_backend
 from .plan import WEIGHTINGS, make_plan
 
 
@@ -15,6 +15,11 @@ class HessianAccumulator:
     ``weighting="sequence"`` (MaCa) weights each sequence by ``1/n_s``; ``"token"`` weights every token 1.
     ``finalize()`` returns the mean Hessian in the GPTQ convention ``2/N · Σ`` with N the number of
     sequences ("sequence") or tokens ("token").
+
+    On a GPU, ``add`` never waits for the device: the Triton kernel fills only the upper triangle of the
+    running sum (mirrored once, when ``H`` is read), and NaN/Inf is caught where it must land, in the
+    sums: a non-finite token value makes its diagonal entry of H (and its row of the cross term)
+    non-finite, which ``finalize``/``merge``/``all_reduce`` check once (``check_finite=False`` skips it).
     """
 
     def __init__(
@@ -37,10 +42,34 @@ class HessianAccumulator:
         self.check_finite = check_finite
         self.backend = backend
         self.deterministic = deterministic
-        self.H = torch.zeros(d, d, dtype=torch.float32, device=device)
-        self.dXXt = torch.zeros_like(self.H) if cross_term else None
+        self._H = torch.zeros(d, d, dtype=torch.float32, device=device)
+        self._upper_only = False  # the lower triangle of _H is stale (the GPU kernel skips the mirror)
+        self.dXXt = torch.zeros_like(self._H) if cross_term else None
+        self._unchecked = False  # GPU adds since the last finiteness check of the sums
         self.n_sequences = 0
         self.n_tokens = 0
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The running sum ``Σ w XᵀX`` (symmetric, fp32 [d, d])."""
+        if self._upper_only:
+            upper = torch.triu(self._H)
+            self._H.copy_(upper + torch.triu(upper, 1).T)
+            self._upper_only = False
+        return self._H
+
+    def _check_deferred(self) -> None:
+        if not self._unchecked:
+            return
+        ok = torch.isfinite(self._H.diagonal()).all()
+        if self.cross_term:
+            ok &= torch.isfinite(self.dXXt).all()
+        if not ok.item():
+            raise ValueError(
+                "the accumulated Hessian is not finite: an earlier add() had NaN or Inf (or values whose "
+                "squares overflow fp32) in a token that entered it (pass check_finite=False to skip this check)"
+            )
+        self._unchecked = False
 
     @property
     def cross_term(self) -> bool:
@@ -65,13 +94,17 @@ class HessianAccumulator:
             raise ValueError("x_fp was given but this accumulator was built with cross_term=False")
         if self.cross_term and x_fp is None:
             raise ValueError("this accumulator tracks the GPTAQ cross term: pass x_fp (full-precision input)")
+        defer = self.check_finite and x.device.type == "cuda"  # checked on the sums: no sync, no extra pass
         plan = make_plan(
             x, lengths, attention_mask=attention_mask, weighting=self.weighting, x_fp=x_fp,
-            check_finite=self.check_finite,
+            check_finite=self.check_finite and not defer,
         )
-        _check_out(self.H, plan.d, x.device)
+        _check_out(self._H, plan.d, x.device)
+        self._unchecked |= defer
         opts = dict(weighting=self.weighting, backend=self.backend, deterministic=self.deterministic)
-        gram_from_plan(plan, self.H, **opts)
+        upper_only = resolve_backend(self.backend, x.device) == "triton"
+        gram_from_plan(plan, self._H, upper_only=upper_only, **opts)
+        self._upper_only |= upper_only
         if self.cross_term:
             gram_from_plan(plan, self.dXXt, cross=True, **opts)
         self.n_sequences += plan.n_sequences
@@ -89,7 +122,9 @@ class HessianAccumulator:
     def merge(self, other: HessianAccumulator) -> HessianAccumulator:
         """Add another accumulator's sums and counts into this one (e.g. from another data shard)."""
         self._check_compatible(other)
-        self.H += other.H.to(self.H.device)
+        self._check_deferred()
+        other._check_deferred()
+        self.H.add_(other.H.to(self._H.device))
         if self.cross_term:
             self.dXXt += other.dXXt.to(self.H.device)
         self.n_sequences += other.n_sequences
@@ -104,7 +139,8 @@ class HessianAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return self
 
-        counts = torch.tensor([self.n_sequences, self.n_tokens], dtype=torch.int64, device=self.H.device)
+        self._check_deferred()
+        counts = torch.tensor([self.n_sequences, self.n_tokens], dtype=torch.int64, device=self._H.device)
         dist.all_reduce(self.H, group=group)
         if self.cross_term:
             dist.all_reduce(self.dXXt, group=group)
@@ -115,6 +151,7 @@ class HessianAccumulator:
     def _mean(self, total: torch.Tensor) -> torch.Tensor:
         if self.n_samples == 0:
             raise RuntimeError("finalize() on an empty HessianAccumulator: add() some activations first")
+        self._check_deferred()
         return total * (2.0 / self.n_samples)
 
     def finalize(self) -> torch.Tensor:

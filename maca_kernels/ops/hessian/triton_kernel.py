@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import INTERPRETING
+from ..._triton_utils import INTERPRETING, TUNE_QUICK
 
 # Token-chunk height per input kind; the chunk table is built for it, so it is not autotuned.
 BLOCK_T_16BIT = 64
@@ -53,6 +53,8 @@ def _config(m, n, w, s):
 def _configs():
     if INTERPRETING:  # the interpreter cannot autotune several configs; big tiles keep it fast
         return [_config(32, 32, 4, 1)]
+    if TUNE_QUICK:  # a time-boxed GPU session: the two leading configs of each kind
+        return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT[:2] + CONFIGS_FP32[:2])]
     return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
 
 
@@ -165,22 +167,31 @@ def _weighted_gram_kernel(
 
 @triton.jit
 def _symmetrize_add_kernel(out_ptr, upper_ptr, d, stride_out, stride_upper, BLOCK: tl.constexpr):
-    """``out[i, j] += U[min(i, j), max(i, j)]``: completes a Gram matrix of which only the upper
-    triangle of ``U`` is valid. Lower tiles read their mirror tile coalesced and transpose it."""
+    """``out[i, j] += U[min(i, j), max(i, j)]`` from a scratch ``U`` of which only the upper triangle is
+    valid, then zeroes what it read, so the scratch is ready for the next call without a memset. Program
+    (bi, bj ≥ bi) reads upper tile (bi, bj) once and adds it to out's tile (bi, bj) and, transposed, to
+    (bj, bi): every scratch element has exactly one reader."""
     bi = tl.program_id(0)
     bj = tl.program_id(1)
+    if bi > bj:
+        return
     offs_i = bi * BLOCK + tl.arange(0, BLOCK)
     offs_j = bj * BLOCK + tl.arange(0, BLOCK)
     in_bounds = (offs_i < d)[:, None] & (offs_j < d)[None, :]
     upper = offs_i[:, None] <= offs_j[None, :]
-    direct = tl.load(upper_ptr + offs_i[:, None].to(tl.int64) * stride_upper + offs_j[None, :],
-                     mask=in_bounds & upper, other=0.0)
-    # mirror[j, i] = U[j, i] for the elements with i > j, loaded row-major then transposed
-    mirror = tl.load(upper_ptr + offs_j[:, None].to(tl.int64) * stride_upper + offs_i[None, :],
-                     mask=tl.trans(in_bounds & ~upper), other=0.0)
-    value = tl.where(upper, direct, tl.trans(mirror))
-    out_tile = out_ptr + offs_i[:, None].to(tl.int64) * stride_out + offs_j[None, :]
-    tl.store(out_tile, tl.load(out_tile, mask=in_bounds) + value, mask=in_bounds)
+    u_ptrs = upper_ptr + offs_i[:, None].to(tl.int64) * stride_upper + offs_j[None, :]
+    read = in_bounds & upper  # the scratch's lower triangle is never read, so it is never reset either
+    u = tl.load(u_ptrs, mask=read, other=0.0)
+    tl.store(u_ptrs, tl.where(read, 0.0, u), mask=read)  # derived from u: each element is read, then reset
+    out_ij = out_ptr + offs_i[:, None].to(tl.int64) * stride_out + offs_j[None, :]
+    if bi == bj:  # diagonal tile: both triangles from the upper one
+        value = u + tl.trans(tl.where(offs_i[:, None] < offs_j[None, :], u, 0.0))
+        tl.store(out_ij, tl.load(out_ij, mask=in_bounds) + value, mask=in_bounds)
+    else:
+        tl.store(out_ij, tl.load(out_ij, mask=in_bounds) + u, mask=in_bounds)
+        out_ji = out_ptr + offs_j[:, None].to(tl.int64) * stride_out + offs_i[None, :]
+        ji_bounds = tl.trans(in_bounds)
+        tl.store(out_ji, tl.load(out_ji, mask=ji_bounds) + tl.trans(u), mask=ji_bounds)
 
 
 def chunk_table(run_start: torch.Tensor, run_len: torch.Tensor, run_weight: torch.Tensor, block_t: int):
@@ -220,6 +231,37 @@ def choose_split(n_tiles: int, n_sms: int, n_chunks: int, max_split: int = 8) ->
     return best
 
 
+def _device_tables(tables, device: torch.device):
+    """The chunk tables on ``device`` with ONE host→device copy, from pinned memory without a host sync
+    (the caching host allocator keeps the pinned block alive until the copy has run)."""
+    n = tables[0].numel()
+    on_gpu = device.type == "cuda"
+    host = torch.empty(n * 20, dtype=torch.uint8, pin_memory=on_gpu)  # int64 start, int32 rows, 2 × fp32
+    offsets = (0, 8 * n, 12 * n, 16 * n, 20 * n)
+    for t, lo, hi in zip(tables, offsets[:-1], offsets[1:], strict=True):
+        host[lo:hi].view(t.dtype).copy_(t)
+    dev = host.to(device, non_blocking=True) if on_gpu else host
+    return [dev[lo:hi].view(t.dtype) for t, lo, hi in zip(tables, offsets[:-1], offsets[1:], strict=True)]
+
+
+# Scratch for the symmetric case, one per (device, stream, d): the symmetrize pass resets what it reads,
+# so a scratch is zeroed once when made, not on every call. A few d per model (hidden, intermediate).
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH_KEEP = 4
+
+
+def _scratch(d: int, device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, d)
+    buf = _SCRATCH.pop(key, None)
+    if buf is None:
+        while len(_SCRATCH) >= _SCRATCH_KEEP:
+            _SCRATCH.pop(next(iter(_SCRATCH)))
+        buf = torch.zeros(d, d, dtype=torch.float32, device=device)
+    _SCRATCH[key] = buf  # most recently used last
+    return buf
+
+
 def launch_weighted_gram(
     out: torch.Tensor,
     a: torch.Tensor,
@@ -230,16 +272,22 @@ def launch_weighted_gram(
     weighted: bool = True,
     n_sms: int = 132,
     split: int | None = None,
+    upper_only: bool = False,
 ) -> None:
-    """``out += Σ_t w(t) A_tᵀ B_t`` with A = a (or a − a_sub), B = b (or A: symmetric, upper tiles only)."""
+    """``out += Σ_t w(t) A_tᵀ B_t`` with A = a (or a − a_sub), B = b (or A: symmetric, upper tiles only).
+
+    Symmetric with ``upper_only``: the sums go straight into ``out``, of which only the upper triangle
+    (i ≤ j) is then meaningful (``HessianAccumulator`` symmetrizes once, at the end). Otherwise they go
+    through a cached scratch and a pass that adds them and their mirror image to ``out``. No host sync."""
     d = a.shape[1]
     symmetric = b is None
     cross = a_sub is not None
     fp32_path = a.dtype == torch.float32 or cross
     block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
-    start, rows, weight, rescale = (t.to(a.device) for t in chunk_table(*runs, block_t))
+    start, rows, weight, rescale = _device_tables(chunk_table(*runs, block_t), a.device)
     n_chunks = start.numel()
-    target = torch.zeros(d, d, dtype=torch.float32, device=out.device) if symmetric else out
+    via_scratch = symmetric and not upper_only
+    target = _scratch(d, out.device) if via_scratch else out
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -269,34 +317,48 @@ def launch_weighted_gram(
         PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,
         BLOCK_T=block_t,
     )
-    if symmetric:
+    if via_scratch:
         block = 32 if INTERPRETING else 64
         grid_sym = (triton.cdiv(d, block), triton.cdiv(d, block))
         _symmetrize_add_kernel[grid_sym](out, target, d, out.stride(0), target.stride(0), BLOCK=block)
 
 
 def aot_variants():
-    """Every (kernel, signature, constexprs, launch options) the launcher can produce, for the
-    ahead-of-time compile tier (sm_90 / sm_80 on a CPU machine)."""
-    index = {
-        "*i64": ["chunk_start_ptr"], "*i32": ["chunk_rows_ptr"], "*fp32": ["chunk_weight_ptr", "chunk_rescale_ptr"],
-    }
-    scalars = {"n_chunks": "i32", "d": "i32", "stride_row": "i64", "stride_out": "i32", "size_bucket": "i32"}
-    kinds = [  # (name, input dtype, symmetric, cross term, BLOCK_T, promote, configs)
-        ("bf16", "bf16", True, False, BLOCK_T_16BIT, PROMOTE_EVERY_16BIT, CONFIGS_16BIT),
-        ("fp16", "fp16", True, False, BLOCK_T_16BIT, PROMOTE_EVERY_16BIT, CONFIGS_16BIT),
-        ("fp32", "fp32", True, False, BLOCK_T_FP32, 0, CONFIGS_FP32),
-        ("cross_bf16", "bf16", False, True, BLOCK_T_FP32, 0, CONFIGS_FP32),
+    """For the compile tier: every autotune config of every input kind, launched the way
+    ``launch_weighted_gram`` launches it on a real Hessian (d = 4096, 16k tokens). The tier derives
+    signature and alignment from these values with the JIT's own rules. The chunk tables are views of
+    one buffer (``_device_tables``), so their alignment depends on the chunk count: 256 chunks for one
+    16k-token run (unweighted), 262 for a mix of sequence lengths (weighted; the weight table is then
+    only 8-byte aligned)."""
+    from ..._aot import AotTensor, Variant
+
+    d, tokens = 4096, 16384
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    kinds = [  # (name, input dtype, symmetric, cross term)
+        ("bf16", "bf16", True, False), ("fp16", "fp16", True, False), ("fp32", "fp32", True, False),
+        ("cross_bf16", "bf16", False, True),
     ]
-    for name, dt, symmetric, cross, block_t, promote, configs in kinds:
+    for name, dt, symmetric, cross in kinds:
+        fp32_path = dt == "fp32" or cross
+        block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
+        configs = CONFIGS_FP32 if fp32_path else CONFIGS_16BIT  # what _prune keeps for this BLOCK_T
+        target = AotTensor(torch.float32, d, d)
+        a = AotTensor(dtypes[dt], tokens, d)
         for weighted in (True, False):
+            n_chunks = tokens // block_t + (6 if weighted else 0)
+            base = a.data_ptr() + (1 << 30)  # start | rows | weight | rescale, packed as in _device_tables
+            index = [AotTensor(dtype, n_chunks, address=base + off * n_chunks)
+                     for dtype, off in ((torch.int64, 0), (torch.int32, 8), (torch.float32, 12), (torch.float32, 16))]
+            args = (target, a, a, a, *index, n_chunks, d, a.stride(0), target.stride(0), int(math.log2(n_chunks)))
+            consts = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
+                          INPUT_PRECISION="ieee", PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,
+                          BLOCK_T=block_t)
             for bm, bn, warps, stages in configs:
-                sig = {"out_ptr": "*fp32", "a_ptr": f"*{dt}", "a_sub_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
-                sig.update({arg: ty for ty, args in index.items() for arg in args})
-                sig.update(scalars)
-                const = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
-                             INPUT_PRECISION="ieee", PROMOTE_EVERY=promote, BLOCK_T=block_t, BLOCK_M=bm, BLOCK_N=bn)
-                tag = f"gram_{name}_{'seq' if weighted else 'tok'}_{bm}x{bn}_w{warps}s{stages}"
-                yield tag, _weighted_gram_kernel.fn, sig, const, dict(num_warps=warps, num_stages=stages)
-    sig = {"out_ptr": "*fp32", "upper_ptr": "*fp32", "d": "i32", "stride_out": "i32", "stride_upper": "i32"}
-    yield "symmetrize_add", _symmetrize_add_kernel, sig, {"BLOCK": 64}, dict(num_warps=4, num_stages=1)
+                too_big_for_sm80 = bm * bn > SM80_MAX_TILE or (warps < 8 and bm * bn == SM80_MAX_TILE)
+                yield Variant(f"gram_{name}_{'seq' if weighted else 'tok'}_{bm}x{bn}_w{warps}s{stages}",
+                              _weighted_gram_kernel, args,
+                              dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages),
+                              archs=(90,) if too_big_for_sm80 else (90, 80))  # _prune drops it on sm_8x
+    out = AotTensor(torch.float32, d, d)
+    yield Variant("symmetrize_add", _symmetrize_add_kernel, (out, out, d, out.stride(0), out.stride(0)),
+                  dict(BLOCK=64))  # the launcher's (default) launch options

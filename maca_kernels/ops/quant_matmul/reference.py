@@ -26,12 +26,12 @@ def quant_matmul_reference(
     g_idx: torch.Tensor | None = None,
     bits: int = 4,
     group_size: int = 128,
-    convention: str = "gptq",
+    checkpoint_format: str = "gptq",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``x [..., K] @ dequant(W)ᵀ`` → ``[..., N]`` computed in ``dtype`` (fp32 reference, fp64 ground truth)."""
     K = x.shape[-1]
     if g_idx is None:
         g_idx = default_g_idx(K, group_size, device=qweight.device)
-    W = dequantize_gptq(qweight, scales, qzeros, g_idx, bits, convention)  # fp32 [N, K], exact
+    W = dequantize_gptq(qweight, scales, qzeros, g_idx, bits, checkpoint_format)  # fp32 [N, K], exact
     return x.to(dtype) @ W.to(device=x.device, dtype=dtype).T

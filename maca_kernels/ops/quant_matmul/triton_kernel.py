@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import INTERPRETING
+from ..._triton_utils import INTERPRETING, TUNE_QUICK
 
 
 @triton.jit
@@ -163,92 +163,151 @@ def _cfg(bm, bn, bk, split, warps, stages):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per schedule; none spills on sm_90 (the
-# compile tier checks). The last tile of each list also serves the g_idx path, whose per-element
-# scale/zero gathers need small tiles: only the tiles in GIDX_TILES are tuned there.
+# compile tier checks). The g_idx path gathers scale/zero per element and needs small tiles: only the
+# tiles in GIDX_TILES serve it. Every list holds SPLIT_K = 1 configs (deterministic=True) and a
+# GIDX tile; the QUICK lists (MACA_KERNELS_TUNE=quick, for a time-boxed GPU session) keep both.
 GEMV_CONFIGS = [(1, bn, bk, s, 4, 2) for bn, bk in ((128, 64), (256, 32), (64, 64), (128, 32)) for s in (1, 2, 4, 8)]
 SMALL_M_CONFIGS = [(16, bn, bk, s, 4, 3) for bn, bk in ((128, 64), (64, 128), (128, 128), (64, 64), (128, 32))
                    for s in (1, 2, 4)]
 LARGE_M_CONFIGS = [(64, 128, 32, 1, 4, 3), (64, 64, 32, 1, 4, 4), (128, 128, 32, 1, 8, 4)]
 GIDX_TILES = {(1, 64, 64), (1, 128, 32), (16, 64, 64), (16, 128, 32), (64, 64, 32), (128, 128, 32)}
-INTERPRETER_CONFIGS = {"gemv": (1, 32, 32, 2, 4, 1), "small": (16, 32, 32, 2, 4, 1), "large": (32, 32, 32, 1, 4, 1)}
+# With a plain store epilogue ptxas squeezes 16×128×32 into 80 registers and spills on sm_90 (compile tier)
+GIDX_TILES_NO_ATOMIC = GIDX_TILES - {(16, 128, 32)}
+QUICK_CONFIGS = {
+    "gemv": [(1, 128, 64, s, 4, 2) for s in (1, 4, 8)] + [(1, 128, 32, s, 4, 2) for s in (1, 4)],
+    "small": [(16, 128, 64, s, 4, 3) for s in (1, 4)] + [(16, 128, 32, s, 4, 3) for s in (1, 2)]
+    + [(16, 64, 64, 1, 4, 3)],
+    "large": [(64, 128, 32, 1, 4, 3), (128, 128, 32, 1, 8, 4)],
+}
+# The interpreter cannot autotune: the launcher takes the first config that fits, without tuning.
+INTERPRETER_CONFIGS = {
+    "gemv": [(1, 32, 32, 2, 4, 1), (1, 32, 32, 1, 4, 1)],
+    "small": [(16, 32, 32, 2, 4, 1), (16, 32, 32, 1, 4, 1)],
+    "large": [(32, 32, 32, 1, 4, 1)],
+}
+FULL_CONFIGS = {"gemv": GEMV_CONFIGS, "small": SMALL_M_CONFIGS, "large": LARGE_M_CONFIGS}
 SMALL_M_MAX = 64
 
 
+def configs_for(schedule: str) -> list[tuple]:
+    if INTERPRETING:
+        return INTERPRETER_CONFIGS[schedule]
+    return QUICK_CONFIGS[schedule] if TUNE_QUICK else FULL_CONFIGS[schedule]
+
+
+def fits(cfg: tuple, group: int, has_gidx: bool, atomic: bool, interpreting: bool = INTERPRETING) -> bool:
+    """Without g_idx a K-tile must lie inside one group (one scale per tile); with it, only the small
+    tiles fit in registers; without atomics there is no split-K."""
+    bm, bn, bk, split = cfg[:4]
+    if not atomic and split != 1:
+        return False
+    if has_gidx:
+        return interpreting or (bm, bn, bk) in (GIDX_TILES if atomic else GIDX_TILES_NO_ATOMIC)
+    return group % bk == 0
+
+
 def _prune(configs, named_args, **kwargs):
-    """Without g_idx a K-tile must lie inside one group; with it, only the small tiles fit in registers."""
-    group, gidx = kwargs["GROUP"], kwargs["HAS_GIDX"]
-    kept = []
-    for c in configs:
-        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
-        if (tile in GIDX_TILES) if gidx else group % tile[2] == 0:
-            kept.append(c)
-    return kept or configs[-1:]
+    group, gidx, atomic = kwargs["GROUP"], kwargs["HAS_GIDX"], kwargs["ATOMIC"]
+    kept = [c for c in configs if fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                        c.kwargs["SPLIT_K"]), group, gidx, atomic)]
+    if not kept:  # the launcher only launches shapes that some config fits
+        raise RuntimeError(f"quant_matmul: no tile config fits GROUP={group}, HAS_GIDX={gidx}, ATOMIC={atomic}")
+    return kept
 
 
-def _tuned(schedule: str, configs):
-    cfgs = [_cfg(*INTERPRETER_CONFIGS[schedule])] if INTERPRETING else [_cfg(*c) for c in configs]
-    atomic = schedule != "large"
+def _tuned(schedule: str):
     return triton.autotune(
-        configs=cfgs,
-        key=["m_bucket", "N", "K", "BITS", "GROUP", "HAS_GIDX"],
+        configs=[_cfg(*c) for c in configs_for(schedule)],
+        key=["m_bucket", "N", "K", "BITS", "GROUP", "HAS_GIDX", "ATOMIC"],
         prune_configs_by={"early_config_prune": _prune},
-        restore_value=["y_ptr"] if atomic else None,  # tuning runs must not leave partial sums behind
+        restore_value=["y_ptr"] if schedule != "large" else None,  # tuning must not leave partial sums behind
     )(_quant_matmul_kernel)
 
 
-_KERNELS = {
-    "gemv": _tuned("gemv", GEMV_CONFIGS),
-    "small": _tuned("small", SMALL_M_CONFIGS),
-    "large": _tuned("large", LARGE_M_CONFIGS),
-}
+_KERNELS = {schedule: _tuned(schedule) for schedule in FULL_CONFIGS}
+# Best config per launch key, filled by the first (tuned) launch outside a CUDA graph capture. Later
+# launches use it directly, so a capture never runs the autotuner's benchmarks.
+_BEST: dict[tuple, triton.Config] = {}
 
 
 def schedule_for(M: int) -> str:
     return "gemv" if M == 1 else "small" if M <= SMALL_M_MAX else "large"
 
 
-def launch_quant_matmul(x2, qweight, scales, qzeros, g_idx, bits: int, group_size: int, zero_offset: int):
+def _first_fit(schedule: str, group: int, has_gidx: bool, atomic: bool) -> triton.Config:
+    return _cfg(*next(c for c in configs_for(schedule) if fits(c, group, has_gidx, atomic)))
+
+
+def launch_quant_matmul(x2, qweight, scales, qzeros, g_idx, bits: int, group_size: int, zero_offset: int, *,
+                        deterministic: bool = False):
     """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype; inputs already validated."""
     M, K = x2.shape
     N = qweight.shape[1]
+    if K > 1 and x2.stride(1) != 1:  # the kernel reads rows of x with unit stride
+        x2 = x2.contiguous()
     schedule = schedule_for(M)
+    atomic = schedule != "large" and not deterministic
     group = K if group_size == -1 else group_size
     has_gidx = g_idx is not None
-    if not has_gidx and (group % 16 or K % group):  # no tile shape divides the group: gather per element
+    if not has_gidx and not any(fits(c, group, False, atomic) for c in configs_for(schedule)):
+        # no K-tile divides the group (16, 48, 80, ...): gather the group per element instead
         g_idx = (torch.arange(K, device=x2.device) // group).to(torch.int32)
         has_gidx = True
-    atomic = schedule != "large"
     y = torch.zeros(M, N, dtype=torch.float32, device=x2.device) if atomic else torch.empty(
         M, N, dtype=x2.dtype, device=x2.device)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    _KERNELS[schedule][grid](
-        x2, qweight, scales, qzeros, g_idx if has_gidx else qweight, y,
-        M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0),
-        min(triton.next_power_of_2(M), 4096),
-        BITS=bits, ZERO_OFFSET=zero_offset, GROUP=group, HAS_GIDX=has_gidx, GEMV=schedule == "gemv",
-        ATOMIC=atomic, UPCAST=INTERPRETING and x2.dtype == torch.bfloat16,
-    )
+    m_bucket = min(triton.next_power_of_2(M), 4096)
+    args = (x2, qweight, scales, qzeros, g_idx if has_gidx else qweight, y,
+            M, N, K, x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), y.stride(0), m_bucket)
+    consts = dict(BITS=bits, ZERO_OFFSET=zero_offset, GROUP=group, HAS_GIDX=has_gidx, GEMV=schedule == "gemv",
+                  ATOMIC=atomic, UPCAST=INTERPRETING and x2.dtype == torch.bfloat16)
+    key = (schedule, m_bucket, N, K, bits, group, has_gidx, atomic, x2.dtype, x2.device)
+    cfg = _BEST.get(key)
+    if cfg is None and (INTERPRETING or torch.cuda.is_current_stream_capturing()):
+        cfg = _first_fit(schedule, group, has_gidx, atomic)  # untuned, and not remembered
+    if cfg is None:
+        kernel = _KERNELS[schedule]
+        kernel[grid](*args, **consts)
+        _BEST[key] = kernel.best_config
+    else:
+        _quant_matmul_kernel[grid](*args, **consts, **cfg.all_kwargs())
     return y.to(x2.dtype) if atomic else y
 
 
 def aot_variants():
-    """For the compile tier: every tile shape of each schedule for int4 (SPLIT_K only changes a loop
-    bound), and one representative tile for the other bit widths and the g_idx path."""
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "scales_ptr": "*fp16", "qz_ptr": "*i32", "gidx_ptr": "*i32",
-           "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qw": "i32",
-           "stride_s": "i32", "stride_qz": "i32", "stride_ym": "i32", "m_bucket": "i32"}
-    for schedule, configs in (("gemv", GEMV_CONFIGS), ("small", SMALL_M_CONFIGS), ("large", LARGE_M_CONFIGS)):
-        tiles = list(dict.fromkeys((bm, bn, bk, w, st) for bm, bn, bk, _, w, st in configs))
-        for bits in (2, 3, 4, 8):
-            for has_gidx in (False, True):
-                chosen = tiles if (bits, has_gidx) == (4, False) else tiles[-1:]
-                for bm, bn, bk, warps, stages in chosen:
-                    s = dict(sig, y_ptr="*fp32" if schedule != "large" else "*fp16")
-                    const = dict(BITS=bits, ZERO_OFFSET=1, GROUP=128, HAS_GIDX=has_gidx, GEMV=schedule == "gemv",
-                                 ATOMIC=schedule != "large", UPCAST=False, SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn,
-                                 BLOCK_K=bk)
-                    tag = f"qmm_{schedule}_{bits}b{'_gidx' if has_gidx else ''}_{bm}x{bn}x{bk}_w{warps}"
-                    yield tag, _quant_matmul_kernel, s, const, dict(num_warps=warps, num_stages=stages)
+    """For the compile tier: every config of every schedule's full list (whatever MACA_KERNELS_TUNE
+    says), for 2/3/4/8 bits, sorted and g_idx paths, split-K (atomic) and deterministic launches, as
+    ``launch_quant_matmul`` launches them on real layers (K = N = 4096 and K = 8192, N = 28672; M = 1, 16
+    and 2048). The tier derives signature and alignment from these values with the JIT's own rules
+    (M = 1 becomes a constexpr for the GEMV) and compiles identical specialisations once."""
+    from ..._aot import AotTensor, Variant
+
+    group = 128
+    shapes = {"4096x4096": (4096, 4096), "8192x28672": (8192, 28672)}  # K x N
+    for schedule, configs in FULL_CONFIGS.items():
+        M = {"gemv": 1, "small": 16, "large": 2048}[schedule]
+        for atomic in ((True, False) if schedule != "large" else (False,)):
+            for bits in (2, 3, 4, 8):
+                for has_gidx in (False, True):
+                    kept = [c for c in configs if fits(c, group, has_gidx, atomic, interpreting=False)]
+                    for shape, (K, N) in shapes.items():
+                        x = AotTensor(torch.float16, M, K)
+                        qweight = AotTensor(torch.int32, K * bits // 32, N)
+                        scales = AotTensor(torch.float16, K // group, N)
+                        qzeros = AotTensor(torch.int32, K // group, N * bits // 32)
+                        g_idx = AotTensor(torch.int32, K) if has_gidx else qweight
+                        y = AotTensor(torch.float32 if atomic else x.dtype, M, N)
+                        args = (x, qweight, scales, qzeros, g_idx, y, M, N, K, x.stride(0), qweight.stride(0),
+                                scales.stride(0), qzeros.stride(0), y.stride(0), min(triton.next_power_of_2(M), 4096))
+                        consts = dict(BITS=bits, ZERO_OFFSET=1, GROUP=group, HAS_GIDX=has_gidx,
+                                      GEMV=schedule == "gemv", ATOMIC=atomic, UPCAST=False)
+                        kind = ("_gidx" if has_gidx else "") + ("_det" if schedule != "large" and not atomic else "")
+                        for cfg in kept:
+                            bm, bn, bk, split, warps, stages = cfg
+                            tag = (f"qmm_{schedule}_{bits}b{kind}"
+                                   f"_{bm}x{bn}x{bk}_k{split}_w{warps}s{stages}_{shape}")
+                            yield Variant(tag, _quant_matmul_kernel, args, dict(consts, **_cfg(*cfg).all_kwargs()),
+                                          meta={"schedule": schedule, "M": M, "K": K, "N": N})

@@ -18,8 +18,10 @@ def test_4096_square_matches_reference(gptaq):
     kw = dict(bits=4, group_size=128, act_order=True, dxxt=dxxt if gptaq else None)
     ker = mk.gptq_quantize(W, H, backend="triton", **kw)
     ref = mk.gptq_quantize(W, H, backend="reference", **kw)
-    assert (ker.codes == ref.codes).float().mean().item() >= 0.99
-    assert ker.loss == pytest.approx(ref.loss, rel=5e-3)
+    # no FMA contraction in the sweep and the reference's form of the lazy updates: the same codes, bit for bit
+    assert torch.equal(ker.codes, ref.codes), f"{(ker.codes != ref.codes).float().mean().item():.2e} of codes differ"
+    assert torch.equal(ker.scales, ref.scales) and torch.equal(ker.zeros, ref.zeros)
+    assert ker.loss == ref.loss
     g = ker.g_idx.long()
     assert torch.equal(ker.weight, (ker.codes - ker.zeros[:, g]).float() * ker.scales[:, g])
 

@@ -72,3 +72,48 @@ def test_cross_term_and_padded_on_gpu():
     packed_fp = torch.cat([x_fp[b, :n] for b, n in enumerate(lengths.tolist())])
     assert rel_err(acc.H, gram64(packed, lengths)) <= 1e-5
     assert rel_err(acc.dXXt, gram64(packed, lengths, x_fp=packed_fp)) <= 1e-5
+
+
+@pytest.mark.parametrize("d", [4100, 777])
+def test_odd_hidden_size(d):
+    """d not a multiple of any tile: edge tiles on both sides, symmetrize edges, masked loads."""
+    T = 16 * 1024
+    lengths = maca_lengths(T, seed=3)
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    H = mk.accumulate_hessian(x, lengths)
+    want = _gram64_gpu(x, lengths)
+    assert rel_err(H, want) <= 1e-5
+    assert torch.equal(H, H.T)
+
+
+def test_repeated_calls_reuse_a_clean_scratch():
+    """The cached scratch is reset by the symmetrize pass: the second call must not see the first's sums."""
+    d = 1000
+    for seed in (4, 5, 6):
+        lengths = maca_lengths(8192, seed=seed)
+        x = torch.randn(8192, d, device="cuda", dtype=torch.float16)
+        out = torch.randn(d, d, device="cuda")
+        start = out.clone()
+        mk.accumulate_hessian(x, lengths, out=out)
+        assert rel_err(out - start, _gram64_gpu(x, lengths)) <= 1e-5
+
+
+def test_accumulator_add_never_syncs_and_defers_the_nan_check():
+    d, T = 4096, 16 * 1024
+    lengths = maca_lengths(T, seed=7).tolist()
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    acc = mk.HessianAccumulator(d, device="cuda")
+    acc.add(x, lengths)  # first call: autotuning may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            acc.add(x, lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = 4 * _gram64_gpu(x, torch.tensor(lengths))
+    assert rel_err(acc.H, want) <= 1e-5 and torch.equal(acc.H, acc.H.T)
+    x[5, 7] = float("nan")
+    acc.add(x, lengths)  # no error yet: the flag stays on the device
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.finalize()

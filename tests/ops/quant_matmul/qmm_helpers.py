@@ -20,5 +20,5 @@ def random_checkpoint(N: int, K: int, bits: int, group_size: int, act_order: boo
     if act_order:
         gi = gi[torch.randperm(K, generator=g)]
     W = (codes - zeros[:, gi]).double() * scales.double()[:, gi]
-    return (W, pack_gptq(codes, bits), scales.T.contiguous(), pack_gptq_zeros(zeros, bits, convention=convention),
+    return (W, pack_gptq(codes, bits), scales.T.contiguous(), pack_gptq_zeros(zeros, bits, convention),
             gi.to(torch.int32) if act_order else None)

@@ -132,7 +132,7 @@ def test_unsorted_monotone_g_idx():
     qweight, scales, qzeros, _, _ = make_case(N, K, bits, 32, "gptq", False, seed=9)  # G = 8
     g_idx = torch.sort(torch.randint(0, 8, (K,), generator=torch.Generator().manual_seed(2))).values.int()
     W = quant_matmul_reference(
-        torch.eye(K, dtype=torch.float64), qweight, scales, qzeros, g_idx, bits, convention="gptq", dtype=torch.float64
+        torch.eye(K, dtype=torch.float64), qweight, scales, qzeros, g_idx, bits, "gptq", dtype=torch.float64
     ).T
     for M in (1, 8):
         run_checked(randn(M, K, seed=M), qweight, scales, qzeros, g_idx, bits, 32, "gptq", W)
@@ -202,7 +202,7 @@ def good():
         g_idx=None,
         bits=bits,
         group_size=128,
-        convention="gptq",
+        checkpoint_format="gptq",
     ), g_idx
 
 
@@ -217,12 +217,12 @@ def _call(base, **changes):
     [
         (lambda b: {"bits": 5}, "bits"),
         (lambda b: {"bits": True}, "bits"),
-        (lambda b: {"convention": "awq"}, "convention"),
+        (lambda b: {"checkpoint_format": "awq"}, "checkpoint_format"),
         (lambda b: {"x": b["x"].to(torch.int32)}, "x must be"),
         (lambda b: {"x": b["x"].double()}, "x must be"),
         (lambda b: {"x": b["x"][None]}, "x must be 2-D"),
         (lambda b: {"x": randn(3, 250)}, "K = x.shape"),
-        (lambda b: {"x": randn(3, 264)}, "qweight must have"),
+        (lambda b: {"x": randn(3, 264)}, "qweight must be \\[K·bits/32, N\\]"),
         (lambda b: {"qweight": b["qweight"].long()}, "qweight"),
         (lambda b: {"qweight": b["qweight"].t().contiguous().t()}, "qweight must be contiguous"),
         (lambda b: {"qweight": b["qweight"][:, :36].contiguous()}, "N = qweight.shape"),
