@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv build test test-fast bench lint clean gpu-check
+.PHONY: venv build demo test test-fast bench lint clean gpu-check interop
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -20,8 +20,34 @@ venv: $(STAMP)
 build: $(STAMP)
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The main job: SmolLM2-135M (embedded default, installed on first use) at 4 bits with fixed-length and MaCa
+# calibration, beside FP and RTN; table + results.json + perplexity.png in demo_out/.
+demo: build
+	$(VPY) -m maca_kernels demo --out demo_out
+
 test: build lint
 	$(VPY) -m pytest -q tests
+
+# Checkpoints written here, read by an independent GPTQ reader (transformers + optimum + gptqmodel 7.7.0) in
+# its own venv: gptqmodel asks for a newer torch than the pin, so its requirements go in without the torch
+# line and the package with --no-deps, torch pinned by a constraints file. ~2 min to set up, ~5 on first run.
+INTEROP_VENV := .venv-interop
+$(INTEROP_VENV)/.ready:
+	rm -rf $(INTEROP_VENV) build/interop && mkdir -p build/interop
+	$(VPY) -m pip download -q gptqmodel==7.7.0 --no-deps --no-binary :all: -d build/interop
+	tar xzf build/interop/gptqmodel-7.7.0.tar.gz -C build/interop
+	grep -v '^torch' build/interop/gptqmodel-7.7.0/requirements.txt > build/interop/req-notorch.txt
+	echo 'torch==2.13.0+cpu' > build/interop/constraints.txt
+	$(VPY) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q -c build/interop/constraints.txt torch==2.13.0
+	$(INTEROP_VENV)/bin/pip install -q -c build/interop/constraints.txt -r build/interop/req-notorch.txt \
+		"optimum==2.3.*" "transformers>=5,<6" pytest
+	$(INTEROP_VENV)/bin/pip install -q -c build/interop/constraints.txt --no-deps --no-build-isolation \
+		build/interop/gptqmodel-7.7.0.tar.gz
+	touch $@
+
+interop: build $(INTEROP_VENV)/.ready
+	PYTHONPATH=$(CURDIR) $(INTEROP_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_checkpoint.py
 
 bench: build
 	$(VPY) -m benchmarks.run

@@ -1,11 +1,15 @@
 """maca_kernels: fast, exact kernels for length-aware (MaCa) post-training quantization of LLMs."""
 
-from .formats.gptq import dequantize_gptq, pack_gptq, unpack_gptq
+from . import calibration
+from .checkpoint import load_quantized, quantization_config, save_quantized
+from .formats.gptq import dequantize_gptq, pack_gptq, pack_gptq_zeros, pack_scales, unpack_gptq
 from .nn import QuantLinear
 from .ops.gptq import GPTQResult, gptq_quantize
+from .ops.gptq.rtn import rtn_quantize
 from .ops.hessian import accumulate_hessian
 from .ops.hessian.accumulator import HessianAccumulator
 from .ops.quant_matmul.op import quant_matmul
+from .pipeline import quantize_model
 
 __version__ = "0.1.0"
 
@@ -15,9 +19,17 @@ __all__ = [
     "QuantLinear",
     "__version__",
     "accumulate_hessian",
+    "calibration",
     "dequantize_gptq",
     "gptq_quantize",
+    "load_quantized",
     "pack_gptq",
+    "pack_gptq_zeros",
+    "pack_scales",
     "quant_matmul",
+    "quantization_config",
+    "quantize_model",
+    "rtn_quantize",
+    "save_quantized",
     "unpack_gptq",
 ]

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (keeps the README true)."""
+"""The README's Python examples run as written (keeps the README true). Blocks fenced ```python run here;
+the model walkthrough is fenced ```py: it needs the embedded model and minutes of CPU (make demo runs it)."""
 
 import os
 import re

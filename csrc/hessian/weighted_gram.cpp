@@ -11,9 +11,10 @@
 //   * C lives in an fp32 scratch buffer that is added to `out` at the end; for B = A only the tiles
 //     touching the upper triangle are computed and the mirror is added explicitly, because `out` need
 //     not be symmetric on entry;
-//   * the work is a sequence of chunks claimed in order by whichever threads are running (common/
-//     parallel.h): "pack a share of K-block p+1" and "compute column range c of K-block p"; a small ring
-//     of pack buffers with progress counters replaces per-K-block barriers (see "Work split").
+//   * the work is split into units, "pack a share of K-block p" and "compute K-block p for column range
+//     c", run by whichever threads are running (common/parallel.h); each unit is taken as soon as it is
+//     ready, from a ring of packed K-blocks, so a preempted thread does not stall the others (see
+//     "Work split").
 #include "weighted_gram.h"
 
 #include "common/float_buffer.h"
@@ -23,7 +24,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <vector>
 
@@ -351,17 +352,20 @@ int64_t stripe_width(int64_t d, int64_t budget) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Work split. C columns are cut into n_compute ranges of B panels with equal (triangular) work, and each
-// K-block's tokens into n_pack shares. One stripe is one sequence of chunks, claimed in order by the
-// caller and any helper that is running (common/parallel.h):
-//     pack(0, *) | pack(1, *) compute(0, *) | pack(2, *) compute(1, *) | ... | compute(last, *) | add_out(*)
-// (one thread: pack(p) compute(p) with a single ring slot, exactly the serial loop);
-// compute(p, c) waits for every pack(p, *) and for compute(p - 1, c) (the same C elements, so each
-// element still sums its K-blocks in order, and its value does not depend on who ran what); pack(p, *)
-// waits until compute(p - ring, *) has freed the ring slot. Every wait is for an earlier chunk, which
-// its holder is running. A preempted thread holds the others up only once they are a K-block's worth of
-// chunks past its chunk (they then block, freeing the core), and at the end nobody waits for a thread
-// that holds no chunk; with fixed per-thread column ownership the whole run waited for the slowest.
+// Work split. C columns are cut into n_compute "chains" (ranges of B panels with equal triangular work)
+// and each K-block's tokens into n_pack shares. The units of a stripe are pack(p, share), compute(p, c)
+// and add_out(c). A chain computes its K-blocks strictly in order (each C element sums its K-blocks in
+// the same order with the same micro-kernel, so the result does not depend on the thread count or on
+// who ran what); different chains are independent. Packed K-blocks live in a ring: pack(p, *) needs
+// every chain past block p - ring, compute(p, c) needs every share of block p.
+//
+// Units are not claimed in a fixed order: each chunk of the pool (common/parallel.h) takes whichever
+// unit is ready (see StripeJob::pick), so when a thread is preempted in the middle of chain c the
+// others go on with the other chains, up to ring - 1 K-blocks past c, instead of waiting at c's next
+// block. A chunk waits only while no unit is ready, which means another thread is running one (if no
+// unit were running, the least advanced chain's block or its missing pack would be ready); it then
+// blocks after a short spin, which frees the core for that thread. One thread: pack(p) compute(p)
+// with a single ring slot, exactly the serial loop.
 // ---------------------------------------------------------------------------------------------
 struct PanelRange {
   int64_t jr0, jr1;  // B panels [jr0, jr1) of the stripe
@@ -391,7 +395,7 @@ PanelRange owned_panels(const Stripe& s, bool symmetric, int64_t tid, int64_t nt
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kAPanelStride = kKC * kMR + 16;  // +64 bytes: successive panels fall in different
 constexpr int64_t kBPanelStride = kKC * kNR + 16;  // L1 sets while packing (no 4 KiB aliasing)
-constexpr int kComputeChunksPerThread = 2;  // column ranges per thread and K-block (more: more A traffic)
+constexpr int kComputeChunksPerThread = 2;  // chains per thread (more: finer balance, more A traffic)
 
 struct Slot {  // one entry of the ring of packed K-blocks
   FloatBuffer a, b;
@@ -561,67 +565,138 @@ void add_share_to_out(const Context& ctx, const Stripe& s, PanelRange own) {
   if (ctx.symmetric) add_mirror(g, S, s.lds, j0, j1);
 }
 
-// Chunk sequence of one stripe (see "Work split").
-struct StripeJob {
-  const Context& ctx;
-  const Stripe& s;
-  int64_t n_pack, n_compute, lag;
-  std::vector<PanelRange> ranges;                       // [n_compute]
-  std::unique_ptr<Progress[]> packed, consumed, done;   // per ring slot (x2), per column range
-  std::vector<int64_t> order;                           // chunk -> kind | block | index
-
-  enum Kind : int64_t { kPack = 0, kCompute = 1, kAddOut = 2 };
-  static int64_t encode(Kind k, int64_t block, int64_t i) { return (block << 24) | (i << 2) | k; }
-
+// Units of one stripe and the scheduler that hands them out (see "Work split"). Every chunk of the pool
+// runs exactly one unit, so a stripe is units() chunks.
+class StripeJob {
+ public:
   StripeJob(const Context& c, const Stripe& st, int threads, int64_t ring)
-      : ctx(c), s(st), n_pack(threads), n_compute(1), lag(ring >= 2 ? 1 : 0) {
-    if (threads > 1) n_compute = std::min<int64_t>(s.b_panels, int64_t(kComputeChunksPerThread) * threads);
-    for (int64_t i = 0; i < n_compute; ++i) ranges.push_back(owned_panels(s, ctx.symmetric, i, n_compute));
-    packed.reset(new Progress[ring]);
-    consumed.reset(new Progress[ring]);
-    done.reset(new Progress[n_compute]);
-    const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
-    auto add_pack = [&](int64_t p) {
-      if (p < n_blocks) for (int64_t i = 0; i < n_pack; ++i) order.push_back(encode(kPack, p, i));
-    };
-    for (int64_t p = 0; p < lag; ++p) add_pack(p);
-    for (int64_t p = 0; p < n_blocks; ++p) {
-      add_pack(p + lag);  // packed while block p is computed
-      for (int64_t i = 0; i < n_compute; ++i) order.push_back(encode(kCompute, p, i));
-    }
-    for (int64_t i = 0; i < n_compute; ++i) order.push_back(encode(kAddOut, 0, i));
+      : ctx_(c),
+        s_(st),
+        n_pack_(threads),
+        n_compute_(threads > 1 ? std::min<int64_t>(st.b_panels, int64_t(kComputeChunksPerThread) * threads) : 1),
+        n_blocks_(static_cast<int64_t>(c.sched.blocks.size())),
+        ring_(ring) {
+    for (int64_t i = 0; i < n_compute_; ++i) ranges_.push_back(owned_panels(s_, ctx_.symmetric, i, n_compute_));
+    packed_.assign(static_cast<size_t>(ring_), 0);
+    consumed_.assign(static_cast<size_t>(ring_), 0);
+    pos_.assign(static_cast<size_t>(n_compute_), 0);
+    busy_.assign(static_cast<size_t>(n_compute_), 0);
   }
 
-  void run(int64_t chunk, float* buf_a, float* buf_b) {
-    const int64_t code = order[static_cast<size_t>(chunk)];
-    const int64_t p = code >> 24, i = (code >> 2) & ((int64_t(1) << 22) - 1);
-    const int64_t ring = static_cast<int64_t>(ctx.ring.size());
-    const int64_t n_blocks = static_cast<int64_t>(ctx.sched.blocks.size());
-    const int64_t generation = p / ring;
-    switch (static_cast<Kind>(code & 3)) {
+  int64_t units() const { return n_blocks_ * (n_pack_ + n_compute_) + n_compute_; }
+
+  // Takes a ready unit (waiting while none is) and runs it.
+  void run_one(float* buf_a, float* buf_b) {
+    Unit u;
+    {
+      std::unique_lock<std::mutex> lk(m_);
+      while (!pick(u)) {
+        const int64_t seen = finished_.load();  // read under m_: a later finish bumps it
+        lk.unlock();
+        finished_.wait_at_least(seen + 1);
+        lk.lock();
+      }
+    }
+    struct Finish {  // marks the unit done even if it throws: waiters must not hang
+      StripeJob& job;
+      const Unit& u;
+      ~Finish() { job.finish(u); }
+    } finish{*this, u};
+    const auto& blocks = ctx_.sched.blocks;
+    switch (u.kind) {
       case kPack: {
-        consumed[p % ring].wait_at_least(n_compute * generation);  // block p - ring is done with the slot
-        const ShareRows share(ctx.sched, ctx.sched.blocks[p], static_cast<int>(i), static_cast<int>(n_pack));
-        const ShareRows next_share = p + 1 < n_blocks
-            ? ShareRows(ctx.sched, ctx.sched.blocks[p + 1], static_cast<int>(i), static_cast<int>(n_pack))
-            : ShareRows();
-        pack_share(ctx, s, share, next_share, ctx.ring[p % ring], buf_a, buf_b);
-        packed[p % ring].add();
+        const int tid = static_cast<int>(u.index), nth = static_cast<int>(n_pack_);
+        const ShareRows next = u.block + 1 < n_blocks_ ? ShareRows(ctx_.sched, blocks[u.block + 1], tid, nth)
+                                                       : ShareRows();
+        pack_share(ctx_, s_, ShareRows(ctx_.sched, blocks[u.block], tid, nth), next, slot(u.block), buf_a, buf_b);
         break;
       }
-      case kCompute:
-        packed[p % ring].wait_at_least(n_pack * (generation + 1));  // every share of block p is in
-        done[i].wait_at_least(p);                                     // block p - 1 of these columns
-        compute_share(ctx, s, ctx.sched.blocks[p], ctx.ring[p % ring], ranges[i], p == 0);  // 0 initialises
-        done[i].add();
-        consumed[p % ring].add();
+      case kCompute:  // block 0 initialises the scratch
+        compute_share(ctx_, s_, blocks[u.block], slot(u.block), ranges_[u.index], u.block == 0);
         break;
       case kAddOut:
-        done[i].wait_at_least(n_blocks);
-        add_share_to_out(ctx, s, ranges[i]);
+        add_share_to_out(ctx_, s_, ranges_[u.index]);
         break;
     }
   }
+
+ private:
+  enum Kind { kPack, kCompute, kAddOut };
+  struct Unit {
+    Kind kind;
+    int64_t block, index;  // index: the share (pack) or the chain
+  };
+
+  const Slot& slot(int64_t p) const { return ctx_.ring[p % ring_]; }
+  bool pack_ready(int64_t p) const {  // block p - ring has left p's slot
+    return p < n_blocks_ && consumed_[p % ring_] >= n_compute_ * (p / ring_);
+  }
+  bool block_packed(int64_t p) const {
+    return packed_[p % ring_] >= n_pack_ * (p / ring_ + 1);
+  }
+
+  // With m_ held: chooses a ready unit and marks it taken. Packs are handed out in order. Preference:
+  // the next pack while it is for at most one block past the leading chain (packed just before it is
+  // needed, while its rows are still in cache); else the ready chain that is furthest behind (it frees
+  // ring slots); else a pack further ahead (nothing else to do: a peer is slow); else a finished chain's
+  // add_out.
+  bool pick(Unit& u) {
+    const int64_t p_pack = next_pack_ / n_pack_;
+    const bool can_pack = pack_ready(p_pack);
+    const int64_t lead = *std::max_element(pos_.begin(), pos_.end());
+    if (can_pack && p_pack <= lead + 1) return take_pack(u);
+    int64_t best = -1;
+    for (int64_t c = 0; c < n_compute_; ++c) {
+      const int64_t p = pos_[c];
+      if (busy_[c] || p >= n_blocks_ || !block_packed(p)) continue;
+      if (best < 0 || p < pos_[best]) best = c;
+    }
+    if (best >= 0) {
+      busy_[best] = 1;
+      u = {kCompute, pos_[best], best};
+      return true;
+    }
+    if (can_pack) return take_pack(u);
+    for (int64_t c = 0; c < n_compute_; ++c) {
+      if (busy_[c] || pos_[c] != n_blocks_) continue;
+      busy_[c] = 1;  // never released: the chain is finished
+      u = {kAddOut, n_blocks_, c};
+      return true;
+    }
+    return false;
+  }
+
+  bool take_pack(Unit& u) {
+    u = {kPack, next_pack_ / n_pack_, next_pack_ % n_pack_};
+    ++next_pack_;
+    return true;
+  }
+
+  void finish(const Unit& u) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      if (u.kind == kPack) {
+        ++packed_[u.block % ring_];
+      } else if (u.kind == kCompute) {
+        ++consumed_[u.block % ring_];
+        ++pos_[u.index];
+        busy_[u.index] = 0;
+      }
+    }
+    finished_.add();
+  }
+
+  const Context& ctx_;
+  const Stripe& s_;
+  const int64_t n_pack_, n_compute_, n_blocks_, ring_;
+  std::vector<PanelRange> ranges_;  // [n_compute]: the chains' columns
+
+  std::mutex m_;                            // the scheduler state below
+  Progress finished_;                       // units finished: a chunk with nothing ready waits for the next
+  int64_t next_pack_ = 0;                   // pack units handed out, in (block, share) order
+  std::vector<int64_t> packed_, consumed_;  // per ring slot, over its whole life: shares packed, chains done
+  std::vector<int64_t> pos_;                // per chain: the next block to compute (n_blocks: all done)
+  std::vector<char> busy_;                  // per chain: a unit of it is running (or its add_out was taken)
 };
 
 void validate(const WeightedGramArgs& g) {
@@ -637,8 +712,10 @@ void validate(const WeightedGramArgs& g) {
   if (g.a_sub != nullptr && g.b == nullptr) fail("a_sub requires b (the cross term is not symmetric)");
 }
 
-// Ring depth: enough packed K-blocks in flight to ride out a preempted thread, within ~24 MiB (at least
-// 2 with helpers, so that block p + 1 can be packed while block p is computed).
+// Ring depth: how far chains may run ahead of a preempted one (ring - 1 K-blocks), within ~24 MiB (at
+// least 2 with helpers, so that block p + 1 can be packed while block p is computed). At most 4: deeper
+// rings (8 at d = 1024, 15 at d = 256) measured slower, quiet and beside a busy process, as the slots
+// the packing cycles through fall out of cache.
 int ring_depth(int64_t slot_floats, int nth) {
   if (nth == 1) return 1;
   const int64_t fit = (int64_t(24) << 20) / std::max<int64_t>(1, slot_floats * int64_t(sizeof(float)));
@@ -688,10 +765,10 @@ void weighted_gram(const WeightedGramArgs& args) {
   // One job per stripe: the scratch is reused, so every range of a stripe must be in `out` first.
   for (const Stripe& st : stripes) {
     StripeJob job(ctx, st, threads, static_cast<int64_t>(ring.size()));
-    parallel_chunks(static_cast<int64_t>(job.order.size()), threads, [&](int64_t chunk, int slot) {
+    parallel_chunks(job.units(), threads, [&](int64_t, int slot) {
       float* buf_a = row_bufs.get() + slot * per_thread;
       float* buf_b = symmetric ? nullptr : buf_a + kPackGroup * row_len;
-      job.run(chunk, buf_a, buf_b);
+      job.run_one(buf_a, buf_b);
     });
   }
 }

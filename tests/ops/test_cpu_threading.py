@@ -269,3 +269,29 @@ def test_kernel_in_forked_child():
     finally:
         os.close(read_fd)
     assert status == 0 and answer == b"ok"
+
+
+def test_weighted_gram_many_k_blocks_beside_a_busy_process(spinner):
+    """Many K-blocks (the ring of packed blocks wraps many times) while threads are preempted: the Hessian
+    kernel hands its units out in whatever order they become ready, so column ranges run ahead of a
+    preempted one; each element must still sum its K-blocks in order, whoever ran what."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 400, (60,), generator=g)  # ~12k tokens: ~45 K-blocks, ragged runs
+    start = torch.cumsum(lengths, 0) - lengths
+    runs = (start, lengths, (1.0 / lengths.double()).float())
+    d = 200
+    x = torch.randn(int(lengths.sum()), d, generator=g).to(torch.bfloat16)
+    b = torch.randn(x.shape, generator=g).to(torch.bfloat16)
+    cases = [(x, None, runs), (x, b, runs)]
+    want = [gram(c, 1) for c in cases]
+    want_striped = gram_raw((x.float(), None, runs), 1, d * 64 * 4)
+
+    def loaded():
+        for _ in range(3):
+            for c, w in zip(cases, want, strict=True):
+                for t in (2, 3, 7):
+                    assert torch.equal(gram(c, t), w)
+            for t in (2, 7):
+                assert torch.equal(gram_raw((x.float(), None, runs), t, d * 64 * 4), want_striped)
+
+    _finishes(loaded)

@@ -19,7 +19,7 @@ from .result import GPTQResult
 BACKENDS = (None, "triton", "cpp", "reference")
 
 
-def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym) -> GPTQResult:
+def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym, compute_loss) -> GPTQResult:
     N, K = W.shape
     perm = prep.perm
     codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
@@ -34,8 +34,10 @@ def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sy
         g_idx[perm] = torch.arange(K, device=W.device) // g
     zeros = zeros.to(torch.int32)
     weight = (codes - zeros[:, g_idx]).to(torch.float32) * scales[:, g_idx]
-    dW = W.to(torch.float32) - weight
-    loss = float(((dW @ H.to(torch.float32)) * dW).sum())
+    loss = float("nan")
+    if compute_loss:  # one more N·K² GEMM
+        dW = W.to(torch.float32) - weight
+        loss = float(((dW @ H.to(torch.float32)) * dW).sum())
     return GPTQResult(codes, scales, zeros, g_idx.to(torch.int32), weight, loss, prep.damp, bits, group_size,
                       sym, perm)
 
@@ -58,6 +60,7 @@ def gptq_quantize(
     saliency: torch.Tensor | None = None,
     backend: str | None = None,
     name: str | None = None,
+    compute_loss: bool = True,
 ) -> GPTQResult:
     """Quantize ``W`` [N, K] (out × in) against the layer Hessian ``H`` [K, K] with GPTQ.
 
@@ -68,6 +71,7 @@ def gptq_quantize(
     ``mse`` grid-searches shrunk ranges. GPTAQ: pass ``dxxt`` = ΔXᵀX (and ``alpha``).
     Saliency regularisation: ``reg`` = λ adds ``λ·mean(diag H)·diag(s)`` to H, ``s`` =
     ``saliency`` or the normalised diag(H). ``name`` labels errors (e.g. the layer's name).
+    ``compute_loss=False`` skips ``loss = tr(ΔW H ΔWᵀ)`` (one more N·K² GEMM; the result says NaN).
     """
     check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name)
     if backend not in BACKENDS:
@@ -97,7 +101,7 @@ def gptq_quantize(
             codes, scales, zeros = gptq_sweep_cpp(prep, bits, group_size, sym, mse)
         else:
             codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
-        return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym)
+        return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss)
 
 
 __all__ = ["GPTQResult", "gptq_quantize"]

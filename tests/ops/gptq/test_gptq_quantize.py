@@ -236,3 +236,13 @@ def test_bad_tensors():
     Hn[1, 2] = float("inf")
     with pytest.raises(ValueError, match="H contains NaN or Inf"):
         mk.gptq_quantize(W, Hn, name="q_proj")
+
+
+def test_compute_loss_off_skips_only_the_loss():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(256, 64, generator=g)
+    W = torch.randn(32, 64, generator=g)
+    H = X.T @ X / 256
+    a = mk.gptq_quantize(W, H, bits=4, group_size=32)
+    b = mk.gptq_quantize(W, H, bits=4, group_size=32, compute_loss=False)
+    assert torch.equal(a.codes, b.codes) and a.loss > 0 and b.loss != b.loss  # NaN

@@ -1,0 +1,193 @@
+"""``maca-kernels`` / ``python -m maca_kernels``: quantize, eval, bench, demo.
+
+Exit codes: 0 success, 1 a run failed (the one-line reason is printed), 2 bad arguments or inputs
+(unknown model path, unsupported architecture, bits, group size, text too short, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or inputs: exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maca-kernels", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face causal LM and write a GPTQ checkpoint")
+    q.add_argument("--model", required=True, help="a model folder, or 'demo' for the embedded SmolLM2-135M")
+    q.add_argument("--out", required=True, help="output folder (GPTQ checkpoint)")
+    q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    q.add_argument("--group-size", type=int, default=128, help="columns per group, -1 for one group per row")
+    q.add_argument("--method", default="gptq", choices=("gptq", "gptaq", "rtn"))
+    q.add_argument("--calib", default="maca", choices=("maca", "fixed"),
+                   help="maca: lengths 128/512/1024/2048, each sequence one sample; fixed: 2048-token windows")
+    q.add_argument("--text", help="calibration text file (plain or .gz); default for --model demo: the Jargon File")
+    q.add_argument("--calib-tokens", type=int, default=32768, help="calibration token budget (both schemes)")
+    q.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048], help="MaCa sequence lengths")
+    q.add_argument("--seq-len", type=int, default=2048, help="fixed-scheme sequence length")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--act-order", action="store_true")
+    q.add_argument("--sym", action="store_true")
+    q.add_argument("--device", default=None, help="where each layer runs while quantized (e.g. cuda)")
+    q.add_argument("--resume", default=None, help="folder for per-layer state; a rerun continues there")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text at several evaluation lengths")
+    e.add_argument("--model", required=True, help="a quantized checkpoint folder, a model folder, or 'demo'")
+    e.add_argument("--text", required=True, help="text file (plain or .gz)")
+    e.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    e.add_argument("--max-tokens", type=int, default=None, help="tokens used per length (whole windows)")
+
+    b = sub.add_parser("bench", help="run the benchmarks of a source checkout (benchmarks/run.py)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default: fixed vs MaCa vs RTN vs FP, 4-bit")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--calib-tokens", type=int, default=8192)
+    d.add_argument("--eval-tokens", type=int, default=2048, help="tokens per text and evaluation length")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-install", action="store_true", help="fail instead of installing missing packages")
+    return p
+
+
+def _load_model(path: str):
+    """(model, tokenizer) from a folder (a GPTQ checkpoint of ours or a plain model) or 'demo'."""
+    if path == "demo":
+        from . import embedded
+
+        return embedded.load_model()
+    if not os.path.isdir(path):
+        raise UsageError(f"--model {path}: no such folder")
+    import json
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UsageError(f"--model {path}: no config.json (not a Hugging Face model folder)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if "quantization_config" in cfg:
+        import torch
+
+        from .checkpoint import load_quantized
+
+        return load_quantized(path, dtype=torch.float32), tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except ValueError as exc:
+        raise UsageError(f"--model {path}: unsupported architecture ({exc})") from None
+    return model.eval(), tokenizer
+
+
+def _text_ids(path: str | None, tokenizer, default_demo: bool):
+    from . import calibration
+
+    if path is None:
+        if not default_demo:
+            raise UsageError("--text is required (a plain or .gz text file)")
+        from . import embedded
+
+        return calibration.load_token_ids(text=embedded.jargon_text(), tokenizer=tokenizer)
+    if not os.path.isfile(path):
+        raise UsageError(f"--text {path}: no such file")
+    return calibration.load_token_ids(path, tokenizer)
+
+
+def _quantize(a) -> None:
+    import torch
+
+    from . import calibration
+    from .checkpoint import save_quantized
+    from .pipeline import decoder_layers, quantize_model
+
+    if a.group_size != -1 and a.group_size <= 0:
+        raise UsageError(f"--group-size must be a positive divisor of the hidden sizes or -1, got {a.group_size}")
+    model, tokenizer = _load_model(a.model)
+    try:
+        _, layers = decoder_layers(model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for name, m in layers.named_modules():
+        if isinstance(m, torch.nn.Linear) and a.group_size != -1 and m.in_features % a.group_size:
+            raise UsageError(f"--group-size {a.group_size} does not divide in_features = {m.in_features} of {name}")
+    calib = None
+    if a.method != "rtn":
+        ids = _text_ids(a.text, tokenizer, a.model == "demo")
+        calib_ids, _ = calibration.holdout_split(ids, eval_fraction=0.1)
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if a.calib == "maca":
+            calib = calibration.matryoshka(calib_ids, a.lengths, total_tokens=a.calib_tokens, seed=a.seed,
+                                           max_positions=max_pos)
+        else:
+            calib = calibration.fixed(calib_ids, a.seq_len, total_tokens=a.calib_tokens, seed=a.seed,
+                                      max_positions=max_pos)
+    quantize_model(model, calib, a.bits, a.group_size, method=a.method,
+                   weighting="sequence" if a.calib == "maca" else "token", sym=a.sym, act_order=a.act_order,
+                   device=a.device, resume_dir=a.resume)
+    out = save_quantized(model, a.out, tokenizer=tokenizer)
+    print(f"wrote {out}")
+
+
+def _eval(a) -> None:
+    from .evaluate import perplexity
+
+    model, tokenizer = _load_model(a.model)
+    ids = _text_ids(a.text, tokenizer, False)
+    for L in a.lengths:
+        print(f"perplexity @{L}: {perplexity(model, ids, L, max_tokens=a.max_tokens, progress=True):.3f}")
+
+
+def _bench(a) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        raise UsageError("bench runs the benchmarks of a source checkout; none found beside this package")
+    import runpy
+
+    sys.path.insert(0, root)
+    sys.argv = ["benchmarks.run", *a.args]
+    runpy.run_module("benchmarks.run", run_name="__main__")
+
+
+def _demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(a.out, calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, seed=a.seed, install=not a.no_install)
+
+
+COMMANDS = {"quantize": _quantize, "eval": _eval, "bench": _bench, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # bad flags: argparse prints usage and exits with 2
+    try:
+        COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"maca-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as exc:  # inputs the library refused (text too short, ...)
+        print(f"maca-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"maca-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed run: one line, the type and the reason
+        print(f"maca-kernels {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

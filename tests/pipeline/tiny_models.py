@@ -1,0 +1,35 @@
+"""Tiny random-weight causal LMs built in the tests (no download): Llama, Qwen2 and Gemma2 shapes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2):
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        config = tf.LlamaConfig(**common)
+        cls = tf.LlamaForCausalLM
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**common)  # q/k/v carry biases
+        cls = tf.Qwen2ForCausalLM
+    elif family == "gemma2":
+        config = tf.Gemma2Config(**common, head_dim=16, sliding_window=32)
+        cls = tf.Gemma2ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # the default init is tiny; larger weights make quantization error visible
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def random_sequences(lengths, vocab: int = 96, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
