@@ -25,6 +25,7 @@ neighbouring field when a stored field is all-ones, so v1 packing refuses ``zero
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 
@@ -248,8 +249,25 @@ def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int, N: int, checkpoint_format
         )
     z = _unpack_dim0(qzeros.detach().t(), bits)  # [N, G]
     if checkpoint_format == "gptq":
+        if not _WARNED_ALL_ONES and bool((z == (1 << bits) - 1).any()):
+            _warn_all_ones(bits)
         z = z + 1
     return z.to(torch.int32).contiguous()
+
+
+_WARNED_ALL_ONES = False
+
+
+def _warn_all_ones(bits: int) -> None:
+    """A v1 field of all ones reads as zero 2^bits (as the format defines), but some writers stored a zero of 0
+    there (0 − 1 wrapped), and readers disagree on it: say so once per process."""
+    global _WARNED_ALL_ONES
+    _WARNED_ALL_ONES = True
+    warnings.warn(
+        f"a v1 ('gptq') qzeros field is all ones: read as zero {1 << bits} as the format defines; a writer that "
+        "meant zero 0 wrapped it (readers disagree on such checkpoints; v2 ('gptq_v2') stores zeros as they are)",
+        stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ dequantization against a float64 reference, and every documented bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -291,7 +293,9 @@ def test_qzeros_v1_zero_of_zero_raises(bits):
 def test_qzeros_v1_unpack_adds_one_per_field():
     # an all-ones v1 field (written by another tool) reads 2^bits in its own field, no carry
     qz = torch.tensor([[i32(0x0000000F)]], dtype=torch.int32)
-    z = unpack_gptq_zeros(qz, 4, 8, "gptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the all-ones warning has its own test
+        z = unpack_gptq_zeros(qz, 4, 8, "gptq")
     assert z.flatten().tolist() == [16, 1, 1, 1, 1, 1, 1, 1]
 
 
@@ -462,3 +466,16 @@ def test_bad_input(call, exc, match):
 def test_bad_input_keeps_good_ckpt_valid():
     # the fixtures above are themselves valid
     assert dequantize_gptq(QW, SC, QZ, GI, 4).shape == (32, 32)
+
+
+def test_all_ones_v1_zero_field_reads_as_the_format_defines_and_warns_once(monkeypatch):
+    import maca_kernels.formats.gptq as fmt
+
+    monkeypatch.setattr(fmt, "_WARNED_ALL_ONES", False)
+    qzeros = torch.full((2, 1), -1, dtype=torch.int32)  # every 4-bit field all ones
+    with pytest.warns(UserWarning, match="all ones"):
+        z = unpack_gptq_zeros(qzeros, 4, 8, checkpoint_format="gptq")
+    assert (z == 16).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unpack_gptq_zeros(qzeros, 4, 8, checkpoint_format="gptq")  # once per process
