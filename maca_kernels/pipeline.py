@@ -420,7 +420,7 @@ def _group_hessian(layer, fp_layer, module, fp_module, q_batches, fp_batches, we
         x_fp = _input_of(fp_layer, fp_module, fp_batches[bi], stats) if fp_layer is not None else None
         t0 = time.perf_counter()
         n, L = x.shape[0], x.shape[1]
-        acc.add(x.float(), [L] * n, x_fp=None if x_fp is None else x_fp.float())
+        acc.add(x, [L] * n, x_fp=x_fp)  # 16-bit activations go to the tensor cores as they are
         stats.hessian_s += time.perf_counter() - t0
     return acc.finalize(), (acc.finalize_cross() if fp_layer is not None else None)
 

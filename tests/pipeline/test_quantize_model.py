@@ -157,7 +157,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
                        progress=False, log=None)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
 def test_other_architectures(family):
     fp = tiny_model(family, seed=2)
     model = tiny_model(family, seed=2)

@@ -1,4 +1,4 @@
-"""Tiny random-weight causal LMs built in the tests (no download): Llama, Qwen2 and Gemma2 shapes."""
+"""Tiny random-weight causal LMs built in the tests (no download): Llama, Qwen2/3, Mistral, Gemma2/3 shapes."""
 
 from __future__ import annotations
 
@@ -16,9 +16,18 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2):
     elif family == "qwen2":
         config = tf.Qwen2Config(**common)  # q/k/v carry biases
         cls = tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config = tf.Qwen3Config(**common, head_dim=16)  # q/k norms
+        cls = tf.Qwen3ForCausalLM
+    elif family == "mistral":
+        config = tf.MistralConfig(**common, sliding_window=32)
+        cls = tf.MistralForCausalLM
     elif family == "gemma2":
         config = tf.Gemma2Config(**common, head_dim=16, sliding_window=32)
         cls = tf.Gemma2ForCausalLM
+    elif family == "gemma3":
+        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32)
+        cls = tf.Gemma3ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
