@@ -9,19 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import tiny_model  # noqa: E402
+from tiny_models import ByteTokenizer, tiny_model  # noqa: E402
 
 from maca_kernels.cli import EXIT_USAGE, main  # noqa: E402
-
-
-class ByteTokenizer:
-    """A stand-in tokenizer (bytes mod vocab) so the CLI can run without a hub."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [b % 96 for b in text.encode()]}
-
-    def save_pretrained(self, path):
-        pass
 
 
 @pytest.fixture

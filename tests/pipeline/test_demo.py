@@ -7,14 +7,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import tiny_model  # noqa: E402
+from tiny_models import ByteTokenizer, tiny_model  # noqa: E402
 
 from maca_kernels import demo, embedded  # noqa: E402
-
-
-class ByteTokenizer:
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [b % 96 for b in text.encode()]}
 
 
 def test_demo_writes_every_run(tmp_path, monkeypatch):

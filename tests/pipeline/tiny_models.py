@@ -42,3 +42,13 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2):
 def random_sequences(lengths, vocab: int = 96, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer (bytes mod the tiny vocab) so the CLI and the demo run without a hub."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b % 96 for b in text.encode()]}
+
+    def save_pretrained(self, path):
+        pass
