@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .formats.gptq import CHECKPOINT_FORMATS as _FORMATS
+from .formats.gptq import SUPPORTED_BITS as _SUPPORTED_BITS
 from .nn.quant_linear import QuantLinear
 
 __all__ = ["load_quantized", "quantization_config", "save_quantized"]
@@ -43,8 +45,6 @@ __all__ = ["load_quantized", "quantization_config", "save_quantized"]
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-_SUPPORTED_BITS = (2, 3, 4, 8)
-_FORMATS = ("gptq", "gptq_v2")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

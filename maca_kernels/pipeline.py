@@ -15,6 +15,7 @@ results, and one with other arguments refuses to.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -205,21 +206,21 @@ def _stream_tensors(q_batches, fp_batches) -> dict[str, torch.Tensor]:
     return out
 
 
+_SAVED_FIELDS = ("codes", "scales", "zeros", "g_idx")  # the weight follows from them exactly
+
+
 def _result_tensors(results: dict[str, GPTQResult]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, r in results.items():
-        for field_name in ("codes", "scales", "zeros", "g_idx", "weight"):
-            out[f"{name}.{field_name}"] = getattr(r, field_name)
-    return out
+    return {f"{name}.{f}": getattr(r, f) for name, r in results.items() for f in _SAVED_FIELDS}
 
 
 def _results_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, GPTQResult]:
     out = {}
     for name, m in meta.items():
-        t = {f: tensors[f"{name}.{f}"] for f in ("codes", "scales", "zeros", "g_idx", "weight")}
-        K = t["codes"].shape[1]
-        out[name] = GPTQResult(t["codes"], t["scales"], t["zeros"], t["g_idx"], t["weight"], m["loss"], m["damp"],
-                               m["bits"], m["group_size"], m["sym"], torch.arange(K))
+        codes, scales, zeros, g_idx = (tensors[f"{name}.{f}"] for f in _SAVED_FIELDS)
+        g = g_idx.long()
+        weight = (codes - zeros[:, g]).to(torch.float32) * scales[:, g]  # as gptq_quantize builds it: exact
+        out[name] = GPTQResult(codes, scales, zeros, g_idx, weight, m["loss"], m["damp"], m["bits"],
+                               m["group_size"], m["sym"], torch.arange(codes.shape[1]))
     return out
 
 
@@ -319,7 +320,7 @@ def quantize_model(
                 t0 = time.perf_counter()
                 q_batches = _capture_first_inputs(model, layers, id_batches, device)
                 if method == "gptaq":
-                    fp_batches = [_Batch(b.hidden.clone(), b.kwargs) for b in q_batches]
+                    fp_batches = list(q_batches)  # the streams part after layer 0 (layers make new tensors)
                 stats.forward_s += time.perf_counter() - t0
         if done_layers:
             from safetensors.torch import load_file
@@ -340,8 +341,6 @@ def quantize_model(
             layer = layers[i].to(device)
             fp_layer = None
             if method == "gptaq":
-                import copy
-
                 fp_layer = copy.deepcopy(layer)
             linears = _linears(layer)
             prefix = f"{layers_name}.{i}."

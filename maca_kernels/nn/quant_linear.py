@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.quant_matmul.op import quant_matmul
+from ..ops.quant_matmul.validate import validate_quant_matmul
 
 
 class QuantLinear(nn.Module):
@@ -48,59 +49,40 @@ class QuantLinear(nn.Module):
     def from_checkpoint(cls, tensors: dict, bits: int, group_size: int, checkpoint_format: str = "gptq",
                         bias: torch.Tensor | None = None) -> QuantLinear:
         """From the checkpoint tensors of one layer: ``tensors`` holds ``qweight`` int32 [K·bits/32, N],
-        ``qzeros`` int32 [G, N·bits/32], ``scales`` fp16 [G, N], ``g_idx`` int32 [K] (optional: defaults to
-        ``k // group_size``) and optionally ``bias`` [N] (or pass ``bias=``). Shapes and dtypes are checked
-        (ValueError naming the tensor); the tensors are copied, never reinterpreted."""
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits!r}")
-        if checkpoint_format not in ("gptq", "gptq_v2"):
-            raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+        ``qzeros`` int32 [G, N·bits/32], ``scales`` fp16 [G, N], ``g_idx`` int [K] (optional: defaults to
+        ``k // group_size``) and optionally ``bias`` [N] (or pass ``bias=``). Checked by quant_matmul's own
+        validation (ValueError naming the tensor); the tensors are copied, never reinterpreted."""
         unknown = set(tensors) - {"qweight", "qzeros", "scales", "g_idx", "bias"}
         if unknown:
             raise ValueError(f"unexpected checkpoint tensors {sorted(unknown)}; expected qweight, qzeros, scales, "
                              "g_idx and optionally bias")
-        for name in ("qweight", "qzeros", "scales"):
-            if name not in tensors:
-                raise ValueError(f"missing checkpoint tensor {name!r}")
-            if not isinstance(tensors[name], torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensors[name]).__name__}")
+        missing = [n for n in ("qweight", "qzeros", "scales") if n not in tensors]
+        if missing:
+            raise ValueError(f"missing checkpoint tensor(s) {missing}")
         if bias is not None and tensors.get("bias") is not None:
             raise ValueError("bias given twice: both in tensors and as bias=")
         bias = tensors.get("bias") if bias is None else bias
-        qweight = tensors["qweight"]
-        if qweight.dim() != 2:
-            raise ValueError(f"qweight must be 2-D [K·bits/32, N], got shape {tuple(qweight.shape)}")
-        N = qweight.shape[1]
-        if tensors.get("g_idx") is not None:
-            K = tensors["g_idx"].shape[0] if tensors["g_idx"].dim() == 1 else -1
-            if K < 0:
-                raise ValueError(f"g_idx must be 1-D [K], got shape {tuple(tensors['g_idx'].shape)}")
-        else:
-            K = qweight.shape[0] * 32 // bits
-        if group_size != -1 and (group_size <= 0 or K % group_size):
-            raise ValueError(f"in_features K = {K} must be divisible by group_size = {group_size}")
-        G = 1 if group_size == -1 else K // group_size
-        want = {"qweight": ((K * bits // 32, N), torch.int32), "qzeros": ((G, N * bits // 32), torch.int32),
-                "scales": ((G, N), torch.float16), "g_idx": ((K,), torch.int32), "bias": ((N,), torch.float16)}
-        if (K * bits) % 32 or (N * bits) % 32:
-            raise ValueError(f"K = {K} and N = {N} must pack whole int32 words at bits={bits}")
-        got = dict(tensors, bias=bias)
-        for name, (shape, dtype) in want.items():
-            t = got.get(name)
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for K={K}, N={N}, bits={bits}, "
-                                 f"group_size={group_size}; got {tuple(t.shape)}")
-            if t.dtype != dtype and not (name == "bias" and t.dtype.is_floating_point):
-                raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-        layer = cls(K, N, bits, group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
+        qweight, g_idx = tensors["qweight"], tensors.get("g_idx")
+        if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or bits not in (2, 3, 4, 8):
+            raise ValueError(f"qweight must be a 2-D tensor [K·bits/32, N] and bits one of (2, 3, 4, 8), got "
+                             f"{getattr(qweight, 'shape', type(qweight).__name__)} and bits={bits!r}")
+        K = qweight.shape[0] * 32 // bits
+        x = torch.empty(0, K, device=qweight.device)  # quant_matmul's checks need only x's shape and device
+        # the group split against scales (g_idx=None), then g_idx itself
+        shape = validate_quant_matmul(x, qweight, tensors["scales"], tensors["qzeros"], None, bits, group_size,
+                                      checkpoint_format)
+        if g_idx is not None:
+            g_idx = validate_quant_matmul(x, qweight, tensors["scales"], tensors["qzeros"], g_idx, bits, group_size,
+                                          checkpoint_format).g_idx
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (shape.N,)
+                                 or not bias.dtype.is_floating_point):
+            raise ValueError(f"bias must be a float tensor [N] = [{shape.N}], got {getattr(bias, 'shape', bias)}")
+        layer = cls(K, shape.N, bits, group_size, bias=bias is not None, checkpoint_format=checkpoint_format,
                     device=qweight.device)
-        for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
-            if got.get(name) is not None:
-                getattr(layer, name).copy_(got[name])
+        for name, t in (("qweight", qweight), ("qzeros", tensors["qzeros"]), ("scales", tensors["scales"]),
+                        ("g_idx", g_idx), ("bias", bias)):
+            if t is not None:
+                getattr(layer, name).copy_(t)
         layer._gidx_trivial = layer._sorted_groups()
         return layer
 

@@ -231,17 +231,28 @@ def choose_split(n_tiles: int, n_sms: int, n_chunks: int, max_split: int = 8) ->
     return best
 
 
+def table_offsets(n: int) -> tuple[int, ...]:
+    """Byte offsets of the four chunk tables (int64 start, int32 rows, fp32 weight, fp32 rescale) in one
+    buffer, each 16-byte aligned: the JIT specialises pointers on 16-byte alignment, so unaligned tables
+    would compile a new variant whenever the chunk count's parity changes."""
+    offsets, at = [0], 0
+    for size in (8, 4, 4, 4):
+        at += -(-size * n // 16) * 16
+        offsets.append(at)
+    return tuple(offsets)
+
+
 def _device_tables(tables, device: torch.device):
     """The chunk tables on ``device`` with ONE host→device copy, from pinned memory without a host sync
     (the caching host allocator keeps the pinned block alive until the copy has run)."""
-    n = tables[0].numel()
+    offsets = table_offsets(tables[0].numel())
     on_gpu = device.type == "cuda"
-    host = torch.empty(n * 20, dtype=torch.uint8, pin_memory=on_gpu)  # int64 start, int32 rows, 2 × fp32
-    offsets = (0, 8 * n, 12 * n, 16 * n, 20 * n)
-    for t, lo, hi in zip(tables, offsets[:-1], offsets[1:], strict=True):
-        host[lo:hi].view(t.dtype).copy_(t)
+    host = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=on_gpu)
+    for t, lo in zip(tables, offsets, strict=False):
+        host[lo : lo + t.numel() * t.element_size()].view(t.dtype).copy_(t)
     dev = host.to(device, non_blocking=True) if on_gpu else host
-    return [dev[lo:hi].view(t.dtype) for t, lo, hi in zip(tables, offsets[:-1], offsets[1:], strict=True)]
+    return [dev[lo : lo + t.numel() * t.element_size()].view(t.dtype)
+            for t, lo in zip(tables, offsets, strict=False)]
 
 
 # Scratch for the symmetric case, one per (device, stream, d): the symmetrize pass resets what it reads,
@@ -327,9 +338,8 @@ def aot_variants():
     """For the compile tier: every autotune config of every input kind, launched the way
     ``launch_weighted_gram`` launches it on a real Hessian (d = 4096, 16k tokens). The tier derives
     signature and alignment from these values with the JIT's own rules. The chunk tables are views of
-    one buffer (``_device_tables``), so their alignment depends on the chunk count: 256 chunks for one
-    16k-token run (unweighted), 262 for a mix of sequence lengths (weighted; the weight table is then
-    only 8-byte aligned)."""
+    one buffer at ``table_offsets`` (``_device_tables``): 256 chunks for one 16k-token run (unweighted),
+    262 for a mix of sequence lengths (weighted)."""
     from ..._aot import AotTensor, Variant
 
     d, tokens = 4096, 16384
@@ -347,8 +357,9 @@ def aot_variants():
         for weighted in (True, False):
             n_chunks = tokens // block_t + (6 if weighted else 0)
             base = a.data_ptr() + (1 << 30)  # start | rows | weight | rescale, packed as in _device_tables
-            index = [AotTensor(dtype, n_chunks, address=base + off * n_chunks)
-                     for dtype, off in ((torch.int64, 0), (torch.int32, 8), (torch.float32, 12), (torch.float32, 16))]
+            index = [AotTensor(dtype, n_chunks, address=base + off)
+                     for dtype, off in zip((torch.int64, torch.int32, torch.float32, torch.float32),
+                                           table_offsets(n_chunks), strict=False)]
             args = (target, a, a, a, *index, n_chunks, d, a.stride(0), target.stride(0), int(math.log2(n_chunks)))
             consts = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
                           INPUT_PRECISION="ieee", PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,

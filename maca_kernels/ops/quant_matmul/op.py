@@ -5,6 +5,8 @@ C++ kernel; ``"reference"`` is the plain-PyTorch definition; ``"triton"`` on CPU
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .cpu_kernel import cpu_quant_matmul
@@ -32,11 +34,8 @@ def _quant_matmul_op(
     if backend == "triton":
         from .triton_kernel import launch_quant_matmul
 
-        if x.device.type == "cuda":
-            with torch.cuda.device(x.device):
-                y = launch_quant_matmul(x2, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset,
-                                        deterministic=deterministic)
-        else:  # the interpreter
+        on_gpu = x.device.type == "cuda"  # else the interpreter
+        with torch.cuda.device(x.device) if on_gpu else contextlib.nullcontext():
             y = launch_quant_matmul(x2, qweight, scales, qzeros, g_idx, bits, group_size, zero_offset,
                                     deterministic=deterministic)
     else:
