@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv build demo test test-fast bench lint clean gpu-check interop
+.PHONY: venv build demo test test-fast bench bench-integrations lint clean gpu-check interop
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -46,11 +46,32 @@ $(INTEROP_VENV)/.ready:
 		build/interop/gptqmodel-7.7.0.tar.gz
 	touch $@
 
-interop: build $(INTEROP_VENV)/.ready
-	PYTHONPATH=$(CURDIR) $(INTEROP_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_checkpoint.py
+# llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19.0: a venv of its own, torch pinned.
+LLMC_VENV := .venv-llmc
+$(LLMC_VENV)/.ready:
+	rm -rf $(LLMC_VENV) build/llmc && mkdir -p build/llmc
+	echo 'torch==2.13.0+cpu' > build/llmc/constraints.txt
+	$(VPY) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q -c build/llmc/constraints.txt torch==2.13.0
+	$(LLMC_VENV)/bin/pip install -q -c build/llmc/constraints.txt llmcompressor==0.14.0.1 pytest
+	touch $@
+
+# The other tools beside ours: our checkpoints read by an independent GPTQ reader, and GPTQModel's and
+# llm-compressor's own GPTQ run on our backend (tests/integrations), each in its venv.
+interop: build $(INTEROP_VENV)/.ready $(LLMC_VENV)/.ready
+	PYTHONPATH=$(CURDIR) $(INTEROP_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_checkpoint.py \
+		tests/integrations/test_gptqmodel.py
+	PYTHONPATH=$(CURDIR) $(LLMC_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_llmcompressor.py
 
 bench: build
 	$(VPY) -m benchmarks.run
+
+# Whole-model GPTQ through GPTQModel and llm-compressor, their path vs our backend (SmolLM2-135M, CPU; the
+# model and text come from `make demo`) → benchmarks/results/integrations-*-cpu.{json,md}.
+bench-integrations: build $(INTEROP_VENV)/.ready $(LLMC_VENV)/.ready
+	$(VPY) -c "from maca_kernels import embedded; embedded.ensure_all(install=True)"
+	PYTHONPATH=$(CURDIR) $(INTEROP_VENV)/bin/python -m benchmarks.bench_integrations --tool gptqmodel
+	PYTHONPATH=$(CURDIR) $(LLMC_VENV)/bin/python -m benchmarks.bench_integrations --tool llmcompressor
 
 lint: $(STAMP)
 	$(VPY) -m ruff check maca_kernels tests benchmarks

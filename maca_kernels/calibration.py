@@ -72,6 +72,14 @@ class Calibration:
         """The sequences as 1-D views of ``input_ids``, in ``lengths`` order."""
         return list(self.input_ids.split(self.lengths.tolist()))
 
+    def to_records(self) -> list[dict]:
+        """``[{"input_ids": [...], "attention_mask": [1, ...]}]``, one per sequence: the calibration argument of
+        GPTQModel's ``quantize`` as is, and of llm-compressor's ``oneshot`` as ``datasets.Dataset.from_list``.
+        Feed them unpadded and untruncated (GPTQModel: ``calibration_concat_size=None,
+        calibration_data_min_length=0``; llm-compressor: ``batch_size=1``, ``max_seq_length`` ≥ the longest)
+        so that each sequence stays one sample for ``weighting="sequence"``."""
+        return [{"input_ids": s.tolist(), "attention_mask": [1] * s.numel()} for s in self.sequences()]
+
     def by_length(self) -> dict[int, torch.Tensor]:
         """``{L: LongTensor [n_L, L]}`` in ascending L, rows in ``lengths`` order: one unpadded batch per length."""
         seqs = self.sequences()

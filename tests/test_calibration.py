@@ -221,3 +221,13 @@ def test_holdout_split_no_overlap():
     ]:
         with pytest.raises(ValueError, match=match):
             holdout_split(ids, **kwargs)
+
+
+def test_records_for_other_tools_are_the_sequences():
+    ids = stream(50_000, seed=3)
+    calib = matryoshka(ids, lengths=(128, 512), total_tokens=4096, seed=1)
+    records = calib.to_records()
+    assert len(records) == calib.n_sequences
+    for rec, seq in zip(records, calib.sequences(), strict=True):
+        assert rec["input_ids"] == seq.tolist() and rec["attention_mask"] == [1] * seq.numel()
+    assert sorted(len(r["input_ids"]) for r in records) == sorted(calib.lengths.tolist())

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .prepare import check_inputs, ieee_fp32_matmul, prepare
+from .prepare import NotPositiveDefiniteError, check_inputs, ieee_fp32_matmul, prepare
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
 
@@ -61,6 +61,9 @@ def gptq_quantize(
     backend: str | None = None,
     name: str | None = None,
     compute_loss: bool = True,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    damp_steps=None,
 ) -> GPTQResult:
     """Quantize ``W`` [N, K] (out × in) against the layer Hessian ``H`` [K, K] with GPTQ.
 
@@ -72,8 +75,14 @@ def gptq_quantize(
     Saliency regularisation: ``reg`` = λ adds ``λ·mean(diag H)·diag(s)`` to H, ``s`` =
     ``saliency`` or the normalised diag(H). ``name`` labels errors (e.g. the layer's name).
     ``compute_loss=False`` skips ``loss = tr(ΔW H ΔWᵀ)`` (one more N·K² GEMM; the result says NaN).
+    ``scales``/``zeros`` [N, G] fix the group parameters (groups of original columns, as with static
+    groups; true integer zeros in [0, 2^bits − 1]) and GPTQ only chooses the codes: e.g. parameters from
+    another tool's observer. ``damp_steps``: the increasing fractions tried after ``damp`` when H is not
+    positive definite (default: this library's schedule; ``()`` fails at once with
+    ``NotPositiveDefiniteError``).
     """
-    check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name)
+    check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
+                 scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
@@ -87,7 +96,8 @@ def gptq_quantize(
     with ieee_fp32_matmul():
         prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
-                       alpha=alpha, reg=reg, saliency=saliency, name=name)
+                       alpha=alpha, reg=reg, saliency=saliency, name=name, scales=scales, zeros=zeros,
+                       damp_steps=damp_steps)
         if backend == "triton":
             from ..._triton_utils import check_triton_device
             from .triton_kernel import gptq_sweep_triton
@@ -104,4 +114,4 @@ def gptq_quantize(
         return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss)
 
 
-__all__ = ["GPTQResult", "gptq_quantize"]
+__all__ = ["GPTQResult", "NotPositiveDefiniteError", "gptq_quantize"]

@@ -19,6 +19,10 @@ BITS = (2, 3, 4, 8)
 DAMP_STEPS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
+class NotPositiveDefiniteError(RuntimeError):
+    """H + the largest damping tried is still not positive definite."""
+
+
 @contextlib.contextmanager
 def ieee_fp32_matmul():
     """Every GEMM of a solve (P, the lazy updates, the loss) is fp32: never let a global TF32 setting
@@ -44,7 +48,8 @@ class Prepared:
     block_size: int
 
 
-def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name) -> None:
+def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
+                 scales=None, zeros=None, mse=False, damp_steps=None) -> None:
     where = f" (layer {name})" if name else ""
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
         raise ValueError(f"W must be a floating-point [N, K] tensor{where}")
@@ -78,9 +83,38 @@ def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, sal
         raise ValueError(f"reg must be a number ≥ 0, got {reg!r}{where}")
     if saliency is not None and (not isinstance(saliency, torch.Tensor) or tuple(saliency.shape) != (K,)):
         raise ValueError(f"saliency must be a [K] = [{K}] tensor{where}")
+    check_fixed_params(scales, zeros, N, K, bits, group_size, mse, W.device, where)
+    if damp_steps is not None:
+        steps = list(damp_steps)
+        if not all(isinstance(s, (int, float)) and damp < s < 100 for s in steps) or steps != sorted(steps):
+            raise ValueError(f"damp_steps must be increasing fractions above damp = {damp}, got {damp_steps!r}{where}")
     for label, t in (("W", W), ("H", H), ("dxxt", dxxt), ("saliency", saliency)):
         if t is not None and not torch.isfinite(t).all():
             raise ValueError(f"{label} contains NaN or Inf{where}")
+
+
+def check_fixed_params(scales, zeros, N, K, bits, group_size, mse, device, where="") -> None:
+    """Group parameters given by the caller (e.g. another tool's observer): [N, G] scales > 0 and integer
+    zeros in [0, 2^bits − 1], G = K/group_size (1 without groups)."""
+    if scales is None and zeros is None:
+        return
+    if scales is None or zeros is None:
+        raise ValueError(f"scales and zeros (fixed group parameters) must be given together{where}")
+    if mse:
+        raise ValueError(f"mse searches the group parameters: it cannot be combined with given scales/zeros{where}")
+    G = K // group_size if group_size > 0 else 1
+    for label, t in (("scales", scales), ("zeros", zeros)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (N, G):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{label} must be a [N, G] = [{N}, {G}] tensor (G = K/group_size), got {got}{where}")
+        if t.device != device:
+            raise ValueError(f"{label} is on {t.device} but W is on {device}{where}")
+    s = scales.to(torch.float32)
+    if not (torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError(f"scales must be finite and > 0{where}")
+    z = zeros.to(torch.float64)
+    if not ((z == z.round()).all() and (z >= 0).all() and (z <= 2**bits - 1).all()):
+        raise ValueError(f"zeros must be integers in [0, {2**bits - 1}] (true zero points for {bits} bits){where}")
 
 
 def _upper_inverse_factor(H: torch.Tensor, mean_diag: float, damp: float) -> torch.Tensor | None:
@@ -98,7 +132,8 @@ def _upper_inverse_factor(H: torch.Tensor, mean_diag: float, damp: float) -> tor
 
 
 def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, block_size, mse,
-            dxxt=None, alpha=0.25, reg=None, saliency=None, name=None) -> Prepared:
+            dxxt=None, alpha=0.25, reg=None, saliency=None, name=None, scales=None, zeros=None,
+            damp_steps=None) -> Prepared:
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(torch.float32).clone()
     K = W.shape[1]
@@ -116,11 +151,13 @@ def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, bloc
         s = saliency.to(H) if saliency is not None else H.diagonal() / mean_diag
         H.diagonal().add_(reg * mean_diag * s)
 
-    # Parameters fixed before the sweep: static groups, and the single group of group_size = -1
-    # (taken from the original weights, as GPTQ does).
+    # Parameters fixed before the sweep: given by the caller, static groups, or the single group of
+    # group_size = -1 (taken from the original weights, as GPTQ does).
     static_scale = static_zero = None
     g = group_size if group_size > 0 else K
-    if static_groups or group_size <= 0:
+    if scales is not None:
+        static_scale, static_zero = scales.to(torch.float32).clone(), zeros.to(torch.float32).clone()
+    elif static_groups or group_size <= 0:
         params = [find_params(W[:, i : i + g], bits, sym, mse) for i in range(0, K, g)]
         static_scale = torch.stack([p[0] for p in params], dim=1)
         static_zero = torch.stack([p[1] for p in params], dim=1)
@@ -135,14 +172,15 @@ def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, bloc
     group_of_pos = perm // g if static_scale is not None else positions // g
 
     U, used = None, damp
-    for used in (damp,) + tuple(s for s in DAMP_STEPS if s > damp):
+    steps = (damp,) + tuple(s for s in DAMP_STEPS if s > damp) if damp_steps is None else (damp, *damp_steps)
+    for used in steps:
         U = _upper_inverse_factor(H, mean_diag, used)
         if U is not None:
             break
     if U is None:
         where = f"layer {name}: " if name else ""
-        raise RuntimeError(
-            f"{where}H is not positive definite even with damping {DAMP_STEPS[-1]}·mean(diag H) "
+        raise NotPositiveDefiniteError(
+            f"{where}H is not positive definite even with damping {steps[-1]}·mean(diag H) "
             "(check the calibration activations for this layer)"
         )
     P = None

@@ -11,7 +11,7 @@ import torch
 class GPTQResult:
     codes: torch.Tensor  # int32 [N, K], values in [0, 2^bits − 1]
     scales: torch.Tensor  # fp32 [N, G] (fp16-representable)
-    zeros: torch.Tensor  # int32 [N, G], true zero points (never 0)
+    zeros: torch.Tensor  # int32 [N, G], true zero points (never 0 unless the caller gave zeros)
     g_idx: torch.Tensor  # int32 [K]: group of each input column
     weight: torch.Tensor  # fp32 [N, K] = (codes − zeros[:, g_idx]) · scales[:, g_idx]
     loss: float  # tr(ΔW H ΔWᵀ) with the H passed in

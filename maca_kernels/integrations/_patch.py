@@ -1,0 +1,56 @@
+"""Scoped monkey-patching for the integrations: every replaced attribute is put back exactly on undo."""
+
+from __future__ import annotations
+
+import warnings
+from importlib import metadata
+
+_MISSING = object()
+
+
+class Patch:
+    """Attributes replaced on classes or modules, restored in reverse order by ``undo``."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[object, str, object]] = []
+
+    def set(self, owner: object, name: str, value: object) -> None:
+        # vars() keeps the raw attribute (a staticmethod stays a staticmethod when put back).
+        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        while self._saved:
+            owner, name, old = self._saved.pop()
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+
+
+def check_version(dist: str, tested: tuple[str, ...]) -> str:
+    """Warn (once per call) when the installed ``dist`` is not a tested release line (``"7.7"`` matches 7.7.x)."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError as e:
+        raise ImportError(f"{dist} is not installed: this integration patches it") from e
+    if not any(version == t or version.startswith(t + ".") for t in tested):
+        warnings.warn(
+            f"maca_kernels' {dist} backend was tested with {dist} {', '.join(tested)}; found {version}. "
+            "It patches internals that may have changed: check the per-module losses against the tool's own.",
+            stacklevel=3,
+        )
+    return version
+
+
+def sequence_lengths(x, where: str) -> tuple:
+    """A module input as (x2d [T, d], lengths): a 3-D batch [B, L, d] is B sequences of L tokens (the tools
+    hand over unpadded rows), a 2-D [T, d] input is one sequence."""
+    import torch
+
+    if x.dim() == 3:
+        B, L, d = x.shape
+        return x.reshape(B * L, d), torch.full((B,), L, dtype=torch.int64)
+    if x.dim() == 2:
+        return x, torch.tensor([x.shape[0]], dtype=torch.int64)
+    raise ValueError(f"{where}: expected a [B, L, d] or [T, d] layer input, got shape {tuple(x.shape)}")
