@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: venv build demo test test-fast bench bench-integrations lint clean gpu-check interop
+.PHONY: venv build demo study test test-fast bench bench-integrations lint clean gpu-check interop
 
 $(STAMP): requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ build: $(STAMP)
 # calibration, beside FP and RTN; table + results.json + perplexity.png in demo_out/.
 demo: build
 	$(VPY) -m maca_kernels demo --out demo_out
+
+# The MaCa study (README "Results"): resumable, one JSON per finished run in study/runs/, then the table and
+# plots; hours on 2 CPU cores (rerun to continue an interrupted study).
+study: build
+	$(VPY) -m maca_kernels study --out study
 
 test: build lint
 	$(VPY) -m pytest -q tests

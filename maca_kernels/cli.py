@@ -1,4 +1,4 @@
-"""``maca-kernels`` / ``python -m maca_kernels``: quantize, eval, bench, demo.
+"""``maca-kernels`` / ``python -m maca_kernels``: quantize, eval, bench, demo, study.
 
 Exit codes: 0 success, 1 a run failed (the one-line reason is printed), 2 bad arguments or inputs
 (unknown model path, unsupported architecture, bits, group size, text too short, ...).
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-tokens", type=int, default=2048, help="tokens per text and evaluation length")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-install", action="store_true", help="fail instead of installing missing packages")
+
+    st = sub.add_parser("study", help="the MaCa study on the embedded default (resumable; one JSON per run)")
+    st.add_argument("--out", default="study")
+    st.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (then summarize)")
+    st.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plots")
     return p
 
 
@@ -167,7 +172,16 @@ def _demo(a) -> None:
     run_demo(a.out, calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, seed=a.seed, install=not a.no_install)
 
 
-COMMANDS = {"quantize": _quantize, "eval": _eval, "bench": _bench, "demo": _demo}
+def _study(a) -> None:
+    from .study import run_study, summarize
+
+    if a.summarize_only:
+        summarize(a.out)
+    else:
+        run_study(a.out, max_runs=a.max_runs)
+
+
+COMMANDS = {"quantize": _quantize, "eval": _eval, "bench": _bench, "demo": _demo, "study": _study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,360 @@
+"""The MaCa study (``maca-kernels study`` / ``make study``): does length-aware calibration help GPTQ / GPTAQ,
+and does saliency regularisation stop GPTQ from overfitting its calibration domain?
+
+Model: the embedded SmolLM2-135M. Calibration: the Jargon File's first 90% of tokens. Evaluation, never
+overlapping the calibration stream: the held-out last 10% of the Jargon File, split into a validation half
+(the only text λ is chosen on) and a test half (reported, in domain), and the King James Bible (out of
+domain, never used for any choice), at several evaluation lengths.
+
+Every run is one cell (bits, method, calibration scheme, weighting, λ, seed) and writes one JSON file in
+``<out>/runs/`` as soon as it finishes; a rerun skips the cells already there (resumable, nothing finished
+is lost). ``summarize`` turns the run files into mean ± std tables, the λ choice and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import calibration
+from .evaluate import perplexity
+
+TEXTS = ("jargon_val", "jargon_test", "bible")  # λ is chosen on jargon_val only
+SCHEMES = {  # name -> (calibration sampler, weighting)
+    "fixed": ("fixed", "token"),  # classic GPTQ: fixed-length windows, every token one sample
+    "maca": ("matryoshka", "sequence"),  # MaCa: mixed lengths, every sequence one sample
+    "mix-token": ("matryoshka", "token"),  # ablation: MaCa's lengths without the per-sequence weighting
+    "fixed-seq": ("fixed", "sequence"),  # ablation: per-sequence weighting of fixed-length windows
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    bits: int
+    method: str  # "fp" | "rtn" | "gptq" | "gptaq"
+    scheme: str = "-"  # key of SCHEMES, "-" for fp / rtn
+    reg: float = 0.0  # saliency regularisation λ
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.method in ("fp", "rtn"):
+            return self.method if self.method == "fp" else f"{self.bits}b-rtn"
+        return f"{self.bits}b-{self.method}-{self.scheme}-reg{self.reg:g}-s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The cell without its seed: what the table averages over."""
+        return self.key.rsplit("-s", 1)[0] if self.method in ("gptq", "gptaq") else self.key
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    bits: tuple = (4, 3, 2)
+    group_size: int = 64  # SmolLM2's hidden size 576 is not a multiple of 128
+    seeds: tuple = (0, 1, 2)
+    lambdas: tuple = (0.0, 0.05, 0.5)
+    calib_tokens: int = 8192
+    calib_lengths: tuple = (128, 512, 1024, 2048)
+    eval_lengths: tuple = (128, 512, 2048)
+    eval_tokens: int = 2048  # per text and evaluation length (fixed windows: comparisons are paired)
+    holdout_fraction: float = 0.1
+
+
+def plan(cfg: StudyConfig) -> list[Cell]:
+    """Every cell, most informative first (so an interrupted study has the main comparison): FP and RTN;
+    GPTQ / GPTAQ fixed vs MaCa on the first seed; the other seeds; the ablation; the λ sweep."""
+    cells = [Cell(0, "fp")] + [Cell(b, "rtn") for b in cfg.bits]
+    first, rest = cfg.seeds[0], cfg.seeds[1:]
+    for method in ("gptq", "gptaq"):
+        cells += [Cell(b, method, s, seed=first) for b in cfg.bits for s in ("fixed", "maca")]
+    cells += [Cell(b, m, s, seed=seed) for seed in rest for m in ("gptq", "gptaq") for b in cfg.bits
+              for s in ("fixed", "maca")]
+    cells += [Cell(b, "gptq", "mix-token", seed=seed) for seed in cfg.seeds for b in cfg.bits]
+    cells += [Cell(b, "gptq", "fixed-seq", seed=first) for b in cfg.bits]  # same H up to scale as "fixed"
+    cells += [Cell(b, "gptq", s, lam, seed) for lam in cfg.lambdas if lam for seed in cfg.seeds for b in cfg.bits
+              for s in ("fixed", "maca")]
+    return cells
+
+
+@dataclass
+class Texts:
+    calib: torch.Tensor  # the calibration stream (windows are drawn only from here)
+    jargon_val: torch.Tensor
+    jargon_test: torch.Tensor
+    bible: torch.Tensor
+    layout: dict  # where each part sits in the Jargon File's token stream (for the report)
+
+
+def split_texts(jargon: torch.Tensor, bible: torch.Tensor, holdout_fraction: float) -> Texts:
+    calib_ids, held = calibration.holdout_split(jargon, eval_fraction=holdout_fraction)
+    half = held.numel() // 2
+    n = calib_ids.numel()
+    layout = {"jargon_tokens": jargon.numel(), "calib": [0, n], "jargon_val": [n, n + half],
+              "jargon_test": [n + half, jargon.numel()], "bible_tokens": bible.numel()}
+    return Texts(calib_ids, held[:half], held[half:], bible, layout)
+
+
+def calibration_for(cell: Cell, texts: Texts, cfg: StudyConfig, max_positions: int | None):
+    sampler, _ = SCHEMES[cell.scheme]
+    if sampler == "fixed":
+        return calibration.fixed(texts.calib, max(cfg.calib_lengths), total_tokens=cfg.calib_tokens,
+                                 seed=cell.seed, max_positions=max_positions)
+    return calibration.matryoshka(texts.calib, cfg.calib_lengths, total_tokens=cfg.calib_tokens, seed=cell.seed,
+                                  max_positions=max_positions)
+
+
+def check_bookkeeping(calib, texts: Texts, cfg: StudyConfig) -> dict:
+    """The study's promises for one calibration set, checked rather than assumed: windows inside the
+    calibration stream (so never on evaluation text) and exactly the token budget."""
+    ends = calib.starts + calib.lengths
+    if calib.source_tokens != texts.calib.numel() or int(ends.max()) > texts.calib.numel():
+        raise RuntimeError("a calibration window reaches past the calibration stream into evaluation text")
+    if calib.total_tokens != cfg.calib_tokens:
+        raise RuntimeError(f"calibration has {calib.total_tokens} tokens, the budget is {cfg.calib_tokens}")
+    return {"windows_end_before_token": int(ends.max()), "calib_stream_tokens": texts.calib.numel(),
+            "total_tokens": calib.total_tokens}
+
+
+def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
+    from .pipeline import quantize_model
+
+    t0 = time.perf_counter()
+    model = fp_model if cell.method == "fp" else copy.deepcopy(fp_model)
+    entry: dict = {"cell": asdict(cell), "key": cell.key}
+    max_pos = getattr(fp_model.config, "max_position_embeddings", None)
+    if cell.method == "rtn":
+        quantize_model(model, None, cell.bits, cfg.group_size, method="rtn", progress=False, log=None)
+    elif cell.method in ("gptq", "gptaq"):
+        calib = calibration_for(cell, texts, cfg, max_pos)
+        entry["calibration"] = calib.describe() | {"checks": check_bookkeeping(calib, texts, cfg)}
+        quantize_model(model, calib, cell.bits, cfg.group_size, method=cell.method,
+                       weighting=SCHEMES[cell.scheme][1], reg=cell.reg or None, progress=False, log=None)
+    entry["quantize_s"] = round(time.perf_counter() - t0, 2)
+    if getattr(model, "quantize_stats", None) is not None:
+        entry["time_split"] = model.quantize_stats.summary()
+    t1 = time.perf_counter()
+    entry["perplexity"] = {name: {str(L): perplexity(model, getattr(texts, name), L, max_tokens=cfg.eval_tokens)
+                                  for L in cfg.eval_lengths} for name in TEXTS}
+    entry["eval_s"] = round(time.perf_counter() - t1, 2)
+    return entry
+
+
+def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=None, max_runs: int | None = None,
+              log=print) -> dict:
+    """Run the cells of ``plan(cfg)`` not yet in ``<out_dir>/runs/`` (at most ``max_runs`` of them), then
+    summarize. ``load()`` → (fp_model, jargon_ids, bible_ids, meta); default: the embedded model and texts."""
+    cfg = cfg or StudyConfig()
+    fp_model, jargon, bible, meta = (load or _load_embedded)()
+    texts = split_texts(jargon, bible, cfg.holdout_fraction)
+    runs_dir = os.path.join(out_dir, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, "config.json"),
+                {"config": asdict(cfg), "meta": meta, "text_layout": texts.layout,
+                 "torch": torch.__version__, "threads": torch.get_num_threads()})
+    done = 0
+    for cell in plan(cfg):
+        path = os.path.join(runs_dir, cell.key + ".json")
+        if os.path.exists(path):
+            continue
+        if max_runs is not None and done >= max_runs:
+            break
+        entry = run_cell(cell, fp_model, texts, cfg)
+        _write_json(path, entry)  # as soon as it finishes: an interrupted study resumes after it
+        done += 1
+        ppl = entry["perplexity"]
+        log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
+            + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
+    return summarize(out_dir, log=log)
+
+
+def _load_embedded():
+    from . import embedded
+
+    embedded.ensure_all(install=True)
+    fp_model, tok = embedded.load_model()
+    jargon = calibration.load_token_ids(text=embedded.jargon_text(), tokenizer=tok)
+    bible = calibration.load_token_ids(text=embedded.bible_text()[:400_000], tokenizer=tok)  # ~100k tokens
+    meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "model_note": embedded.MODEL_NOTE,
+            "calibration_text": "Jargon File (Debian jargon-text)",
+            "out_of_domain_text": "King James Bible (bible-kjv)"}
+    return fp_model, jargon, bible, meta
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+def load_runs(out_dir: str) -> list[dict]:
+    runs_dir = os.path.join(out_dir, "runs")
+    runs = []
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(runs_dir, name)) as f:
+                runs.append(json.load(f))
+    return runs
+
+
+def _cell(run: dict) -> Cell:
+    return Cell(**run["cell"])
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{group: {"n": seeds, "cell": first cell, text: {L: (mean, std)}}} over the seeds of each cell."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(_cell(r).group, []).append(r)
+    out = {}
+    for g, rs in groups.items():
+        entry = {"n": len(rs), "cell": rs[0]["cell"], "quantize_s": statistics.mean(r["quantize_s"] for r in rs)}
+        for t in TEXTS:
+            entry[t] = {}
+            for L in rs[0]["perplexity"][t]:
+                vals = [r["perplexity"][t][L] for r in rs]
+                entry[t][L] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        out[g] = entry
+    return out
+
+
+def choose_lambda(agg: dict) -> dict:
+    """For each (bits, method, scheme) with several λ: the λ with the lowest mean log-perplexity on the
+    in-domain validation text over evaluation lengths. Nothing else is read: not the test half, not the Bible."""
+    choice: dict[str, dict] = {}
+    for g, e in agg.items():
+        c = e["cell"]
+        if c["method"] not in ("gptq", "gptaq"):
+            continue
+        base = f"{c['bits']}b-{c['method']}-{c['scheme']}"
+        score = statistics.mean(math.log(m) for m, _ in e["jargon_val"].values())
+        best = choice.get(base)
+        if best is None or score < best["val_score"]:
+            choice[base] = {"reg": c["reg"], "group": g, "val_score": score}
+    counts: dict[str, int] = {}
+    for e in agg.values():
+        c = e["cell"]
+        if c["method"] in ("gptq", "gptaq"):
+            base = f"{c['bits']}b-{c['method']}-{c['scheme']}"
+            counts[base] = counts.get(base, 0) + 1
+    return {b: v for b, v in choice.items() if counts[b] > 1}
+
+
+def summarize(out_dir: str, log=print) -> dict:
+    runs = load_runs(out_dir)
+    if not runs:
+        raise RuntimeError(f"no finished runs in {out_dir}/runs")
+    agg = aggregate(runs)
+    lam = choose_lambda(agg)
+    summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs),
+               "wall_s": round(sum(r["quantize_s"] + r["eval_s"] for r in runs), 1)}
+    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    table = markdown_table(agg, lam)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    _plots(agg, lam, out_dir)
+    log(table)
+    return summary
+
+
+def _fmt(ms) -> str:
+    m, s = ms
+    return f"{m:.2f} ± {s:.2f}" if s else f"{m:.2f}"
+
+
+def markdown_table(agg: dict, lam: dict) -> str:
+    any_entry = next(iter(agg.values()))
+    lengths = list(any_entry["jargon_test"])
+    head = ("| cell | seeds | " + " | ".join(f"{t} @{L}" for t in ("jargon_test", "bible") for L in lengths)
+            + " | quantize s |")
+    rows = [head, "|" + " --- |" * (3 + 2 * len(lengths))]
+    chosen = {v["group"] for v in lam.values()}
+
+    def order(g):
+        c = agg[g]["cell"]
+        return (c["method"] != "fp", -c["bits"], ["fp", "rtn", "gptq", "gptaq"].index(c["method"]), c["scheme"],
+                c["reg"])
+
+    for g in sorted(agg, key=order):
+        e = agg[g]
+        mark = " (λ chosen)" if g in chosen else ""
+        cells = [_fmt(e[t][L]) for t in ("jargon_test", "bible") for L in lengths]
+        rows.append(f"| {g}{mark} | {e['n']} | " + " | ".join(cells) + f" | {e['quantize_s']:.0f} |")
+    return "\n".join(rows)
+
+
+COLORS = {"fp": "black", "rtn": "gray", "gptq-fixed": "tab:blue", "gptq-maca": "tab:orange",
+          "gptaq-fixed": "tab:green", "gptaq-maca": "tab:red"}
+
+
+def _plots(agg: dict, lam: dict, out_dir: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    bits = sorted({e["cell"]["bits"] for e in agg.values() if e["cell"]["bits"]}, reverse=True)
+    fig, axes = plt.subplots(2, len(bits), figsize=(5 * len(bits), 8), squeeze=False)
+    for j, b in enumerate(bits):
+        for i, text in enumerate(("jargon_test", "bible")):
+            ax = axes[i][j]
+            for g, e in sorted(agg.items()):
+                c = e["cell"]
+                shown = c["bits"] == b and c["reg"] == 0 and c["scheme"] in ("-", "fixed", "maca")
+                if not (c["method"] == "fp" or shown):
+                    continue
+                pts = sorted((int(L), m, s) for L, (m, s) in e[text].items())
+                label = g.replace(f"{b}b-", "").replace("-reg0", "")
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=label, color=COLORS.get(label))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("evaluation length (tokens)")
+            ax.set_ylabel("perplexity")
+            ax.set_title(f"{b}-bit, {text}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "perplexity.png"), dpi=90)
+    plt.close(fig)
+    sweeps = {}
+    for e in agg.values():
+        c = e["cell"]
+        if c["method"] == "gptq" and c["scheme"] in ("fixed", "maca"):
+            sweeps.setdefault((c["bits"], c["scheme"]), []).append((c["reg"], e))
+    sweeps = {k: sorted(v, key=lambda t: t[0]) for k, v in sweeps.items() if len(v) > 1}
+    if not sweeps:
+        return
+    fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
+    for j, b in enumerate(bits):
+        ax = axes[0][j]
+        for (bb, scheme), pts in sorted(sweeps.items()):
+            if bb != b:
+                continue
+            for text, style in (("jargon_val", ":"), ("jargon_test", "-"), ("bible", "--")):
+                L = max(pts[0][1][text], key=int)
+                ax.plot([max(r, 1e-3) for r, _ in pts], [e[text][L][0] for _, e in pts], style, marker="o",
+                        label=f"{scheme} {text}@{L}")
+        ax.set_xscale("log")
+        ax.set_xlabel("λ (0 drawn at 1e-3)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{b}-bit GPTQ, saliency regularisation")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "lambda.png"), dpi=90)
+    plt.close(fig)
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+__all__ = ["Cell", "StudyConfig", "choose_lambda", "plan", "run_study", "summarize"]
