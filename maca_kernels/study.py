@@ -70,17 +70,18 @@ class StudyConfig:
 
 def plan(cfg: StudyConfig) -> list[Cell]:
     """Every cell, most informative first (so an interrupted study has the main comparison): FP and RTN;
-    GPTQ / GPTAQ fixed vs MaCa on the first seed; the other seeds; the ablation; the λ sweep."""
+    GPTQ / GPTAQ fixed vs MaCa on the first seed; GPTQ's other seeds, ablation and λ sweep; GPTAQ's other
+    seeds last (a GPTAQ run costs about twice a GPTQ run: two forward streams and the cross term)."""
     cells = [Cell(0, "fp")] + [Cell(b, "rtn") for b in cfg.bits]
     first, rest = cfg.seeds[0], cfg.seeds[1:]
     for method in ("gptq", "gptaq"):
         cells += [Cell(b, method, s, seed=first) for b in cfg.bits for s in ("fixed", "maca")]
-    cells += [Cell(b, m, s, seed=seed) for seed in rest for m in ("gptq", "gptaq") for b in cfg.bits
-              for s in ("fixed", "maca")]
+    cells += [Cell(b, "gptq", s, seed=seed) for seed in rest for b in cfg.bits for s in ("fixed", "maca")]
     cells += [Cell(b, "gptq", "mix-token", seed=seed) for seed in cfg.seeds for b in cfg.bits]
     cells += [Cell(b, "gptq", "fixed-seq", seed=first) for b in cfg.bits]  # same H up to scale as "fixed"
     cells += [Cell(b, "gptq", s, lam, seed) for lam in cfg.lambdas if lam for seed in cfg.seeds for b in cfg.bits
               for s in ("fixed", "maca")]
+    cells += [Cell(b, "gptaq", s, seed=seed) for seed in rest for b in cfg.bits for s in ("fixed", "maca")]
     return cells
 
 
@@ -156,23 +157,39 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
     texts = split_texts(jargon, bible, cfg.holdout_fraction)
     runs_dir = os.path.join(out_dir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "config.json"),
-                {"config": asdict(cfg), "meta": meta, "text_layout": texts.layout,
+    cfg_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            if json.load(f)["config"] != _config_record(cfg):
+                raise RuntimeError(f"{out_dir} holds a study made with another study configuration; resume with "
+                                   "the same configuration, or start in another --out folder")
+    _write_json(cfg_path,
+                {"config": _config_record(cfg), "meta": meta, "text_layout": texts.layout,
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     done = 0
     for cell in plan(cfg):
         path = os.path.join(runs_dir, cell.key + ".json")
         if os.path.exists(path):
+            with open(path) as f:
+                made_with = json.load(f).get("config")
+            if made_with != _config_record(cfg):
+                raise RuntimeError(f"{path} was made with another study configuration ({made_with}); resume with "
+                                   "the same configuration, or start in another --out folder")
             continue
         if max_runs is not None and done >= max_runs:
             break
-        entry = run_cell(cell, fp_model, texts, cfg)
+        entry = run_cell(cell, fp_model, texts, cfg) | {"config": _config_record(cfg)}
         _write_json(path, entry)  # as soon as it finishes: an interrupted study resumes after it
         done += 1
         ppl = entry["perplexity"]
         log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
             + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
     return summarize(out_dir, log=log)
+
+
+def _config_record(cfg: StudyConfig) -> dict:
+    """The configuration as JSON reads it back (tuples become lists), stored in every run."""
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def _load_embedded():
@@ -235,22 +252,30 @@ def choose_lambda(agg: dict) -> dict:
         best = choice.get(base)
         if best is None or score < best["val_score"]:
             choice[base] = {"reg": c["reg"], "group": g, "val_score": score}
-    counts: dict[str, int] = {}
+    seeds: dict[str, list[int]] = {}
     for e in agg.values():
         c = e["cell"]
         if c["method"] in ("gptq", "gptaq"):
-            base = f"{c['bits']}b-{c['method']}-{c['scheme']}"
-            counts[base] = counts.get(base, 0) + 1
-    return {b: v for b, v in choice.items() if counts[b] > 1}
+            seeds.setdefault(f"{c['bits']}b-{c['method']}-{c['scheme']}", []).append(e["n"])
+    # a choice needs several λ, each over the same number of seeds (an unfinished sweep chooses nothing)
+    return {b: v for b, v in choice.items() if len(seeds[b]) > 1 and len(set(seeds[b])) == 1}
 
 
 def summarize(out_dir: str, log=print) -> dict:
-    runs = load_runs(out_dir)
+    """Tables and plots from the runs of ``<out_dir>/config.json``'s configuration and plan (others are
+    left out and counted)."""
+    with open(os.path.join(out_dir, "config.json")) as f:
+        record = json.load(f)["config"]
+    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+    keys = {c.key for c in plan(cfg)}
+    found = load_runs(out_dir)
+    runs = [r for r in found if r.get("config") == record and r["key"] in keys]
     if not runs:
-        raise RuntimeError(f"no finished runs in {out_dir}/runs")
+        raise RuntimeError(f"no finished runs of this configuration in {out_dir}/runs")
     agg = aggregate(runs)
     lam = choose_lambda(agg)
-    summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs),
+    summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs), "planned": len(keys),
+               "left_out": len(found) - len(runs),
                "wall_s": round(sum(r["quantize_s"] + r["eval_s"] for r in runs), 1)}
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     table = markdown_table(agg, lam)

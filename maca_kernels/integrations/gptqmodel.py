@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 
 import torch
 
-from ..ops.gptq import gptq_quantize
+from ..ops.gptq import NotPositiveDefiniteError, gptq_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ._patch import Patch, check_version, sequence_lengths
 
@@ -56,29 +57,47 @@ def enable(weighting: str = "token", *, op_backend: str | None = None) -> None:
         from gptqmodel.quantization.gptq import GPTQ
 
         patch = Patch()
-        originals = {
-            "add_batch": GPTQ.add_batch, "materialize": GPTQ.materialize_global_hessian,
-            "quantize": GPTQ.quantize, "gptaq_add_batch": GPTAQ.add_batch, "gptaq_quantize": GPTAQ.quantize,
-        }
-        patch.set(GPTQ, "add_batch", _make_add_batch(originals["add_batch"]))
-        patch.set(GPTQ, "materialize_global_hessian", _make_materialize(originals["materialize"]))
-        patch.set(GPTQ, "quantize", _make_quantize(originals["quantize"]))
-        patch.set(GPTAQ, "add_batch", _make_add_batch(originals["gptaq_add_batch"]))
-        patch.set(GPTAQ, "quantize", _make_quantize(originals["gptaq_quantize"]))
-        from gptqmodel.quantization.foem import FOEM
+        try:
+            from gptqmodel.quantization.foem import FOEM
 
-        patch.set(FOEM, "add_batch", _refuse("FOEM"))
+            patch.set(GPTQ, "add_batch", _make_add_batch(GPTQ.add_batch))
+            patch.set(GPTQ, "materialize_global_hessian", _make_materialize(GPTQ.materialize_global_hessian))
+            patch.set(GPTQ, "adopt_hessian_from", _make_adopt(GPTQ.adopt_hessian_from))
+            patch.set(GPTQ, "quantize", _make_quantize(GPTQ.quantize))
+            patch.set(GPTAQ, "add_batch", _make_add_batch(GPTAQ.add_batch))
+            patch.set(GPTAQ, "quantize", _make_quantize(GPTAQ.quantize))
+            patch.set(FOEM, "add_batch", _refuse("FOEM"))
+        except BaseException:
+            patch.undo()
+            raise
         _active = dict(weighting=weighting, op_backend=op_backend, patch=patch, version=version,
-                       classes=(GPTQ, GPTAQ))
+                       classes=(GPTQ, GPTAQ), live=weakref.WeakSet())
 
 
 def disable() -> None:
-    """Undo :func:`enable` (a no-op when not enabled)."""
+    """Undo :func:`enable` (a no-op when not enabled). Tasks that accumulated with us but were not solved yet
+    get our Hessian (and GPTAQ's cross term) handed to the tool, so its own quantize can finish them."""
     global _active
     with _lock:
         if _active is not None:
-            _active["patch"].undo()
-            _active = None
+            act, _active = _active, None
+            for task in list(act["live"]):
+                _hand_back(task)
+            act["patch"].undo()
+
+
+def _hand_back(task) -> None:
+    with task.lock:
+        st = task.__dict__.pop("_mk_state", None)
+        if st is None:
+            return
+        acc = st.merge(st.device or torch.device("cpu"))
+        if acc is None:
+            return
+        task.H = acc.finalize()
+        if st.cross_term:
+            task.dXXT = acc.finalize_cross()
+        task._hessian_dirty = False
 
 
 def is_enabled() -> bool:
@@ -98,9 +117,9 @@ def backend(weighting: str = "token", *, op_backend: str | None = None):
 # ---------------------------------------------------------------- which tasks we take over
 
 
-def _ours(task) -> bool:
+def _ours(task, act) -> bool:
     """Plain GPTQ / GPTAQ tasks of Linear layers; anything else must be refused before it runs."""
-    GPTQ, GPTAQ = _active["classes"]
+    GPTQ, GPTAQ = act["classes"]
     if type(task) not in (GPTQ, GPTAQ):
         raise UnsupportedOption(
             f"module {task.name}: {type(task).__name__} is not GPTQ or GPTAQ; the maca_kernels backend covers "
@@ -121,6 +140,7 @@ class _State:
         self.columns, self.weighting, self.cross_term, self.op_backend = columns, weighting, cross_term, op_backend
         self.accs: dict[torch.device, HessianAccumulator] = {}
         self.merged: HessianAccumulator | None = None
+        self.device: torch.device | None = None
 
     def add(self, x, x_fp, name):
         if x.numel() == 0:
@@ -128,28 +148,31 @@ class _State:
         x2, lengths = sequence_lengths(x, f"module {name}")
         acc = self.accs.get(x2.device)
         if acc is None:
+            # no finiteness check per add: a NaN reaches H as it does in the tool, which then recovers
             acc = self.accs[x2.device] = HessianAccumulator(
                 self.columns, weighting=self.weighting, cross_term=self.cross_term, device=x2.device,
-                backend=self.op_backend)
-        fp = None if x_fp is None else sequence_lengths(x_fp.to(x2.device), f"module {name}")[0]
+                check_finite=False, backend=self.op_backend)
+            self.device = self.device or x2.device
+        fp = None if x_fp is None else sequence_lengths(x_fp.to(x2.device, x2.dtype), f"module {name}")[0]
         acc.add(x2, lengths, x_fp=fp)
         return x2.shape[0]
 
     def merge(self, device) -> HessianAccumulator | None:
         for acc in self.accs.values():
             moved = HessianAccumulator(self.columns, weighting=self.weighting, cross_term=self.cross_term,
-                                       device=device)
+                                       device=device, check_finite=False)
             moved.merge(acc)
             self.merged = moved if self.merged is None else self.merged.merge(moved)
         self.accs.clear()
         return self.merged
 
 
-def _state(task) -> _State:
+def _state(task, act) -> _State:
     st = task.__dict__.get("_mk_state")
     if st is None:
-        GPTQ, GPTAQ = _active["classes"]
-        st = task._mk_state = _State(task.columns, _active["weighting"], type(task) is GPTAQ, _active["op_backend"])
+        GPTQ, GPTAQ = act["classes"]
+        st = task._mk_state = _State(task.columns, act["weighting"], type(task) is GPTAQ, act["op_backend"])
+        act["live"].add(task)
     return st
 
 
@@ -166,22 +189,34 @@ def _refuse(method: str):
 
 def _make_add_batch(original):
     def add_batch(self, inp, out, batch_index=None):
-        if _active is None:
+        act = _active  # one snapshot per call: disable() may run on another thread
+        if act is None:
             return original(self, inp, out, batch_index)
         if "_mk_state" not in self.__dict__:
             # Refuse here, on the calibration thread: GPTQModel ends the process when a quantize worker raises.
-            _ours(self)
-            _solver_options(self)
-        GPTQ, GPTAQ = _active["classes"]
+            _ours(self, act)
+            _solver_options(self, act)
+        GPTQ, GPTAQ = act["classes"]
         x_fp = self.native_inps.pop(0) if type(self) is GPTAQ else None  # the tool's own pairing
         with self.lock:
-            tokens = _state(self).add(inp, x_fp, self.name)
+            tokens = _state(self, act).add(inp, x_fp, self.name)
             if tokens:
                 self.fwd_counter += 1
                 self.nsamples += tokens
                 self._hessian_dirty = True
 
     return add_batch
+
+
+def _make_adopt(original):
+    def adopt_hessian_from(self, leader):
+        act = _active
+        if act is not None:  # a follower never adds batches: check its options here, on the calibration thread
+            _ours(self, act)
+            _solver_options(self, act)
+        return original(self, leader)
+
+    return adopt_hessian_from
 
 
 def _make_materialize(original):
@@ -203,7 +238,7 @@ def _make_materialize(original):
     return materialize_global_hessian
 
 
-def _solver_options(task) -> dict:
+def _solver_options(task, act) -> dict:
     q = task.qcfg
     name = task.name
     if getattr(q, "mock_quantization", False):
@@ -234,7 +269,7 @@ def _solver_options(task) -> dict:
     steps += [s for s in (1.0, 3.0, 10.0) if s > (steps[-1] if steps else damp)]
     return dict(bits=bits, group_size=int(q.group_size), sym=bool(q.sym), act_order=bool(q.desc_act),
                 static_groups=bool(q.static_groups), damp=damp, damp_steps=tuple(steps), mse=bool(mse),
-                backend=_active["op_backend"], name=name, compute_loss=False)
+                backend=act["op_backend"], name=name, compute_loss=False)
 
 
 def _gar_perm(task, H):
@@ -243,53 +278,68 @@ def _gar_perm(task, H):
     from gptqmodel.quantization.gar import compose_final_perm, compute_global_perm, compute_local_perms
 
     g = int(task.qcfg.group_size)
-    diag = torch.diag(H)
+    diag = torch.diag(H).clone()
+    diag[diag == 0] = 1.0  # dead columns, as the tool neutralises them before ordering
     local, values = compute_local_perms(diag, g, return_values=True)
     return compose_final_perm(local, compute_global_perm(diag, g, precomputed_values=values), g)
 
 
 def _make_quantize(original):
     def quantize(self, blocksize=128):
+        act = _active
         st = self.__dict__.get("_mk_state")
         # A follower of a shared-input group never adds batches: it adopts its leader's H (ours) instead.
-        if _active is None or (st is None and self.H is None):
+        if act is None or (st is None and self.H is None):
             return original(self, blocksize)
-        _ours(self)
         from gptqmodel.utils.fallback import should_use_fallback
 
-        if should_use_fallback(self.fallback, float(self.nsamples), self.expected_nsamples):
-            return original(self, blocksize)  # the tool's RTN-style fallback never reads H
-        GPTQ, GPTAQ = _active["classes"]
-        opts = _solver_options(self)
-        start = time.time()
-        gptaq = type(self) is GPTAQ
-        self.materialize_global_hessian(getattr(self.module, "target_device", None))
-        H = self.H
-        dxxt = st.merged.finalize_cross().to(H.device) if gptaq else None
-        W = self.clone_module(device=H.device)
-        perm = None
-        if not gptaq and self.qcfg.act_group_aware and not opts["act_order"]:
-            perm = _gar_perm(self, H).to(H.device)
-        Wp, Hp = (W, H) if perm is None else (W[:, perm], H[perm][:, perm])
-        extra = dict(dxxt=dxxt, alpha=float(self.qcfg.gptaq.alpha)) if gptaq else {}
-        r = gptq_quantize(Wp, Hp, block_size=int(blocksize), **opts, **extra)
-        Q, scale, zero = r.weight, r.scales, r.zeros.to(torch.float32)
-        if perm is not None:  # back to the original column and group order
-            g = opts["group_size"]
-            Q = torch.empty_like(Q).index_copy_(1, perm, Q)
-            groups = perm.view(-1, g)[:, 0] // g  # original group of each processed group
-            scale = torch.empty_like(scale).index_copy_(1, groups, scale)
-            zero = torch.empty_like(zero).index_copy_(1, groups, zero)
-        # GAR keeps groups of original columns; otherwise the solver's g_idx (act-order may reorder them)
-        g_idx = r.g_idx if perm is None else torch.arange(self.columns, device=Q.device) // opts["group_size"]
-        avg_loss = _avg_loss(W, H, Q, r.damp, self.nsamples, dxxt, r.perm, extra.get("alpha", 0.0))
-        weight = self.module.weight
-        Q = Q.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
-        self.H = None
-        self.__dict__.pop("_mk_state", None)
-        return (Q, scale, zero, g_idx.to(torch.int32), time.time() - start, avg_loss, r.damp, self.nsamples)
+        GPTQ, GPTAQ = act["classes"]
+        if type(self) is GPTQ and should_use_fallback(self.fallback, float(self.nsamples), self.expected_nsamples):
+            self.__dict__.pop("_mk_state", None)  # the tool's RTN-style fallback never reads H: free our sums
+            return original(self, blocksize)
+        try:
+            return _solve(self, act, st, blocksize)
+        except NotPositiveDefiniteError:
+            pass
+        _hand_back(self)  # H not finite or not positive definite even with damping: the tool's own recovery
+        return original(self, blocksize)
 
     return quantize
+
+
+def _solve(self, act, st, blocksize):
+    """Our accumulation and solve for one task; returns the tuple GPTQModel's quantize returns."""
+    GPTQ, GPTAQ = act["classes"]
+    opts = _solver_options(self, act)
+    start = time.time()
+    gptaq = type(self) is GPTAQ
+    self.materialize_global_hessian(getattr(self.module, "target_device", None))
+    H = self.H
+    dxxt = st.merged.finalize_cross().to(H.device) if gptaq else None
+    if not torch.isfinite(H).all() or (dxxt is not None and not torch.isfinite(dxxt).all()):
+        raise NotPositiveDefiniteError(f"module {self.name}: the Hessian is not finite")
+    W = self.clone_module(device=H.device)
+    perm = None
+    if not gptaq and self.qcfg.act_group_aware and not opts["act_order"]:
+        perm = _gar_perm(self, H).to(H.device)
+    Wp, Hp = (W, H) if perm is None else (W[:, perm], H[perm][:, perm])
+    extra = dict(dxxt=dxxt, alpha=float(self.qcfg.gptaq.alpha)) if gptaq else {}
+    r = gptq_quantize(Wp, Hp, block_size=int(blocksize), **opts, **extra)
+    Q, scale, zero = r.weight, r.scales, r.zeros.to(torch.float32)
+    if perm is not None:  # back to the original column and group order
+        g = opts["group_size"]
+        Q = torch.empty_like(Q).index_copy_(1, perm, Q)
+        groups = perm.view(-1, g)[:, 0] // g  # original group of each processed group
+        scale = torch.empty_like(scale).index_copy_(1, groups, scale)
+        zero = torch.empty_like(zero).index_copy_(1, groups, zero)
+    # GAR keeps groups of original columns; otherwise the solver's g_idx (act-order may reorder them)
+    g_idx = r.g_idx if perm is None else torch.arange(self.columns, device=Q.device) // opts["group_size"]
+    avg_loss = _avg_loss(W, H, Q, r.damp, self.nsamples, dxxt, r.perm, extra.get("alpha", 0.0))
+    weight = self.module.weight
+    Q = Q.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
+    self.H = None
+    self.__dict__.pop("_mk_state", None)
+    return (Q, scale, zero, g_idx.to(torch.int32), time.time() - start, avg_loss, r.damp, self.nsamples)
 
 
 def _avg_loss(W, H, Q, damp, nsamples, dxxt, perm, alpha) -> float:

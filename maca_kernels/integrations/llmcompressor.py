@@ -40,6 +40,7 @@ class UnsupportedOption(ValueError):
 
 _lock = threading.Lock()
 _active: dict | None = None
+_originals: dict = {}  # the tool's functions, for a call that started before disable() returned
 
 
 def enable(weighting: str = "token", *, op_backend: str | None = None) -> None:
@@ -55,6 +56,7 @@ def enable(weighting: str = "token", *, op_backend: str | None = None) -> None:
         from llmcompressor.modifiers.gptq import base
 
         patch = Patch()
+        _originals.update(accumulate_hessian=base.accumulate_hessian, quantize_weight=base.quantize_weight)
         patch.set(base, "accumulate_hessian", _accumulate_hessian)
         patch.set(base, "quantize_weight", _quantize_weight)
         _active = dict(weighting=weighting, op_backend=op_backend, patch=patch, version=version)
@@ -86,6 +88,9 @@ def backend(weighting: str = "token", *, op_backend: str | None = None):
 def _accumulate_hessian(inp, module, hessian, num_samples):
     """Drop-in for ``llmcompressor.modifiers.gptq.helpers.accumulate_hessian``: ``hessian += 2·Σ w XᵀX`` and
     ``num_samples += rows`` (the tool divides one by the other before the solve)."""
+    act = _active  # one snapshot per call
+    if act is None:
+        return _originals["accumulate_hessian"](inp, module, hessian, num_samples)
     if not isinstance(module, torch.nn.Linear):
         raise UnsupportedOption(f"only nn.Linear layers are supported by the maca_kernels backend, got "
                                 f"{type(module).__name__}")
@@ -98,8 +103,9 @@ def _accumulate_hessian(inp, module, hessian, num_samples):
     if x.numel():
         x2, lengths = sequence_lengths(x, "GPTQModifier input")
         # √2·x in fp32, as the tool scales it: the factor 2 lands in the sum with no d×d temporary
-        mk_accumulate_hessian(math.sqrt(2.0) * x2.to(torch.float32), lengths, weighting=_active["weighting"],
-                              out=hessian, backend=_active["op_backend"])
+        # no finiteness check: a NaN reaches H as in the tool, whose solve then falls back to round-to-nearest
+        mk_accumulate_hessian(math.sqrt(2.0) * x2.to(torch.float32), lengths, weighting=act["weighting"],
+                              out=hessian, check_finite=False, backend=act["op_backend"])
     num_samples += rows
     return hessian, num_samples
 
@@ -137,6 +143,10 @@ def _quantize_weight(weights, hessians, scale, zero_point, global_scale, quant_a
                      percdamp=0.01):
     """Drop-in for ``llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight``: the same batch in, the
     same ``(quantized [B, N, K], losses [B], used_rtn_fallback [B])`` out."""
+    act = _active  # one snapshot per call
+    if act is None:
+        return _originals["quantize_weight"](weights, hessians, scale, zero_point, global_scale, quant_args,
+                                             blocksize, percdamp)
     t = str(getattr(quant_args.type, "value", quant_args.type))
     if t != "int":
         raise UnsupportedOption(f"weight type {t!r}: the backend solves integer weights")
@@ -157,8 +167,10 @@ def _quantize_weight(weights, hessians, scale, zero_point, global_scale, quant_a
                                                 quant_args, N, K)
         W, H = weights[b].to(torch.float32), hessians[b].to(torch.float32)
         opts = dict(bits=quant_args.num_bits, group_size=group_size, scales=scales, zeros=zeros,
-                    block_size=int(blocksize), backend=_active["op_backend"], compute_loss=False)
+                    block_size=int(blocksize), backend=act["op_backend"], compute_loss=False)
         try:
+            if not torch.isfinite(H).all():
+                raise NotPositiveDefiniteError("H is not finite")  # the tool's Cholesky fails the same way
             r = gptq_quantize(W, H, act_order=actorder is not None, damp=float(percdamp), damp_steps=(), **opts)
             Hd = H.clone()
             dead = Hd.diagonal() == 0

@@ -225,3 +225,46 @@ def test_untested_version_warns(monkeypatch):
         warnings.simplefilter("always")
         _patch.check_version("gptqmodel", mk_gptqmodel.TESTED_VERSIONS)
     assert any("tested with gptqmodel 7.7; found 9.0.1" in str(w.message) for w in caught)
+
+
+def standalone_task(seed=0, nan=False):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data.normal_(0, 0.08)
+    X = torch.randn(4, 200, 128) @ (torch.eye(128) + 0.2 * torch.randn(128, 128) / 128**0.5)
+    if nan:
+        X[1, 3, 5] = float("nan")
+    task = GPTQ(lin, QuantizeConfig(bits=4, group_size=128, act_group_aware=False))
+    task.quantizer.configure(perchannel=True)
+    return task, X
+
+
+def test_disable_hands_unsolved_tasks_back_to_the_tool():
+    tool, X = standalone_task()
+    for x in X:
+        tool.add_batch(x[None], None)
+    expect = tool.quantize()
+    task, X = standalone_task()
+    mk_gptqmodel.enable("token")
+    try:
+        for x in X:
+            task.add_batch(x[None], None)
+    finally:
+        mk_gptqmodel.disable()  # before the solve: the tool gets our H and solves with its own code
+    got = task.quantize()
+    assert "_mk_state" not in vars(task)
+    assert got[5] == pytest.approx(expect[5], rel=1e-4) and torch.allclose(got[0], expect[0], atol=1e-6)
+
+
+def test_a_non_finite_hessian_gets_the_tools_own_recovery():
+    tool, X = standalone_task(nan=True)
+    for x in X:
+        tool.add_batch(x[None], None)
+    expect = tool.quantize()
+    task, X = standalone_task(nan=True)
+    with mk_gptqmodel.backend("token"):
+        for x in X:
+            task.add_batch(x[None], None)
+        got = task.quantize()
+    assert expect[5] == got[5] == "rtn fallback"  # GPTQModel's answer to a NaN Hessian, unchanged
+    assert torch.equal(got[0], expect[0])

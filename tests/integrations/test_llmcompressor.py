@@ -163,3 +163,22 @@ def test_enable_disable_are_scoped():
     with pytest.raises(ValueError, match="weighting must be one of"):
         mk_llmc.enable("tokens")
     assert not mk_llmc.is_enabled()
+
+
+def test_a_non_finite_hessian_falls_back_to_round_to_nearest_as_the_tool_does():
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(1, 32, 64, generator=g) * 0.1
+    X = torch.randn(256, 64, generator=g)
+    H = (2 * X.T @ X / 256)[None].clone()
+    H[0, 3, 3] = float("nan")
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
+    scale = W.abs().amax(-1, keepdim=True) / 7.5
+    zp = torch.zeros_like(scale, dtype=torch.int8)
+    expect = quantize_weight(W.clone(), H.clone(), scale, zp, None, args)
+    with mk_llmc.backend("token"):
+        got = base.quantize_weight(weights=W.clone(), hessians=H.clone(), scale=scale, zero_point=zp,
+                                   global_scale=None, quant_args=args)
+    assert bool(expect[2][0]) and bool(got[2][0]), "flagged as a round-to-nearest fallback"
+    assert torch.allclose(got[0], expect[0], atol=1e-7) and torch.allclose(got[1], expect[1], rtol=1e-5)

@@ -117,4 +117,14 @@ def test_summary_table_plots_and_cli(finished, capsys):
     assert summary["runs"] == len(study.plan(CFG)) and summary["wall_s"] > 0
     assert main(["study", "--out", finished, "--summarize-only"]) == 0
     assert "4b-gptaq-maca-reg0" in capsys.readouterr().out
-    assert main(["study", "--out", str(Path(finished, "nothing")), "--summarize-only"]) == 1
+    assert main(["study", "--out", str(Path(finished, "nothing")), "--summarize-only"]) == 2  # no such study
+
+
+def test_a_study_does_not_resume_from_runs_of_another_configuration(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    other = study.StudyConfig(**{**study.asdict(CFG), "calib_tokens": 512})
+    with pytest.raises(RuntimeError, match="made with another study configuration"):
+        study.run_study(str(out), other, load=loader, log=lambda *_: None)

@@ -81,6 +81,7 @@ def gptq_quantize(
     positive definite (default: this library's schedule; ``()`` fails at once with
     ``NotPositiveDefiniteError``).
     """
+    damp_steps = None if damp_steps is None else tuple(damp_steps)  # a generator would be used up by the check
     check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
                  scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
     if backend not in BACKENDS:
