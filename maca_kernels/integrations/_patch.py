@@ -54,3 +54,14 @@ def sequence_lengths(x, where: str) -> tuple:
     if x.dim() == 2:
         return x, torch.tensor([x.shape[0]], dtype=torch.int64)
     raise ValueError(f"{where}: expected a [B, L, d] or [T, d] layer input, got shape {tuple(x.shape)}")
+
+
+def neutralized(W, H, damp: float) -> tuple:
+    """(W, H_d, dead) as a GPTQ sweep sees them: dead columns (zero diag(H)) zeroed in W and set to 1 on H's
+    diagonal, then damping ``damp``·mean(diag H) added. Copies; the tools report their losses against these."""
+    W, H = W.clone(), H.clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    return W, H, dead

@@ -26,7 +26,7 @@ import torch
 
 from ..ops.gptq import NotPositiveDefiniteError, gptq_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
-from ._patch import Patch, check_version, sequence_lengths
+from ._patch import Patch, check_version, neutralized, sequence_lengths
 
 TESTED_VERSIONS = ("7.7",)
 WEIGHTINGS = ("token", "sequence")
@@ -346,12 +346,7 @@ def _avg_loss(W, H, Q, damp, nsamples, dxxt, perm, alpha) -> float:
     """GPTQModel's reported loss: Σ over columns of err²/2 (err = (w − q)/U_ii of the sweep), over the token
     count. For GPTQ Σ err² = tr(ΔW H_d ΔWᵀ) with the damped H; for GPTAQ (updates W −= err·U − w·P),
     E (U − D·P) = ΔW + Q·P in processing order, D = diag(U), so Σ err² = ‖(ΔW + Q·P)(U − D·P)⁻¹‖²."""
-    W = W.clone()
-    H = H.clone()
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(damp * H.diagonal().mean())
+    W, H, dead = neutralized(W, H, damp)
     dW = W - Q
     if dxxt is None:
         total = float(((dW @ H) * dW).sum())

@@ -28,7 +28,7 @@ import torch
 
 from ..ops.gptq import NotPositiveDefiniteError, gptq_quantize
 from ..ops.hessian import accumulate_hessian as mk_accumulate_hessian
-from ._patch import Patch, check_version, sequence_lengths
+from ._patch import Patch, check_version, neutralized, sequence_lengths
 
 TESTED_VERSIONS = ("0.14",)
 WEIGHTINGS = ("token", "sequence")
@@ -172,15 +172,9 @@ def _quantize_weight(weights, hessians, scale, zero_point, global_scale, quant_a
             if not torch.isfinite(H).all():
                 raise NotPositiveDefiniteError("H is not finite")  # the tool's Cholesky fails the same way
             r = gptq_quantize(W, H, act_order=actorder is not None, damp=float(percdamp), damp_steps=(), **opts)
-            Hd = H.clone()
-            dead = Hd.diagonal() == 0
-            Hd.diagonal()[dead] = 1.0
-            Hd.diagonal().add_(float(percdamp) * Hd.diagonal().mean())
-            Wn = W.clone()
-            Wn[:, dead] = 0.0
+            Wn, Hd, _ = neutralized(W, H, float(percdamp))
         except NotPositiveDefiniteError:  # the tool's policy: identity factor, i.e. round-to-nearest
-            Wn = W.clone()
-            Wn[:, H.diagonal() == 0] = 0.0
+            Wn, _, _ = neutralized(W, H, 0.0)
             Hd = torch.eye(K, device=W.device)
             r = gptq_quantize(Wn, Hd, damp=0.0, **opts)
             fallback[b] = True
