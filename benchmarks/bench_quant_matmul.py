@@ -4,7 +4,8 @@ GPU: K×N ∈ {4096×4096, 4096×14336, 14336×4096, 8192×28672}, M ∈ {1, 16,
 128: time vs fp16 ``x @ Wᵀ``, effective bandwidth (packed weight + fp16 scales + packed zeros over the
 time) as a fraction of the measured device-to-device copy bandwidth; L2 flushed between runs
 (do_bench), CUDA graphs for M = 1 (launch cost); act-order ``g_idx`` vs sorted groups at M = 1, int4.
-CPU: M = 1 and 16 at 4096×4096 vs torch fp32 ``F.linear`` on the dequantized weight, all cores.
+CPU: M = 1 and 16 at 4096×4096 vs torch fp32 ``F.linear`` on the dequantized weight, all cores; act-order
+vs sorted at M = 1 for each bit width.
 
     python -m benchmarks.bench_quant_matmul [--cpu] [--gpu]
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import maca_kernels as mk
-from benchmarks.common import run_benchmark, time_cpu, time_gpu
+from benchmarks.common import run_benchmark, time_cpu, time_cpu_paired, time_gpu
 from maca_kernels.formats.gptq import pack_gptq, pack_gptq_zeros
 
 COLUMNS = ["device", "K", "N", "M", "bits", "impl", "ms", "speedup", "GB/s", "bw_fraction", "vs_sorted", "rel_err"]
@@ -100,22 +101,36 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
 
 def act_order_case(K: int, N: int, bits: int = 4, M: int = 1, group: int = 128, device: str = "cuda",
                    timer=time_gpu) -> list[dict]:
-    """Act-order ``g_idx`` (a random permutation of the groups) vs the same packed weight with sorted
-    groups (``g_idx=None``): vs_sorted = act-order ms / sorted ms."""
+    """Act-order ``g_idx`` (a random permutation of the groups) three ways: converted once to the decode
+    layout (what ``QuantLinear`` runs: one gather of x, then the sorted kernel), passed per call to
+    ``quant_matmul`` (the per-element gather path), and the same packed weight with sorted groups
+    (``g_idx=None``); vs_sorted = ms / sorted ms."""
     dev = _device_name(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     graphs = M == 1 and device == "cuda"
     W, ck, g_idx = checkpoint(N, K, bits, group, device, seed=K + N + bits + 1, act_order=True)
     x = torch.randn(M, K, device=device, dtype=dtype)
-    t_act, t_base, err = _measure(x, W, ck, bits, group, timer, W.to(dtype), graphs=graphs, g_idx=g_idx)
-    sorted_fn = lambda: mk.quant_matmul(x, *ck, None, bits, group)  # noqa: E731
-    t_sorted = timer(_graphed(sorted_fn) if graphs else sorted_fn)
+    t_gather, t_base, err_gather = _measure(x, W, ck, bits, group, timer, W.to(dtype), graphs=graphs, g_idx=g_idx)
+    dw = mk.to_decode_weight(*ck, g_idx, bits, group)
+    want = x.double() @ W.double().T
+    err = ((dw.matmul(x).double() - want).norm() / want.norm()).item()
+    act = lambda: dw.matmul(x)  # noqa: E731
+    srt = lambda: mk.quant_matmul(x, *ck, None, bits, group)  # noqa: E731
+    if device == "cuda":
+        maybe_graphed = _graphed if graphs else (lambda fn: fn)
+        t_act, t_sorted = timer(maybe_graphed(act)), timer(maybe_graphed(srt))
+    else:  # the ratio that matters: interleaved rounds on the shared CPU
+        paired = time_cpu_paired({"act": act, "sorted": srt})
+        t_act, t_sorted = paired["act"], paired["sorted"]
     common = dict(device=dev, K=K, N=N, M=M, bits=bits)
     return [
-        dict(common, impl="maca_kernels act-order g_idx", ms=t_act, speedup=t_base / t_act, vs_sorted=t_act / t_sorted,
-             rel_err=err),
+        dict(common, impl="maca_kernels act-order, decode layout", ms=t_act, speedup=t_base / t_act,
+             vs_sorted=t_act / t_sorted, rel_err=err),
+        dict(common, impl="maca_kernels act-order, g_idx per call", ms=t_gather, speedup=t_base / t_gather,
+             vs_sorted=t_gather / t_sorted, rel_err=err_gather),
         dict(common, impl="maca_kernels sorted groups", ms=t_sorted, speedup=t_base / t_sorted, vs_sorted=1.0),
-        dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0),
+        dict(common, impl="torch fp16 matmul" if device == "cuda" else "torch fp32 F.linear (dequantized)",
+             ms=t_base, speedup=1.0),
     ]
 
 
@@ -145,6 +160,7 @@ def bench_cpu(K: int = 4096, N: int = 4096, group: int = 128) -> list[dict]:
                              rel_err=err))
             rows.append(dict(common, impl="torch fp32 F.linear (dequantized)", ms=t_base, speedup=1.0,
                              **{"GB/s": N * K * 4 / t_base / 1e6}))
+        rows += act_order_case(K, N, bits, M=1, group=group, device="cpu", timer=timer)
     return rows
 
 

@@ -78,6 +78,23 @@ def time_cpu(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def time_cpu_paired(fns: dict[str, Callable[[], object]], warmup: int = 2, rounds: int = 15, inner: int = 5
+                    ) -> dict[str, float]:
+    """Median ms per call of each function, timed in interleaved rounds (each round runs every function
+    ``inner`` times), so load from other jobs on a shared machine hits all of them alike: for ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) * 1e3 / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def time_gpu(fn: Callable[[], object]) -> float:
     """Median ms with warm-up and the L2 cache flushed before every run (triton's do_bench)."""
     import triton.testing

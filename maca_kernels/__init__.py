@@ -8,12 +8,14 @@ from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
 from .ops.hessian import accumulate_hessian
 from .ops.hessian.accumulator import HessianAccumulator
+from .ops.quant_matmul.decode_layout import DecodeWeight, to_decode_weight
 from .ops.quant_matmul.op import quant_matmul
 from .pipeline import quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeWeight",
     "GPTQResult",
     "HessianAccumulator",
     "QuantLinear",
@@ -31,5 +33,6 @@ __all__ = [
     "quantize_model",
     "rtn_quantize",
     "save_quantized",
+    "to_decode_weight",
     "unpack_gptq",
 ]

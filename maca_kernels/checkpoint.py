@@ -265,7 +265,7 @@ def _check_model_against_config(qmods: dict[str, QuantLinear], qcfg: dict) -> No
                 f"QuantLinear {name!r} has bits={m.bits}, group_size={m.group_size}, checkpoint_format="
                 f"{m.checkpoint_format!r} but quantization_config says bits={bits}, group_size={group_size}, "
                 f"checkpoint_format={fmt!r}: every quantized module must match the config")
-        if not desc_act and not m._sorted_groups():
+        if not desc_act and m.act_order:
             raise ValueError(f"QuantLinear {name!r} has an act-order g_idx (not k // group_size) but "
                              "quantization_config.desc_act is False: readers may ignore g_idx; set desc_act=True")
     lm_head_quantized = any(n == "lm_head" or n.endswith(".lm_head") for n in qmods)

@@ -77,8 +77,8 @@ def assert_same_buffers(a, b):
             assert (ta is None) == (tb is None), (n, k)
             if ta is not None:
                 assert ta.dtype == tb.dtype and torch.equal(ta, tb), (n, k)
-        assert (qa[n].bits, qa[n].group_size, qa[n].checkpoint_format, qa[n]._gidx_trivial) == \
-            (qb[n].bits, qb[n].group_size, qb[n].checkpoint_format, qb[n]._gidx_trivial)
+        assert (qa[n].bits, qa[n].group_size, qa[n].checkpoint_format, qa[n].act_order) == \
+            (qb[n].bits, qb[n].group_size, qb[n].checkpoint_format, qb[n].act_order)
 
 
 def no_pickle(folder: Path):
@@ -330,7 +330,7 @@ def test_from_checkpoint():
     t = q.to_gptq()
     bias = torch.randn(64).half()
     layer = mk.QuantLinear.from_checkpoint(t, 3, 32, bias=bias)
-    assert (layer.in_features, layer.out_features, layer._gidx_trivial) == (128, 64, False)
+    assert (layer.in_features, layer.out_features, layer.act_order) == (128, 64, True)
     x = torch.randn(5, 128)
     assert torch.equal(layer(x), ref(x) + bias.float())
     with pytest.raises(ValueError, match="scales"):

@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.quant_matmul.op import quant_matmul
+from ..ops.quant_matmul.decode_layout import decode_matmul, permute_rows, to_decode_weight
 from ..ops.quant_matmul.validate import validate_quant_matmul
 
 
 class QuantLinear(nn.Module):
     """``y = x @ dequant(W)ᵀ + bias``. Its ``state_dict`` holds exactly the checkpoint tensors
-    (``qweight``, ``qzeros``, ``scales``, ``g_idx`` and ``bias`` if any)."""
+    (``qweight``, ``qzeros``, ``scales``, ``g_idx`` and ``bias`` if any).
+
+    Act-order layers are converted to the decode layout when their weights arrive (``from_gptq``,
+    ``from_checkpoint``, ``load_state_dict``): the ``qweight`` buffer then holds the rows of K in group
+    order and the non-persistent ``perm`` buffer the input order (see ``ops/quant_matmul/decode_layout.py``),
+    so they run at the speed of sorted layers; ``state_dict()`` converts back to the checkpoint layout.
+    Write new weights through those three entry points, not into the buffers."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
@@ -30,7 +36,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", (torch.arange(in_features, device=device) // max(in_features // G, 1)).to(
             torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-        self._gidx_trivial = True  # decided when g_idx changes, never inside forward (torch.compile)
+        # The decode layout, set whenever the weights arrive (never inside forward: torch.compile).
+        self.register_buffer("perm", None, persistent=False)  # act-order: input feature of each row of qweight
+        self.register_buffer("kernel_g_idx", None, persistent=False)  # only for groups of unequal size
+        self._kernel_group_size = group_size
 
     @classmethod
     def from_gptq(cls, q, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq") -> QuantLinear:
@@ -42,7 +51,7 @@ class QuantLinear(nn.Module):
             getattr(layer, name).copy_(t)
         if bias is not None:
             layer.bias.copy_(bias)
-        layer._gidx_trivial = layer._sorted_groups()
+        layer._to_decode_layout()
         return layer
 
     @classmethod
@@ -83,28 +92,47 @@ class QuantLinear(nn.Module):
                         ("g_idx", g_idx), ("bias", bias)):
             if t is not None:
                 getattr(layer, name).copy_(t)
-        layer._gidx_trivial = layer._sorted_groups()
+        layer._to_decode_layout()
         return layer
 
-    def _sorted_groups(self) -> bool:
-        # Without act-order g_idx is k // group_size: the kernels then take the faster per-tile path.
-        # Also the one place the g_idx range is checked for CUDA weights (quant_matmul skips it there: a sync).
+    def _to_decode_layout(self) -> None:
+        """qweight (checkpoint layout) → decode layout; checks the g_idx range (the one place it is checked
+        for CUDA weights: quant_matmul skips it there, a host sync)."""
         g = self.group_size if self.group_size != -1 else self.in_features
-        g_idx, G = self.g_idx.cpu(), self.scales.shape[0]
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
-            raise ValueError(f"g_idx must lie in [0, G − 1] = [0, {G - 1}], got values in "
-                             f"[{int(g_idx.min())}, {int(g_idx.max())}]")
-        return bool(torch.equal(g_idx, (torch.arange(self.in_features) // g).to(torch.int32)))
+        trivial = (torch.arange(self.in_features, device=self.g_idx.device) // g).to(torch.int32)
+        g_idx = None if torch.equal(self.g_idx, trivial) else self.g_idx
+        d = to_decode_weight(self.qweight, self.scales, self.qzeros, g_idx, self.bits, self.group_size,
+                             self.checkpoint_format)
+        if d.qweight is not self.qweight:
+            self.qweight.copy_(d.qweight)
+        self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
+
+    @property
+    def act_order(self) -> bool:
+        """True when ``g_idx`` is not ``k // group_size`` (an act-order checkpoint)."""
+        return self.perm is not None or self.kernel_g_idx is not None
+
+    def _checkpoint_qweight(self) -> torch.Tensor:
+        if self.perm is None:
+            return self.qweight
+        return permute_rows(self.qweight, torch.argsort(self.perm), self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g_idx = None if self._gidx_trivial else self.g_idx
-        y = quant_matmul(x, self.qweight, self.scales, self.qzeros, g_idx, self.bits, self.group_size,
-                         self.checkpoint_format)
+        y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
+                          self._kernel_group_size, self.checkpoint_format)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._gidx_trivial = self._sorted_groups()  # a new g_idx: decide the kernel path again
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.perm is not None:
+            destination[prefix + "qweight"] = self._checkpoint_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.perm is not None:  # back to the checkpoint layout first: the state dict may not hold qweight
+            self.qweight.copy_(self._checkpoint_qweight())
+            self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._to_decode_layout()  # a new g_idx or qweight: convert again
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

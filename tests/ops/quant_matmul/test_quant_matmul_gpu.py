@@ -83,6 +83,11 @@ def test_act_order_on_gpu(M):
     x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
     y = mk.quant_matmul(x, qw.cuda(), sc.cuda(), qz.cuda(), g_idx.cuda(), 3, 128)
     assert rel(y, x.double() @ W.cuda().T) <= TOL[torch.float16]
+    # the decode layout, converted on the GPU: the sorted kernels on x gathered once
+    d = mk.to_decode_weight(qw.cuda(), sc.cuda(), qz.cuda(), g_idx.cuda(), 3, 128)
+    assert d.perm is not None and d.g_idx is None
+    assert torch.equal(d.to_checkpoint()["qweight"].cpu(), qw)
+    assert rel(d.matmul(x), x.double() @ W.cuda().T) <= TOL[torch.float16]
 
 
 def test_cuda_graph_and_compile():

@@ -1,0 +1,151 @@
+"""The decode layout: act-order weights with the rows of K in group order, converted once at load.
+
+A GPTQ act-order checkpoint (``desc_act``) keeps the rows of K in input order and names each row's group
+in ``g_idx``; the groups are scattered along K, so a kernel reading it must fetch a scale and a zero point
+per element (the slow gather path). The product is the same sum in any order of K:
+
+    x @ dequant(W)ᵀ = x[..., perm] @ dequant(W)[:, perm]ᵀ    with perm sorting g_idx (stable),
+
+and when every group then fills ``group_size`` consecutive rows (what GPTQ's act-order and static groups
+produce), the permuted layer is a plain grouped one: the kernels run their sorted schedule and the only
+extra work per call is one gather of x. The conversion moves whole codes (unpack, permute rows, repack), so
+it is lossless: :meth:`DecodeWeight.to_checkpoint` gives back the checkpoint tensors bit for bit.
+
+A ``g_idx`` whose groups are not all the same size (hand-made checkpoints) is still put in group order,
+and keeps a sorted ``g_idx`` for the kernels' gather path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...formats.gptq import _pack_dim0, _unpack_dim0
+from .validate import validate_quant_matmul
+
+# Columns repacked at a time: bounds the int64 codes temporary to K × this many values.
+_REPACK_COLS = 4096
+
+
+@dataclass(frozen=True)
+class DecodeWeight:
+    """One layer's packed weight as the kernels read it fastest. Build with :func:`to_decode_weight`.
+
+    ``qweight`` int32 ``[K·bits/32, N]`` (GPTQ packing of the rows of K in group order), ``scales`` fp16
+    ``[G, N]`` and ``qzeros`` int32 ``[G, N·bits/32]`` (as in the checkpoint), ``perm`` int64 ``[K]`` (row
+    i holds input feature ``perm[i]``; None: rows already in input order), ``group_size`` (rows per group
+    after sorting; −1: one group), ``g_idx`` (sorted, only when the groups differ in size; else None),
+    ``checkpoint_g_idx`` (the checkpoint's own g_idx, None if it had none).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor
+    perm: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    checkpoint_g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    checkpoint_format: str
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def matmul(self, x: torch.Tensor, *, backend: str | None = None, deterministic: bool = False) -> torch.Tensor:
+        """``x [..., K] @ dequant(W)ᵀ`` → ``[..., N]``: the product ``quant_matmul`` gives on the checkpoint
+        tensors, with x gathered once into the weight's row order."""
+        return decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.g_idx, self.bits,
+                             self.group_size, self.checkpoint_format, backend=backend, deterministic=deterministic)
+
+    def to_checkpoint(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors this weight was built from (``qweight``, ``qzeros``, ``scales`` and
+        ``g_idx`` when the checkpoint had one), bit for bit."""
+        out = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
+        if self.perm is not None:
+            out["qweight"] = permute_rows(self.qweight, torch.argsort(self.perm), self.bits)
+        if self.checkpoint_g_idx is not None:
+            out["g_idx"] = self.checkpoint_g_idx
+        return out
+
+
+def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size: int, checkpoint_format: str, *,
+                  backend: str | None = None, deterministic: bool = False) -> torch.Tensor:
+    """``quant_matmul`` on decode-layout tensors (``perm`` as in :class:`DecodeWeight`)."""
+    from .op import quant_matmul
+
+    if perm is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [..., K], got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != perm.shape[0]:
+            raise ValueError(f"x must be [..., K] with K = {perm.shape[0]}, got shape {tuple(x.shape)}")
+        if x.device != perm.device:
+            raise ValueError(f"x is on {x.device} but the weight is on {perm.device}")
+        x = x.index_select(-1, perm)
+    return quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format, backend=backend,
+                        deterministic=deterministic)
+
+
+def permute_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight`` with its (packed) rows of K reordered: row i of the result is row ``perm[i]``."""
+    out = torch.empty_like(qweight)
+    for n0 in range(0, qweight.shape[1], _REPACK_COLS):
+        cols = slice(n0, n0 + _REPACK_COLS)
+        codes = _unpack_dim0(qweight[:, cols], bits)  # int64 [K, cols]
+        out[:, cols] = _pack_dim0(codes.index_select(0, perm), bits)
+    return out
+
+
+def _uniform_group_size(sorted_g: torch.Tensor, G: int) -> int:
+    """The group size if ``sorted_g`` is ``i // gs`` for every row i (every group the same size), else 0."""
+    K = sorted_g.numel()
+    if K % G:
+        return 0
+    gs = K // G
+    expected = torch.arange(K, device=sorted_g.device) // gs
+    return gs if torch.equal(sorted_g.to(expected.dtype), expected) else 0
+
+
+def to_decode_weight(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    bits: int = 4,
+    group_size: int = 128,
+    checkpoint_format: str = "gptq",
+) -> DecodeWeight:
+    """Converts one layer's checkpoint tensors (the arguments of ``quant_matmul``, same checks and errors)
+    into the decode layout. Sorted layers (``g_idx`` None or ``k // group_size``) keep their tensors as
+    they are; act-order layers are repacked once, with rows of K in group order. Runs on the tensors'
+    device; the inputs are not modified."""
+    bits = int(bits)
+    K = qweight.shape[0] * 32 // bits if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 0
+    probe = torch.empty(0, K, device=qweight.device if isinstance(qweight, torch.Tensor) else "cpu")
+    shape = validate_quant_matmul(probe, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format)
+    if shape.g_idx is not None and shape.g_idx.device.type != "cpu":
+        g = shape.g_idx  # quant_matmul checks the range on CPU only (a sync on CUDA); here it is once per layer
+        lo, hi = (int(g.min()), int(g.max())) if g.numel() else (0, 0)
+        if lo < 0 or hi >= shape.G:
+            raise ValueError(f"g_idx must lie in [0, G − 1] = [0, {shape.G - 1}], got values in [{lo}, {hi}]")
+    ckpt_g = g_idx.clone() if isinstance(g_idx, torch.Tensor) else None
+    common = dict(scales=scales, qzeros=qzeros, checkpoint_g_idx=ckpt_g, bits=bits,
+                  checkpoint_format=checkpoint_format)
+    if shape.g_idx is None:
+        return DecodeWeight(qweight=qweight, perm=None, g_idx=None, group_size=group_size, **common)
+    perm = torch.argsort(shape.g_idx, stable=True)
+    sorted_g = shape.g_idx.index_select(0, perm)
+    gs = _uniform_group_size(sorted_g, shape.G)
+    if torch.equal(perm, torch.arange(K, device=perm.device)):
+        perm_or_none, packed = None, qweight  # already in group order
+    else:
+        perm_or_none, packed = perm, permute_rows(qweight, perm, bits)
+    if gs:
+        return DecodeWeight(qweight=packed, perm=perm_or_none, g_idx=None, group_size=gs, **common)
+    return DecodeWeight(qweight=packed, perm=perm_or_none, g_idx=sorted_g.contiguous(), group_size=group_size,
+                        **common)
