@@ -662,7 +662,7 @@ def step_quant_matmul(run: Run) -> str:
     def act_order(K: int, N: int):
         k, n = shape(K, N)
         rows = bq.act_order_case(k, n, device=device, timer=timer)
-        act, srt = _by_impl(rows, "maca_kernels act-order"), _by_impl(rows, "maca_kernels sorted")
+        act, srt = _by_impl(rows, "maca_kernels act-order, decode layout"), _by_impl(rows, "maca_kernels sorted")
         return rows, {f"qmm.act_order.{K}x{N}": (act["vs_sorted"], f"act-order {act['ms'] * 1e3:.4g} µs, sorted "
                                                  f"{srt['ms'] * 1e3:.4g} µs")}
 
