@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import maca_kernels as mk
 from benchmarks.common import run_benchmark, time_cpu, time_cpu_paired, time_gpu
 from maca_kernels.formats.gptq import pack_gptq, pack_gptq_zeros
+from maca_kernels.ops.quant_matmul import cuda_kernel, mma_layout
 
 COLUMNS = ["device", "K", "N", "M", "bits", "impl", "ms", "speedup", "GB/s", "bw_fraction", "vs_sorted", "rel_err"]
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
@@ -88,6 +89,9 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
     dev = _device_name(device)
     dtype = torch.float16 if device == "cuda" else torch.float32  # off CUDA (dry runs): fp32 activations
     W, ck, _ = checkpoint(N, K, bits, group, device, seed=K + N + bits)
+    mma = None  # the CUDA tensor-core GEMV (opt-in backend="cuda"), where it has a kernel
+    if device == "cuda" and cuda_kernel.available() and mma_layout.supports(bits, group, K, N):
+        mma = mk.to_decode_weight(*ck, None, bits, group, mma=True)
     for M in Ms:
         x = torch.randn(M, K, device=device, dtype=dtype)
         t_ours, t_base, err = _measure(x, W, ck, bits, group, timer, W.to(dtype), graphs=M == 1 and device == "cuda")
@@ -96,6 +100,18 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
         rows.append(dict(common, impl="maca_kernels", ms=t_ours, speedup=t_base / t_ours, **{"GB/s": gbs},
                          bw_fraction=gbs / bw if bw else None, rel_err=err))
         rows.append(dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0))
+        if mma is not None and M <= cuda_kernel.MAX_M:
+            try:  # not yet run on a GPU before this benchmark: a failure is recorded, not fatal
+                fn = lambda x=x: mma.matmul(x, backend="cuda")  # noqa: E731
+                want = x.double() @ W.double().T
+                err_c = ((fn().double() - want).norm() / want.norm()).item()
+                t_c = timer(_graphed(fn) if M == 1 else fn)
+            except Exception as exc:  # noqa: BLE001
+                rows.append(dict(common, impl="maca_kernels CUDA mma GEMV", error=f"{type(exc).__name__}: {exc}"[:500]))
+                continue
+            gbs_c = packed_bytes(N, K, bits, group) / t_c / 1e6
+            rows.append(dict(common, impl="maca_kernels CUDA mma GEMV", ms=t_c, speedup=t_base / t_c,
+                             **{"GB/s": gbs_c}, bw_fraction=gbs_c / bw if bw else None, rel_err=err_c))
     return rows
 
 

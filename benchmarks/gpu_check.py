@@ -118,6 +118,11 @@ def _targets() -> list[Target]:
         for K, N in QMM_SHAPES:
             t.append(Target(f"qmm.m1.int{bits}.{K}x{N}", "quant_matmul", f"batch 1, K×N={K}×{N}, int{bits} g128",
                             "speedup vs fp16 torch.matmul", ">=", target, "x", f"{_DO_BENCH}, both in CUDA graphs"))
+    for bits, target in QMM_BATCH1.items():
+        for K, N in QMM_SHAPES:
+            t.append(Target(f"qmm.cuda.m1.int{bits}.{K}x{N}", "quant_matmul (CUDA mma GEMV, opt-in)",
+                            f"batch 1, K×N={K}×{N}, int{bits} g128", "speedup vs fp16 torch.matmul", ">=", target,
+                            "x", f"{_DO_BENCH}, both in CUDA graphs; DecodeWeight.matmul(x, backend='cuda')"))
     for M, target in QMM_BATCHED_INT4.items():
         for K, N in QMM_SHAPES:
             t.append(Target(f"qmm.m{M}.int4.{K}x{N}", "quant_matmul", f"batch {M}, K×N={K}×{N}, int4 g128",
@@ -649,10 +654,11 @@ def step_quant_matmul(run: Run) -> str:
         rows = bq.gpu_case(k, n, bits, Ms=Ms, device=device, timer=timer, bw=bw)
         values = {}
         for r in rows:
-            if r["impl"] != "maca_kernels":
+            if not r["impl"].startswith("maca_kernels") or r.get("speedup") is None:
                 continue
-            base = next(b for b in rows if b["impl"] != "maca_kernels" and b["M"] == r["M"])
-            key = f"qmm.m{r['M']}.int{bits}.{K}x{N}"
+            base = next(b for b in rows if b["impl"] == "torch fp16 matmul" and b["M"] == r["M"])
+            cuda = r["impl"] == "maca_kernels CUDA mma GEMV"
+            key = f"qmm.{'cuda.' if cuda else ''}m{r['M']}.int{bits}.{K}x{N}"
             if key in TARGET_KEYS:
                 bwf = f", {100 * r['bw_fraction']:.0f}% of copy bandwidth" if r.get("bw_fraction") else ""
                 values[key] = (r["speedup"], f"{f'{k}x{n}: ' if run.dry else ''}ours {r['ms'] * 1e3:.4g} µs, "
@@ -670,10 +676,13 @@ def step_quant_matmul(run: Run) -> str:
     for K, N in QMM_SHAPES:
         Ms = (1, *QMM_BATCHED_INT4)
         cases += [
-            Case(f"quant_matmul {K}x{N} int4 M={Ms}", [f"qmm.m{M}.int4.{K}x{N}" for M in Ms],
+            Case(f"quant_matmul {K}x{N} int4 M={Ms}",
+                 [f"qmm.m{M}.int4.{K}x{N}" for M in Ms] + [f"qmm.cuda.m1.int4.{K}x{N}"],
                  lambda K=K, N=N, Ms=Ms: speedups(K, N, 4, Ms)),
-            Case(f"quant_matmul {K}x{N} int3 M=1", [f"qmm.m1.int3.{K}x{N}"], lambda K=K, N=N: speedups(K, N, 3, (1,))),
-            Case(f"quant_matmul {K}x{N} int2 M=1", [f"qmm.m1.int2.{K}x{N}"], lambda K=K, N=N: speedups(K, N, 2, (1,))),
+            Case(f"quant_matmul {K}x{N} int3 M=1", [f"qmm.m1.int3.{K}x{N}", f"qmm.cuda.m1.int3.{K}x{N}"],
+                 lambda K=K, N=N: speedups(K, N, 3, (1,))),
+            Case(f"quant_matmul {K}x{N} int2 M=1", [f"qmm.m1.int2.{K}x{N}", f"qmm.cuda.m1.int2.{K}x{N}"],
+                 lambda K=K, N=N: speedups(K, N, 2, (1,))),
             Case(f"quant_matmul {K}x{N} act-order int4 M=1", [f"qmm.act_order.{K}x{N}"],
                  lambda K=K, N=N: act_order(K, N)),
         ]

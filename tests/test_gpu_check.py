@@ -21,6 +21,7 @@ EXPECTED = (
     [f"hessian.d{d}.{m}" for d in (4096, 8192) for m in ("vs_cublas", "vs_reference", "error")]
     + [f"gptq.{s}.{m}" for s in ("4096x4096", "14336x4096") for m in ("speedup", "loss")]
     + [f"qmm.m1.int{b}.{s}" for b in (4, 3, 2) for s in SHAPES]
+    + [f"qmm.cuda.m1.int{b}.{s}" for b in (4, 3, 2) for s in SHAPES]  # the opt-in CUDA GEMV, same targets
     + [f"qmm.m{m}.int4.{s}" for m in (16, 128, 2048) for s in SHAPES]
     + [f"qmm.act_order.{s}" for s in SHAPES]
     + ["hessian.cross.time", "hessian.cross.error"]
@@ -73,7 +74,10 @@ def test_dry_run_end_to_end(tmp_path):
         if r["status"] == "not measured":
             assert r["reason"]
         assert f"`{r['key']}`" in md
-    assert sum(r["status"] == "dry run" for r in rows.values()) >= len(EXPECTED) - 2  # all but the CUDA sync counts
+    cuda_gemv = [k for k in rows if k.startswith("qmm.cuda.")]  # needs NVRTC and a GPU: not measured in a dry run
+    assert all(rows[k]["status"] == "not measured" for k in cuda_gemv)
+    # all but the CUDA sync counts and the CUDA GEMV
+    assert sum(r["status"] == "dry run" for r in rows.values()) >= len(EXPECTED) - 2 - len(cuda_gemv)
     assert "pass" not in doc["summary"] or doc["summary"]["pass"] == 0
     assert md.startswith("# DRY RUN") and "| pass |" not in md and "| fail |" not in md
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]

@@ -13,6 +13,9 @@ it is lossless: :meth:`DecodeWeight.to_checkpoint` gives back the checkpoint ten
 
 A ``g_idx`` whose groups are not all the same size (hand-made checkpoints) is still put in group order,
 and keeps a sorted ``g_idx`` for the kernels' gather path.
+
+``to_decode_weight(..., mma=True)`` also builds the layout of the CUDA tensor-core GEMV (``mma_layout.py``,
+int2/int3/int4, batch ≤ 8, fp16 x), run by ``matmul(x, backend="cuda")``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...formats.gptq import _pack_dim0, _unpack_dim0
+from ...formats.gptq import _pack_dim0, _unpack_dim0, unpack_gptq, unpack_gptq_zeros
+from . import mma_layout
 from .validate import validate_quant_matmul
 
 # Columns repacked at a time: bounds the int64 codes temporary to K × this many values.
@@ -36,7 +40,8 @@ class DecodeWeight:
     ``[G, N]`` and ``qzeros`` int32 ``[G, N·bits/32]`` (as in the checkpoint), ``perm`` int64 ``[K]`` (row
     i holds input feature ``perm[i]``; None: rows already in input order), ``group_size`` (rows per group
     after sorting; −1: one group), ``g_idx`` (sorted, only when the groups differ in size; else None),
-    ``checkpoint_g_idx`` (the checkpoint's own g_idx, None if it had none).
+    ``checkpoint_g_idx`` (the checkpoint's own g_idx, None if it had none), ``mma`` (the CUDA GEMV's layout
+    of the same rows, when built).
     """
 
     qweight: torch.Tensor
@@ -48,6 +53,7 @@ class DecodeWeight:
     bits: int
     group_size: int
     checkpoint_format: str
+    mma: mma_layout.MmaWeight | None = None
 
     @property
     def in_features(self) -> int:
@@ -60,8 +66,25 @@ class DecodeWeight:
     def matmul(self, x: torch.Tensor, *, backend: str | None = None, deterministic: bool = False) -> torch.Tensor:
         """``x [..., K] @ dequant(W)ᵀ`` → ``[..., N]``: the product ``quant_matmul`` gives on the checkpoint
         tensors, with x gathered once into the weight's row order."""
+        if backend == "cuda":
+            return self._matmul_cuda(x)
         return decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.g_idx, self.bits,
                              self.group_size, self.checkpoint_format, backend=backend, deterministic=deterministic)
+
+    def _matmul_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        from .cuda_kernel import gemv_mma
+
+        if self.mma is None:
+            raise ValueError("backend='cuda' needs the mma layout: build with to_decode_weight(..., mma=True) "
+                             "(int2/int3/int4, one group or group_size 128 (64 too at int4), K a multiple of "
+                             "64 (int4) or 128)")
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be a tensor [..., K] with K = {self.in_features}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        y = gemv_mma(x.reshape(-1, x.shape[-1]), self.mma)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_checkpoint(self) -> dict[str, torch.Tensor]:
         """The checkpoint tensors this weight was built from (``qweight``, ``qzeros``, ``scales`` and
@@ -119,11 +142,14 @@ def to_decode_weight(
     bits: int = 4,
     group_size: int = 128,
     checkpoint_format: str = "gptq",
+    *,
+    mma: bool = False,
 ) -> DecodeWeight:
     """Converts one layer's checkpoint tensors (the arguments of ``quant_matmul``, same checks and errors)
     into the decode layout. Sorted layers (``g_idx`` None or ``k // group_size``) keep their tensors as
     they are; act-order layers are repacked once, with rows of K in group order. Runs on the tensors'
-    device; the inputs are not modified."""
+    device; the inputs are not modified. ``mma=True`` also builds the CUDA GEMV's layout (ValueError if
+    that kernel has no variant for these bits, groups and sizes)."""
     bits = int(bits)
     K = qweight.shape[0] * 32 // bits if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 0
     probe = torch.empty(0, K, device=qweight.device if isinstance(qweight, torch.Tensor) else "cpu")
@@ -137,7 +163,7 @@ def to_decode_weight(
     common = dict(scales=scales, qzeros=qzeros, checkpoint_g_idx=ckpt_g, bits=bits,
                   checkpoint_format=checkpoint_format)
     if shape.g_idx is None:
-        return DecodeWeight(qweight=qweight, perm=None, g_idx=None, group_size=group_size, **common)
+        return _with_mma(DecodeWeight(qweight=qweight, perm=None, g_idx=None, group_size=group_size, **common), mma)
     perm = torch.argsort(shape.g_idx, stable=True)
     sorted_g = shape.g_idx.index_select(0, perm)
     gs = _uniform_group_size(sorted_g, shape.G)
@@ -146,6 +172,23 @@ def to_decode_weight(
     else:
         perm_or_none, packed = perm, permute_rows(qweight, perm, bits)
     if gs:
-        return DecodeWeight(qweight=packed, perm=perm_or_none, g_idx=None, group_size=gs, **common)
+        return _with_mma(DecodeWeight(qweight=packed, perm=perm_or_none, g_idx=None, group_size=gs, **common), mma)
+    if mma:
+        raise ValueError("mma=True: the CUDA GEMV needs groups of one size (this g_idx has groups of several sizes)")
     return DecodeWeight(qweight=packed, perm=perm_or_none, g_idx=sorted_g.contiguous(), group_size=group_size,
                         **common)
+
+
+def _with_mma(d: DecodeWeight, mma: bool) -> DecodeWeight:
+    """Adds the CUDA GEMV's layout of d's (group-ordered) rows."""
+    if not mma:
+        return d
+    K, N = d.in_features, d.out_features
+    if not mma_layout.supports(d.bits, d.group_size, K, N):
+        raise ValueError(f"mma=True: the CUDA GEMV has no kernel for bits={d.bits}, group_size={d.group_size}, "
+                         f"K={K} (it runs int2/int3/int4 with one group or group_size 128, 64 too at int4, and K a "
+                         "multiple of 64 at int4, of 128 otherwise)")
+    codes = unpack_gptq(d.qweight, d.bits, K)
+    zeros = unpack_gptq_zeros(d.qzeros, d.bits, N, d.checkpoint_format)
+    packed = mma_layout.pack_mma(codes, zeros, d.scales.T, d.bits, d.group_size)
+    return DecodeWeight(**{**d.__dict__, "mma": packed})

@@ -103,3 +103,33 @@ def test_cuda_graph_and_compile():
     graph.replay()
     torch.testing.assert_close(captured, eager)
     torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), eager)
+
+
+# The CUDA tensor-core GEMV on the mma layout (opt-in backend="cuda" until this tier has passed on a GPU).
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, -1), (3, 128), (3, -1), (2, 128), (2, -1)])
+@pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
+def test_cuda_gemv_matches_float64(bits, group_size, act_order):
+    K, N = 2048, 1104  # N: not a multiple of the 64 columns of a CTA
+    W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
+                                             seed=bits + K)
+    d = mk.to_decode_weight(qw.cuda(), sc.cuda(), qz.cuda(), None if g_idx is None else g_idx.cuda(), bits,
+                            group_size, mma=True)
+    for M in (1, 2, 5, 8):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        y = d.matmul(x, backend="cuda")
+        assert y.dtype == torch.float16 and y.shape == (M, N)
+        assert rel(y, x.double() @ W.cuda().T) <= TOL[torch.float16], (bits, group_size, M)
+
+
+def test_cuda_gemv_real_size_and_cuda_graph():
+    W, qw, sc, qz = _checkpoint_on_gpu(4096, 4096, 4)
+    d = mk.to_decode_weight(qw, sc, qz, None, 4, 128, mma=True)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    eager = d.matmul(x, backend="cuda")  # compiles (NVRTC) outside the capture
+    assert rel(eager, x.double() @ W.T) <= TOL[torch.float16]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = d.matmul(x, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager) or rel(captured, x.double() @ W.T) <= TOL[torch.float16]

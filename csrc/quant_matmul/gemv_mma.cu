@@ -1,0 +1,291 @@
+// Packed int4 / int2 GEMV (M <= 8 rows of x) on tensor cores, from the "mma" decode layout.
+//
+// Self-contained (no headers): compiled at run time by NVRTC (maca_kernels/ops/quant_matmul/cuda_kernel.py)
+// and by nvcc for the compile tier (tests/test_cuda_compile_tier.py), which counts the main loop's SASS.
+//
+// Why tensor cores for M = 1: an fp32 FMA per weight alone costs 1 thread-instruction per weight, and the
+// budget that bandwidth allows is 1.8 (int2) to 3.0 (int4) including decoding. mma.m16n8k16 takes 256
+// weights per warp instruction. The weights are operand A (16 output columns x 16 k), x is operand B (its
+// 8 columns are the rows of x, M <= 8), so every lane's D registers hold finished dot products.
+//
+// Layout (maca_kernels/ops/quant_matmul/mma_layout.py): one 32-bit word per lane per A fragment, so a lane
+// decodes only the values it feeds to the mma. With g = lane / 4, t = lane % 4, the fragment of a 16 x 16
+// tile is a0 = (n = g, k = 2t, 2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = (g + 8, 2t + 8..), each
+// an f16x2 pair. A pair sits at the same field of the word's low and high 16-bit halves, so one LOP3 with
+// the exponent of 1024 ORed in makes both halves 1024 + 2^s q in fp16 at once, and one HSUB2 / HFMA2 with
+// a per-lane constant gives the exact integer q - z (zero point included, so products are exact in fp32).
+//   int4: word = one tile. Nibbles (0,4) a0, (1,5) a1 (x16), then w >> 8: (0,4) a2, (1,5) a3 (x16).
+//   int2: word = two k-tiles; fields (0..3) of w are tile 0's a0..a3 (x 1, 4, 16, 64), of w >> 8 tile 1's.
+//   int3: the low two bits as int2, plus one high-bit word per two low words (four k-tiles), its bit for
+//         field r of (low word a, tile u) at 2r + {0, 8, 1, 9}[2a + u] (+16 for the high half); a second
+//         LOP3 ORs it in just above the field, so 1024 + 4^r q comes out of two LOP3s.
+// Words are stored [n tile][k word / 4][lane][4]: one 128-bit load per lane covers four words, and a warp's
+// load is 512 contiguous bytes. One spare warp load (512 bytes) follows the last n tile, and the scales and
+// zeros one spare row, so the loads that run ahead never need a bounds check.
+//
+// Work split: a CTA is 4 warps, one 16-column tile each (64 columns), over one range of K (blockIdx.y);
+// partial sums of the K ranges meet in fp32 y with atomic adds. x is staged in shared memory in fragment
+// order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = g), CHUNK values of k at a time. B columns
+// m >= M hold whatever is in shared memory: their D columns are never stored.
+//
+// Groups: GROUP (a multiple of 4 words of k) values of k share a scale and zero point; D restarts per group
+// and y += s * D at its end. GROUP = 0: one group over the whole K.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define MACA_DEVICE __device__ __forceinline__
+
+MACA_DEVICE u32 lop_or(u32 w, u32 mask, u32 magic) {  // (w & mask) | magic in one LOP3
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "r"(mask), "r"(magic));
+  return d;
+}
+
+MACA_DEVICE u32 hsub2(u32 a, u32 b) {
+  u32 d;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+MACA_DEVICE u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+MACA_DEVICE void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+MACA_DEVICE float half_to_float(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
+  u32 d;
+  asm("prmt.b32 %0, %1, 0, 0x1010;" : "=r"(d) : "r"(h));
+  return d;
+}
+
+constexpr u32 kMagic = 0x64006400u;  // 1024.0 in both halves
+constexpr int kWarps = 4;
+constexpr int kChunk = 512;  // k values of x staged at a time (8 KB of fragments)
+
+// Per-lane constants of one group: the negated offset (2^-s * 1024 + z) of every scale variant s.
+template <int BITS>
+struct Zeros;
+
+template <>
+struct Zeros<4> {
+  u32 k0, k1;  // a0/a2 (n = g): subtract 1024 + z; a1/a3 (n = g + 8): fma(x, 1/16, -(64 + z))
+  MACA_DEVICE Zeros(u32 zg, u32 zg8) {  // each pair(A + z B): LEA + PRMT
+    k0 = pair(0x6400u + zg);         // 1024 + z (ulp 1)
+    k1 = pair(0xD400u + zg8 * 16u);  // -(64 + z) (ulp 1/16)
+  }
+};
+
+template <>
+struct Zeros<2> {
+  u32 k0, k1, k2, k3;  // fields 0..3: scale 1, 1/4, 1/16, 1/64; n = g, g + 8, g, g + 8
+  MACA_DEVICE Zeros(u32 zg, u32 zg8) {
+    k0 = pair(0x6400u + zg);         // 1024 + z
+    k1 = pair(0xDC00u + zg8 * 4u);   // -(256 + z) (ulp 1/4)
+    k2 = pair(0xD400u + zg * 16u);   // -(64 + z)
+    k3 = pair(0xCC00u + zg8 * 64u);  // -(16 + z) (ulp 1/64)
+  }
+};
+
+template <>
+struct Zeros<3> : Zeros<2> {  // the int2 fields with the high bit ORed in above them: same constants
+  MACA_DEVICE Zeros(u32 zg, u32 zg8) : Zeros<2>(zg, zg8) {}
+};
+
+// One k-tile of one word: decode the lane's A fragment and multiply by its B fragment (b0, b1).
+template <int BITS>
+MACA_DEVICE void tile_mma(float (&d)[4], u32 v, const Zeros<BITS>& z, u32 b0, u32 b1);
+
+template <>
+MACA_DEVICE void tile_mma<4>(float (&d)[4], u32 w, const Zeros<4>& z, u32 b0, u32 b1) {
+  const u32 s16 = 0x2C002C00u;  // 1/16
+  const u32 hi = w >> 8;
+  const u32 a0 = hsub2(lop_or(w, 0x000F000Fu, kMagic), z.k0);
+  const u32 a1 = hfma2(lop_or(w, 0x00F000F0u, kMagic), s16, z.k1);
+  const u32 a2 = hsub2(lop_or(hi, 0x000F000Fu, kMagic), z.k0);
+  const u32 a3 = hfma2(lop_or(hi, 0x00F000F0u, kMagic), s16, z.k1);
+  mma16816(d, a0, a1, a2, a3, b0, b1);
+}
+
+template <>
+MACA_DEVICE void tile_mma<2>(float (&d)[4], u32 v, const Zeros<2>& z, u32 b0, u32 b1) {
+  const u32 s4 = 0x34003400u, s16 = 0x2C002C00u, s64 = 0x24002400u;  // 1/4, 1/16, 1/64
+  const u32 a0 = hsub2(lop_or(v, 0x00030003u, kMagic), z.k0);
+  const u32 a1 = hfma2(lop_or(v, 0x000C000Cu, kMagic), s4, z.k1);
+  const u32 a2 = hfma2(lop_or(v, 0x00300030u, kMagic), s16, z.k2);
+  const u32 a3 = hfma2(lop_or(v, 0x00C000C0u, kMagic), s64, z.k3);
+  mma16816(d, a0, a1, a2, a3, b0, b1);
+}
+
+// int3: the int2 fields of v (low two bits) with each value's high bit ORed in from c, which holds it at
+// bit 2r + 2 of both halves for field r (the caller shifts the plane word into place).
+MACA_DEVICE void tile_mma3(float (&d)[4], u32 v, u32 c, const Zeros<3>& z, u32 b0, u32 b1) {
+  const u32 s4 = 0x34003400u, s16 = 0x2C002C00u, s64 = 0x24002400u;
+  const u32 a0 = hsub2(lop_or(c, 0x00040004u, lop_or(v, 0x00030003u, kMagic)), z.k0);
+  const u32 a1 = hfma2(lop_or(c, 0x00100010u, lop_or(v, 0x000C000Cu, kMagic)), s4, z.k1);
+  const u32 a2 = hfma2(lop_or(c, 0x00400040u, lop_or(v, 0x00300030u, kMagic)), s16, z.k2);
+  const u32 a3 = hfma2(lop_or(c, 0x01000100u, lop_or(v, 0x00C000C0u, kMagic)), s64, z.k3);
+  mma16816(d, a0, a1, a2, a3, b0, b1);
+}
+
+// Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1)); int3 also
+// takes the two high-bit words of the same eight k-tiles (c).
+template <int BITS>
+MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS>& z, const uint4* xf) {
+  const u32 ws[4] = {w.x, w.y, w.z, w.w};
+  if constexpr (BITS == 4) {  // a word is one k-tile: a fragment load serves two words
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      const uint4 b = xf[(i / 2) * 32];
+      tile_mma<BITS>(d, ws[i], z, b.x, b.y);
+      tile_mma<BITS>(d, ws[i + 1], z, b.z, b.w);
+    }
+  } else if constexpr (BITS == 2) {  // a word is two k-tiles: fields of w, then of w >> 8
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 b = xf[i * 32];
+      tile_mma<BITS>(d, ws[i], z, b.x, b.y);
+      tile_mma<BITS>(d, ws[i] >> 8, z, b.z, b.w);
+    }
+  } else {  // int3: low bits as int2; a high-bit word serves two low words (four k-tiles), read through
+            // four shifts that put each tile's bits at 2r + 2: << 2, >> 6, << 1, >> 7
+    const u32 cs[2] = {c.x, c.y};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const u32 h = cs[i / 2];
+      const uint4 b = xf[i * 32];
+      tile_mma3(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b.x, b.y);
+      tile_mma3(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b.z, b.w);
+    }
+  }
+}
+
+// y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8.
+// x fp16 [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
+// and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
+// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP and of
+// kChunk.
+template <int BITS, int GROUP>
+__device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __restrict__ words,
+                         const uint2* __restrict__ hwords, const u16* __restrict__ scales,
+                         const unsigned char* __restrict__ zeros, float* __restrict__ y, int ldy, int M, int N,
+                         int K, int k_split) {
+  constexpr int kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
+  constexpr int kVecK = 4 * kWordK;            // per 128-bit load
+  static_assert(GROUP % kVecK == 0 && kChunk % (GROUP ? GROUP : kVecK) == 0, "groups of whole loads");
+  __shared__ uint4 xs[kChunk / 32][32];  // fragments of kChunk values of k: [k-tile pair][lane]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n_tile = blockIdx.x * kWarps + warp;
+  const int n0 = n_tile * 16;
+  const int k_begin = blockIdx.y * k_split;
+  const int k_end = min(K, k_begin + k_split);
+  const uint4* wp = words + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;
+  const uint2* hp = hwords + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;  // int3 only
+  const int n_pad = gridDim.x * kWarps * 16;
+  const u16* s_col = scales + n0 + g;  // this lane's two columns, advanced by a row per group
+  const unsigned char* z_col = zeros + n0 + g;
+  const uint4* x_frag = &xs[0][lane];
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // y for (n = g, m = 2t, 2t+1) and (n = g + 8, m = 2t, 2t+1)
+  float d[4] = {0.f, 0.f, 0.f, 0.f};    // the current group's sum of x (q - z)
+  const int gi = GROUP ? k_begin / GROUP : 0;
+  if (GROUP) {
+    s_col += (u64)gi * n_pad;
+    z_col += (u64)gi * n_pad;
+  }
+  auto zeros_now = [&]() { return Zeros<BITS>(z_col[0], z_col[8]); };
+  auto fold = [&]() {  // y += s * D for the current group, D restarts
+    const float s0 = half_to_float(s_col[0]);
+    const float s8 = half_to_float(s_col[8]);
+    acc[0] += s0 * d[0];
+    acc[1] += s0 * d[1];
+    acc[2] += s8 * d[2];
+    acc[3] += s8 * d[3];
+    d[0] = d[1] = d[2] = d[3] = 0.f;
+  };
+  Zeros<BITS> z = zeros_now();
+  uint4 next = *wp;  // software pipeline: the next 128-bit load is in flight while this one is decoded
+  uint2 hnext = BITS == 3 ? *hp : make_uint2(0u, 0u);
+
+  for (int c0 = k_begin; c0 < k_end; c0 += kChunk) {
+    const int c_len = min(kChunk, k_end - c0);
+    __syncthreads();  // the previous chunk's fragments are no longer read
+    // Rows m < M: entry (tile pair j, lane 4m + tt) = x[m][c0 + 32 j + 2 tt + {0, 1, 8, 9, 16, 17, 24, 25}].
+    for (int e = threadIdx.x; e < (c_len / 32) * 4 * M; e += kWarps * 32) {
+      const int tt = e & 3, m = (e >> 2) % M, j = (e >> 2) / M;
+      const u16* xr = x + (u64)m * ldx + c0 + 32 * j + 2 * tt;
+      xs[j][m * 4 + tt] = make_uint4(xr[0] | (u32(xr[1]) << 16), xr[8] | (u32(xr[9]) << 16),
+                                     xr[16] | (u32(xr[17]) << 16), xr[24] | (u32(xr[25]) << 16));
+    }
+    __syncthreads();
+    const uint4* xf = x_frag;
+    constexpr int kVecsPerGroup = GROUP ? GROUP / kVecK : 1;
+    // two loads per trip: the pipelined registers alternate instead of being copied
+#pragma unroll(kVecsPerGroup == 1 ? 2 : 1)
+    for (int v0 = 0; v0 < c_len / kVecK; v0 += kVecsPerGroup) {
+#pragma unroll
+      for (int v = 0; v < kVecsPerGroup; ++v) {
+        const uint4 w4 = next;
+        const uint2 h2 = hnext;
+        wp += 32;
+        next = *wp;  // the layout holds one spare vector past the end: no bounds check
+        if constexpr (BITS == 3) {
+          hp += 32;
+          hnext = *hp;
+        }
+        vec_mma<BITS>(d, w4, h2, z, xf);
+        xf += (kVecK / 32) * 32;
+      }
+      if (GROUP) {  // the zeros and scales have one spare row past the last group
+        fold();
+        s_col += n_pad;
+        z_col += n_pad;
+        z = zeros_now();
+      }
+    }
+  }
+  if (!GROUP) fold();
+  const int m0 = 2 * t;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int n = n0 + g + 8 * h;
+    if (n >= N) continue;
+    if (m0 < M) atomicAdd(y + (u64)m0 * ldy + n, acc[2 * h]);
+    if (m0 + 1 < M) atomicAdd(y + (u64)(m0 + 1) * ldy + n, acc[2 * h + 1]);
+  }
+}
+
+#define MACA_GEMV_MMA(BITS, GROUP)                                                                            \
+  extern "C" __global__ void __launch_bounds__(kWarps * 32) maca_gemv_mma_b##BITS##_g##GROUP(                 \
+      const u16* x, int ldx, const uint4* words, const uint2* hwords, const u16* scales,                      \
+      const unsigned char* zeros, float* y, int ldy, int M, int N, int K, int k_split) {                      \
+    gemv_mma<BITS, GROUP>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);                    \
+  }
+
+// GROUP 0: one group over all of K (group_size = -1 or K); other group sizes take the Triton kernels.
+MACA_GEMV_MMA(4, 0)
+MACA_GEMV_MMA(4, 64)
+MACA_GEMV_MMA(4, 128)
+MACA_GEMV_MMA(3, 0)
+MACA_GEMV_MMA(3, 128)
+MACA_GEMV_MMA(2, 0)
+MACA_GEMV_MMA(2, 128)

@@ -1,0 +1,93 @@
+"""Launcher of the CUDA GEMV on the mma layout (``csrc/quant_matmul/gemv_mma.cu``, ``mma_layout.py``).
+
+The source is compiled at first use per (device, kernel) by NVRTC through ``torch.cuda._compile_kernel``
+(no build step, no torch headers); it needs the repository's ``csrc`` folder (an in-place install, as
+``make build`` does). ``available()`` says whether this machine can run it. The op is registered with
+``torch.library`` (fake implementation included), so it works under torch.compile and in CUDA graphs once
+compiled: call it once outside a capture first.
+
+Status: the layout and the lane-level decoding are verified on the CPU against float64 by an emulator
+(tests/ops/quant_matmul/mma_emulator.py) and the SASS is counted by the compile tier; the kernel itself runs
+only on a GPU (tests/ops/quant_matmul/test_quant_matmul_gpu.py, ``make gpu-check``). Until a GPU run has
+confirmed it, it is opt-in: ``DecodeWeight.matmul(x, backend="cuda")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .mma_layout import CTA_N, VEC_K, MmaWeight
+
+SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "quant_matmul" / "gemv_mma.cu"
+MAX_M = 8  # rows of x: the columns of the mma's B operand
+_COMPILED: dict[tuple[int, str], object] = {}
+
+
+def available() -> bool:
+    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel") and SOURCE.exists()
+
+
+def kernel_name(bits: int, group: int) -> str:
+    return f"maca_gemv_mma_b{bits}_g{group}"
+
+
+def _compiled(name: str, device: torch.device):
+    key = (device.index if device.index is not None else torch.cuda.current_device(), name)
+    if key not in _COMPILED:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise RuntimeError(f"the CUDA GEMV needs mma.sync.m16n8k16 (sm_80 or newer), device is sm_{major}{minor}")
+        with torch.cuda.device(device):
+            _COMPILED[key] = torch.cuda._compile_kernel(SOURCE.read_text(), name,
+                                                        compute_capability=f"{major}{minor}")
+    return _COMPILED[key]
+
+
+def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int) -> int:
+    """K per CTA: whole groups (whole 128-bit loads with one group over K: every CTA applies that group's
+    scale to its own partial sum), enough CTAs for ~4 waves of the SMs."""
+    unit = w.group_size if w.kernel_group else VEC_K[w.bits]
+    units = w.K // unit
+    splits = max(1, min(units, -(-4 * n_sms // n_ctas)))
+    return -(-units // splits) * unit
+
+
+@torch.library.custom_op("maca_kernels::gemv_mma", mutates_args=())
+def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, bits: int, group_size: int, K: int, N: int) -> torch.Tensor:
+    w = MmaWeight(words, hwords, scales, zeros, bits, group_size, K, N)
+    M = x.shape[0]
+    n_ctas = scales.shape[1] // CTA_N
+    n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    k_split = k_split_for(w, n_ctas, n_sms)
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    kernel = _compiled(kernel_name(bits, w.kernel_group), x.device)
+    kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
+           args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K, k_split])
+    return y.to(x.dtype)
+
+
+@_gemv_mma_op.register_fake
+def _(x, words, hwords, scales, zeros, bits, group_size, K, N):
+    return x.new_empty((x.shape[0], N))
+
+
+def gemv_mma(x2: torch.Tensor, w: MmaWeight) -> torch.Tensor:
+    """``x2 [M, K] @ dequant(W)ᵀ`` → fp16 ``[M, N]`` for fp16 x2 on CUDA, M ≤ 8 (checked here)."""
+    if not available():
+        raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) and the "
+                           f"repository's {SOURCE.relative_to(SOURCE.parents[2])}")
+    if x2.device.type != "cuda" or x2.dtype != torch.float16 or x2.dim() != 2:
+        raise ValueError(f"x must be a 2-D float16 CUDA tensor for backend='cuda', got {x2.dtype} {tuple(x2.shape)} "
+                         f"on {x2.device}")
+    if not 1 <= x2.shape[0] <= MAX_M:
+        raise ValueError(f"backend='cuda' runs batch sizes 1..{MAX_M} (rows of x), got {x2.shape[0]}")
+    if x2.shape[1] != w.K:
+        raise ValueError(f"x must be [M, K] with K = {w.K}, got {tuple(x2.shape)}")
+    if w.words.device != x2.device:
+        raise ValueError(f"the weight is on {w.words.device} but x is on {x2.device}")
+    if x2.stride(1) != 1 or x2.stride(0) < w.K:
+        x2 = x2.contiguous()
+    return _gemv_mma_op(x2, w.words, w.hwords, w.scales, w.zeros, w.bits, w.group_size, w.K, w.N)

@@ -1,0 +1,155 @@
+"""The "mma" decode layout read by the CUDA GEMV (``csrc/quant_matmul/gemv_mma.cu``; the comment at its top
+explains the encoding), converted once from codes, zeros and scales, and back, losslessly.
+
+Each lane of a warp owns one 32-bit word per tensor-core A fragment, holding exactly the values it feeds to
+``mma.m16n8k16`` for its two output columns ``g`` and ``g + 8`` (``g = lane // 4``) at k offsets
+``2t, 2t+1, 2t+8, 2t+9`` (``t = lane % 4``). A pair (k, k + 1) sits at the same field of the word's low and
+high 16-bit halves, so one LOP3 decodes both. The tables below list, for each value of a word, its bit
+offset and its offsets in n and k from the lane's base; the kernel's masks and shifts are these tables.
+
+Storage: ``words`` int32, per 16-column tile ``[K / VEC_K][lane][4]`` (one 128-bit load per lane per four
+words), then one spare warp load; int3 adds ``hwords`` (the high bits, ``[K / VEC_K][lane][2]`` per tile
+plus a spare); ``scales`` fp16 and ``zeros`` uint8 ``[G + 1, N_pad]`` (a spare row), columns padded to a
+multiple of 64 with zero codes. Zero points are stored as numbers (not the "gptq" v1 ``zero − 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CTA_N = 64  # columns per CTA (4 warps x 16)
+WORD_K = {4: 16, 3: 32, 2: 32}  # k values per low-bits word
+VEC_K = {b: 4 * w for b, w in WORD_K.items()}  # k values per 128-bit load
+KERNEL_GROUPS = {4: (64, 128), 3: (128,), 2: (128,)}  # group sizes compiled besides one group over K
+HIGH_BASE = (0, 8, 1, 9)  # int3: bit of field 0 (low half) for (low word a, tile u) at index 2a + u
+
+
+def _low_fields(bits: int) -> list[tuple[int, int, int]]:
+    """(bit offset, n offset, k offset) of every value of a low-bits word, relative to the lane's base
+    (n = g, k = 2t of the word's first k-tile). Field r of a tile is fragment register a_r: n + 8 (r % 2),
+    k + 8 (r // 2); the low half holds k, the high half k + 1."""
+    fields = []
+    tiles, width = (1, 4) if bits == 4 else (2, 2)
+    for u in range(tiles):
+        for r in range(4):
+            for e in range(2):
+                fields.append((8 * u + width * r + 16 * e, 8 * (r % 2), 16 * u + 8 * (r // 2) + e))
+    return fields
+
+
+def _high_fields() -> list[tuple[int, int, int]]:
+    """int3: (bit, n offset, k offset) of the high bits of four k-tiles (two low words) in one word."""
+    fields = []
+    for a in range(2):
+        for u in range(2):
+            for r in range(4):
+                for e in range(2):
+                    bit = HIGH_BASE[2 * a + u] + 2 * r + 16 * e
+                    fields.append((bit, 8 * (r % 2), 32 * a + 16 * u + 8 * (r // 2) + e))
+    return fields
+
+
+@dataclass(frozen=True)
+class MmaWeight:
+    words: torch.Tensor  # int32, flat
+    hwords: torch.Tensor  # int32, flat (empty unless bits == 3)
+    scales: torch.Tensor  # fp16 [G + 1, N_pad]
+    zeros: torch.Tensor  # uint8 [G + 1, N_pad]
+    bits: int
+    group_size: int  # k values per group (K for one group)
+    K: int
+    N: int
+
+    @property
+    def kernel_group(self) -> int:
+        """The kernel's GROUP template argument: 0 for one group over all of K."""
+        return 0 if self.group_size == self.K else self.group_size
+
+
+def supports(bits: int, group_size: int, K: int, N: int) -> bool:
+    """Whether the CUDA GEMV has a kernel for this layer (others take the Triton kernels)."""
+    if bits not in WORD_K or K <= 0 or N <= 0 or K % VEC_K[bits]:
+        return False
+    group = K if group_size in (-1, K) else group_size
+    return group == K or (group in KERNEL_GROUPS[bits] and K % group == 0)
+
+
+def _lane_index(device) -> tuple[torch.Tensor, torch.Tensor]:
+    lane = torch.arange(32, device=device)
+    return lane // 4, lane % 4
+
+
+def _pack_words(codes: torch.Tensor, fields, word_k: int, bits_mask: int, shift: int) -> torch.Tensor:
+    """int64 words [n_tiles, K / word_k, 32] of ((codes >> shift) & bits_mask) placed per ``fields``."""
+    n_pad, K = codes.shape
+    g, t = _lane_index(codes.device)
+    c = codes.reshape(n_pad // 16, 16, K // word_k, word_k).permute(0, 2, 1, 3)  # [tile, word, n, k]
+    words = torch.zeros(n_pad // 16, K // word_k, 32, dtype=torch.int64, device=codes.device)
+    for bit, dn, dk in fields:
+        words |= ((c[:, :, g + dn, 2 * t + dk] >> shift) & bits_mask) << bit  # [tile, word, lane]
+    return words
+
+
+def _unpack_words(words: torch.Tensor, fields, word_k: int, bits_mask: int, shift: int, out: torch.Tensor) -> None:
+    """Adds the fields of ``words`` [n_tiles, K / word_k, 32] into ``out`` [N_pad, K] (codes), at << shift."""
+    n_pad, K = out.shape
+    g, t = _lane_index(words.device)
+    o = out.view(n_pad // 16, 16, K // word_k, word_k).permute(0, 2, 1, 3)  # [tile, word, n, k]
+    for bit, dn, dk in fields:
+        o[:, :, g + dn, 2 * t + dk] += ((words >> bit) & bits_mask) << shift
+
+
+def _store(words: torch.Tensor, per_load: int) -> torch.Tensor:
+    """[n_tiles, words, 32] → flat int32 in load order [n_tiles][words / per_load][lane][per_load] + a spare."""
+    n_tiles, count, _ = words.shape
+    w = words.reshape(n_tiles, count // per_load, per_load, 32).permute(0, 1, 3, 2).reshape(-1)
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    return torch.cat([w, torch.zeros(32 * per_load, dtype=torch.int32, device=w.device)])
+
+
+def _load(flat: torch.Tensor, n_tiles: int, count: int, per_load: int) -> torch.Tensor:
+    w = flat[: n_tiles * count * 32].to(torch.int64) & 0xFFFFFFFF
+    return w.reshape(n_tiles, count // per_load, 32, per_load).permute(0, 1, 3, 2).reshape(n_tiles, count, 32)
+
+
+def pack_mma(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> MmaWeight:
+    """``codes`` int [N, K] in [0, 2^bits), ``zeros`` int [N, G], ``scales`` fp16 [N, G] (G = K / group_size,
+    or 1 with ``group_size`` −1) → :class:`MmaWeight`. Only shapes that :func:`supports` accepts."""
+    N, K = codes.shape
+    if not supports(bits, group_size, K, N):
+        raise ValueError(f"the mma layout has no kernel for bits={bits}, group_size={group_size}, K={K}, N={N}")
+    group = K if group_size in (-1, K) else group_size
+    G = K // group
+    if tuple(zeros.shape) != (N, G) or tuple(scales.shape) != (N, G):
+        raise ValueError(f"zeros and scales must be [N, G] = [{N}, {G}], got {tuple(zeros.shape)} and "
+                         f"{tuple(scales.shape)}")
+    n_pad = -(-N // CTA_N) * CTA_N
+    dev = codes.device
+    c = torch.zeros(n_pad, K, dtype=torch.int64, device=dev)
+    c[:N] = codes.to(torch.int64)
+    mask = 15 if bits == 4 else 3  # int3 stores its low two bits here, the high bit in hwords
+    words = _pack_words(c, _low_fields(bits), WORD_K[bits], mask, 0)
+    hwords = torch.zeros(0, dtype=torch.int32, device=dev)
+    if bits == 3:
+        hwords = _store(_pack_words(c, _high_fields(), 64, 1, 2), 2)
+    s = torch.zeros(G + 1, n_pad, dtype=torch.float16, device=dev)
+    z = torch.zeros(G + 1, n_pad, dtype=torch.uint8, device=dev)
+    s[:G, :N] = scales.T.to(torch.float16)
+    z[:G, :N] = zeros.T.to(torch.uint8)
+    return MmaWeight(_store(words, 4), hwords, s, z, bits, group, K, N)
+
+
+def unpack_mma(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_mma`: (codes int32 [N, K], zeros int32 [N, G], scales fp16 [N, G])."""
+    n_pad = w.scales.shape[1]
+    n_tiles, G = n_pad // 16, w.K // w.group_size
+    codes = torch.zeros(n_pad, w.K, dtype=torch.int64, device=w.words.device)
+    mask = 15 if w.bits == 4 else 3
+    count = w.K // WORD_K[w.bits]
+    _unpack_words(_load(w.words, n_tiles, count, 4), _low_fields(w.bits), WORD_K[w.bits], mask, 0, codes)
+    if w.bits == 3:
+        _unpack_words(_load(w.hwords, n_tiles, w.K // 64, 2), _high_fields(), 64, 1, 2, codes)
+    zeros = w.zeros[:G, : w.N].T.to(torch.int32)
+    return codes[: w.N].to(torch.int32), zeros.contiguous(), w.scales[:G, : w.N].T.contiguous()

@@ -1,0 +1,89 @@
+"""The CUDA GEMV's mma layout on the CPU: exact round trip, and the kernel's lane-level decoding (replayed by
+mma_emulator.py with the kernel's own masks, magic number and fp16 arithmetic) against float64 products,
+through to_decode_weight for sorted and act-order checkpoints in both zero conventions. The kernel runs in
+the GPU tier (test_quant_matmul_gpu.py); its SASS is counted by tests/test_cuda_compile_tier.py."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import randn
+from mma_emulator import HIGH_MASKS, KERNEL_MASKS, emulate
+from qmm_helpers import random_checkpoint
+
+import maca_kernels as mk
+from maca_kernels.ops.quant_matmul import cuda_kernel
+from maca_kernels.ops.quant_matmul.mma_layout import pack_mma, supports, unpack_mma
+
+CASES = [  # (bits, N, K, group_size): odd column counts, one group and grouped, several tiles of K
+    (4, 80, 256, 128), (4, 48, 512, 64), (4, 64, 192, -1), (3, 96, 256, 128), (3, 32, 384, -1),
+    (2, 80, 256, 128), (2, 16, 640, -1),
+]
+
+
+def rel(y, want):
+    return float(np.abs(y - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits,N,K,group_size", CASES)
+def test_round_trip_is_exact(bits, N, K, group_size):
+    g = torch.Generator().manual_seed(bits * N + K)
+    G = 1 if group_size == -1 else K // group_size
+    codes = torch.randint(0, 2**bits, (N, K), generator=g)
+    zeros = torch.randint(0, 2**bits + 1, (N, G), generator=g)  # v1 checkpoints can hold a zero of 2^bits
+    scales = (torch.rand(N, G, generator=g) + 0.5).half()
+    w = pack_mma(codes, zeros, scales, bits, group_size)
+    assert w.words.dtype == torch.int32 and w.scales.shape == (G + 1, -(-N // 64) * 64)
+    c, z, s = unpack_mma(w)
+    assert torch.equal(c, codes.int()) and torch.equal(z, zeros.int()) and torch.equal(s, scales)
+
+
+@pytest.mark.parametrize("bits,N,K,group_size", CASES)
+@pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt):
+    W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
+                                             seed=bits + N + K, convention=fmt)
+    d = mk.to_decode_weight(qw, sc, qz, g_idx, bits, group_size, fmt, mma=True)
+    assert d.mma is not None and d.mma.N == N and d.mma.K == K
+    for M in (1, 3, 8):
+        x = randn(M, K, dtype=torch.float16, seed=M)
+        xp = x if d.perm is None else x[:, d.perm]  # DecodeWeight.matmul gathers x the same way
+        y = emulate(xp.numpy(), d.mma)
+        # exact products and float64 sums: only the float64 rounding of the reference remains
+        assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
+
+
+def test_kernel_source_uses_the_emulated_constants():
+    """The emulator replays the .cu's decode; keep the two in step (masks in source order, magic, scales)."""
+    src = cuda_kernel.SOURCE.read_text()
+    for bits, fn in ((4, "tile_mma<4>"), (2, "tile_mma<2>")):
+        body = src[src.index(f"MACA_DEVICE void {fn}"):]
+        body = body[: body.index("mma16816")]
+        masks = [int(m, 16) for m in re.findall(r"lop_or\(\w+(?: >> 8)?, (0x[0-9A-Fa-f]+)u", body)]
+        assert masks == [m for m, _ in KERNEL_MASKS[bits]], fn
+    body = src[src.index("MACA_DEVICE void tile_mma3"):]
+    body = body[: body.index("mma16816")]
+    assert [int(m, 16) for m in re.findall(r"lop_or\(c, (0x[0-9A-Fa-f]+)u", body)] == HIGH_MASKS
+    assert "kMagic = 0x64006400u" in src
+    assert "k0 = pair(0x6400u + zg)" in src and "k1 = pair(0xD400u + zg8 * 16u)" in src
+    assert "k1 = pair(0xDC00u + zg8 * 4u)" in src and "k3 = pair(0xCC00u + zg8 * 64u)" in src
+
+
+def test_supported_shapes_and_errors():
+    assert supports(4, 128, 4096, 4096) and supports(4, 64, 4096, 11008) and supports(2, -1, 256, 8)
+    assert not supports(8, 128, 4096, 4096) and not supports(3, 64, 4096, 4096) and not supports(2, 128, 4160, 64)
+    W, qw, sc, qz, _ = random_checkpoint(64, 256, 3, 64, False, seed=1)
+    with pytest.raises(ValueError, match="no kernel for bits=3, group_size=64"):
+        mk.to_decode_weight(qw, sc, qz, None, 3, 64, mma=True)
+    d = mk.to_decode_weight(qw, sc, qz, None, 3, 64)
+    with pytest.raises(ValueError, match="needs the mma layout"):
+        d.matmul(randn(1, 256, dtype=torch.float16, seed=2), backend="cuda")
+    W, qw, sc, qz, _ = random_checkpoint(64, 256, 4, 128, False, seed=3)
+    d = mk.to_decode_weight(qw, sc, qz, None, 4, 128, mma=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            d.matmul(randn(1, 256, dtype=torch.float16, seed=4), backend="cuda")
