@@ -59,7 +59,7 @@ EXPECTED = [
     ("gram_bf16", "wgmma", "mma_sync", True),
     ("gram_fp16", "wgmma", "mma_sync", True),
     ("gram_fp32", None, None, True),  # fp32 input must never silently use tf32
-    ("gram_cross", None, None, True),
+    ("gram_cross", "wgmma", "mma_sync", True),  # bf16 cross term: three bf16 products per chunk
     ("symmetrize", None, None, False),
     ("gptq_", None, None, False),  # fp32 math throughout
     ("qmm_large", "wgmma", "mma_sync", True),

@@ -179,8 +179,8 @@ MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS>& z, 
 // y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8.
 // x fp16 [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
 // and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
-// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP and of
-// kChunk.
+// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP (of a
+// 128-bit load's k span with one group); a range's last chunk may be shorter than kChunk.
 template <int BITS, int GROUP>
 __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __restrict__ words,
                          const uint2* __restrict__ hwords, const u16* __restrict__ scales,

@@ -40,8 +40,12 @@ PROMOTE_EVERY_16BIT = 2
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). None spills registers on sm_90 (the compile tier checks).
 # The chunk-table load takes one pipeline stage, so num_stages = buffers + 2.
 CONFIGS_16BIT = [(128, 128, 8, 5), (128, 128, 8, 4), (64, 128, 4, 6), (128, 64, 4, 6), (64, 64, 4, 5)]
-# fp32 and the cross term run the dot on FMA units (one accumulator): wider tiles fit.
+# fp32 (and the cross term of fp16 / fp32 inputs) run the dot on FMA units (one accumulator): wider tiles fit.
 CONFIGS_FP32 = [(128, 256, 8, 4), (128, 128, 8, 4), (64, 128, 8, 4), (64, 64, 4, 4)]
+# The bf16 cross term on tensor cores holds the fp32 difference and its three bf16 parts: the 16-bit tiles
+# that do not spill on sm_90 (sm_8x: 64 x 64 only, the others spill there).
+CONFIGS_CROSS = [(128, 128, 8, 4), (64, 128, 4, 5), (64, 64, 4, 5)]
+CROSS_SM80 = (64, 64)
 # Wide tiles spill on sm_8x (mma.sync accumulators are laid out differently): not tuned there.
 SM80_MAX_TILE = 128 * 128
 
@@ -54,19 +58,22 @@ def _configs():
     if INTERPRETING:  # the interpreter cannot autotune several configs; big tiles keep it fast
         return [_config(32, 32, 4, 1)]
     if TUNE_QUICK:  # a time-boxed GPU session: the two leading configs of each kind
-        return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT[:2] + CONFIGS_FP32[:2])]
-    return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32)]
+        return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT[:2] + CONFIGS_FP32[:2] + CONFIGS_CROSS[-2:])]
+    return [_config(*c) for c in dict.fromkeys(CONFIGS_16BIT + CONFIGS_FP32 + CONFIGS_CROSS)]
 
 
 def _prune(configs, named_args, **kwargs):
     if INTERPRETING:
         return configs
-    wanted = CONFIGS_FP32 if kwargs["BLOCK_T"] == BLOCK_T_FP32 else CONFIGS_16BIT
+    split3 = kwargs["SPLIT3"]
+    wanted = CONFIGS_CROSS if split3 else CONFIGS_FP32 if kwargs["BLOCK_T"] == BLOCK_T_FP32 else CONFIGS_16BIT
     sm80 = torch.cuda.get_device_capability()[0] < 9
     kept = []
     for c in configs:
         m, n, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
         too_big_for_sm80 = m * n > SM80_MAX_TILE or (w < 8 and m * n == SM80_MAX_TILE)
+        if split3:
+            too_big_for_sm80 = (m, n) != CROSS_SM80
         if (m, n, w, c.num_stages) in wanted and not (sm80 and too_big_for_sm80):
             kept.append(c)
     return kept or configs[-1:]
@@ -74,7 +81,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["d", "size_bucket", "WEIGHTED", "SYMMETRIC", "HAS_SUB", "BLOCK_T"],
+    key=["d", "size_bucket", "WEIGHTED", "SYMMETRIC", "HAS_SUB", "SPLIT3", "BLOCK_T"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["out_ptr"],  # tuning runs must not leave their sums in out
 )
@@ -96,6 +103,7 @@ def _weighted_gram_kernel(
     WEIGHTED: tl.constexpr,
     SYMMETRIC: tl.constexpr,
     HAS_SUB: tl.constexpr,
+    SPLIT3: tl.constexpr,  # cross term of bf16 inputs on tensor cores: A = hi + mid + lo, three bf16 products
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     PROMOTE_EVERY: tl.constexpr,
@@ -137,11 +145,29 @@ def _weighted_gram_kernel(
         if HAS_SUB:  # GPTAQ cross term: A = x_fp − x, formed in fp32
             a_sub = tl.load(a_sub_ptr + rows[:, None] + offs_m[None, :], mask=a_mask, other=0.0)
             a = a.to(tl.float32) - a_sub.to(tl.float32)
-            b = b.to(tl.float32)
-        if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        part = tl.dot(tl.trans(a), b, part, input_precision=INPUT_PRECISION)
+            if not SPLIT3:
+                b = b.to(tl.float32)
+        if SPLIT3:
+            # A = hi + mid + lo exactly up to 2⁻²⁴ of A (three bf16 roundings of what is left), each product
+            # with the bf16 B exact in the fp32 accumulator: fp32-level sums at tensor-core speed.
+            hi = a.to(tl.bfloat16)
+            rest = a - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot
+                b32 = b.to(tl.float32)
+                part = tl.dot(tl.trans(lo.to(tl.float32)), b32, part, input_precision=INPUT_PRECISION)
+                part = tl.dot(tl.trans(mid.to(tl.float32)), b32, part, input_precision=INPUT_PRECISION)
+                part = tl.dot(tl.trans(hi.to(tl.float32)), b32, part, input_precision=INPUT_PRECISION)
+            else:
+                part = tl.dot(tl.trans(lo), b, part)
+                part = tl.dot(tl.trans(mid), b, part)
+                part = tl.dot(tl.trans(hi), b, part)
+        else:
+            if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(tl.trans(a), b, part, input_precision=INPUT_PRECISION)
         # The weight changes after this chunk (rare: chunks come sorted by weight). At the end of this
         # program's range the final multiply below applies the chunk's own weight instead.
         change = (rows_flag < 0) & (c + 1 < c_end)
@@ -293,7 +319,9 @@ def launch_weighted_gram(
     d = a.shape[1]
     symmetric = b is None
     cross = a_sub is not None
-    fp32_path = a.dtype == torch.float32 or cross
+    split3 = cross and a.dtype == torch.bfloat16 and a_sub.dtype == torch.bfloat16 and (b is None or
+                                                                                        b.dtype == torch.bfloat16)
+    fp32_path = a.dtype == torch.float32 or (cross and not split3)
     block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
     start, rows, weight, rescale = _device_tables(chunk_table(*runs, block_t), a.device)
     n_chunks = start.numel()
@@ -323,6 +351,7 @@ def launch_weighted_gram(
         WEIGHTED=weighted,
         SYMMETRIC=symmetric,
         HAS_SUB=cross,
+        SPLIT3=split3,
         UPCAST=INTERPRETING and a.dtype == torch.bfloat16,
         INPUT_PRECISION="ieee",
         PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,
@@ -349,9 +378,10 @@ def aot_variants():
         ("cross_bf16", "bf16", False, True),
     ]
     for name, dt, symmetric, cross in kinds:
-        fp32_path = dt == "fp32" or cross
+        split3 = cross and dt == "bf16"
+        fp32_path = dt == "fp32" or (cross and not split3)
         block_t = BLOCK_T_FP32 if fp32_path else BLOCK_T_16BIT
-        configs = CONFIGS_FP32 if fp32_path else CONFIGS_16BIT  # what _prune keeps for this BLOCK_T
+        configs = CONFIGS_CROSS if split3 else CONFIGS_FP32 if fp32_path else CONFIGS_16BIT  # what _prune keeps
         target = AotTensor(torch.float32, d, d)
         a = AotTensor(dtypes[dt], tokens, d)
         for weighted in (True, False):
@@ -361,11 +391,13 @@ def aot_variants():
                      for dtype, off in zip((torch.int64, torch.int32, torch.float32, torch.float32),
                                            table_offsets(n_chunks), strict=False)]
             args = (target, a, a, a, *index, n_chunks, d, a.stride(0), target.stride(0), int(math.log2(n_chunks)))
-            consts = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, UPCAST=False,
+            consts = dict(WEIGHTED=weighted, SYMMETRIC=symmetric, HAS_SUB=cross, SPLIT3=split3, UPCAST=False,
                           INPUT_PRECISION="ieee", PROMOTE_EVERY=0 if fp32_path else PROMOTE_EVERY_16BIT,
                           BLOCK_T=block_t)
             for bm, bn, warps, stages in configs:
                 too_big_for_sm80 = bm * bn > SM80_MAX_TILE or (warps < 8 and bm * bn == SM80_MAX_TILE)
+                if split3:
+                    too_big_for_sm80 = (bm, bn) != CROSS_SM80
                 yield Variant(f"gram_{name}_{'seq' if weighted else 'tok'}_{bm}x{bn}_w{warps}s{stages}",
                               _weighted_gram_kernel, args,
                               dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages),

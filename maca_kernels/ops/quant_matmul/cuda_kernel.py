@@ -26,7 +26,12 @@ _COMPILED: dict[tuple[int, str], object] = {}
 
 
 def available() -> bool:
-    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel") and SOURCE.exists()
+    """A CUDA device, torch's NVRTC wrapper with the CUDA headers it adds (CUDA_HOME), and the source."""
+    if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel") and SOURCE.exists()):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
 
 
 def kernel_name(bits: int, group: int) -> str:
@@ -45,40 +50,50 @@ def _compiled(name: str, device: torch.device):
     return _COMPILED[key]
 
 
-def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int) -> int:
+def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, deterministic: bool = False) -> int:
     """K per CTA: whole groups (whole 128-bit loads with one group over K: every CTA applies that group's
-    scale to its own partial sum), enough CTAs for ~4 waves of the SMs."""
+    scale to its own partial sum), about 8 CTAs per SM in all (a CTA is 4 warps, one 128-bit load in flight
+    per lane). ``deterministic``: all of K in one CTA, so each output gets one atomic add onto zero."""
+    if deterministic:
+        return w.K
     unit = w.group_size if w.kernel_group else VEC_K[w.bits]
     units = w.K // unit
-    splits = max(1, min(units, -(-4 * n_sms // n_ctas)))
+    splits = max(1, min(units, -(-8 * n_sms // n_ctas)))
     return -(-units // splits) * unit
 
 
 @torch.library.custom_op("maca_kernels::gemv_mma", mutates_args=())
 def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bits: int, group_size: int, K: int, N: int) -> torch.Tensor:
+                 zeros: torch.Tensor, bits: int, group_size: int, K: int, N: int, deterministic: bool) -> torch.Tensor:
     w = MmaWeight(words, hwords, scales, zeros, bits, group_size, K, N)
     M = x.shape[0]
+    if not 1 <= M <= MAX_M or tuple(x.shape) != (M, K) or x.stride(1) != 1:  # also for direct torch.ops calls
+        raise ValueError(f"gemv_mma: x must be [M, K] with 1 ≤ M ≤ {MAX_M}, K = {K}, unit stride; got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
     n_ctas = scales.shape[1] // CTA_N
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    k_split = k_split_for(w, n_ctas, n_sms)
+    k_split = k_split_for(w, n_ctas, n_sms, deterministic)
     y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     kernel = _compiled(kernel_name(bits, w.kernel_group), x.device)
-    kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
-           args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K, k_split])
+    with torch.cuda.device(x.device):  # x may live on another GPU than the current one
+        kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
+               args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K,
+                     k_split], stream=torch.cuda.current_stream(x.device))
     return y.to(x.dtype)
 
 
 @_gemv_mma_op.register_fake
-def _(x, words, hwords, scales, zeros, bits, group_size, K, N):
+def _(x, words, hwords, scales, zeros, bits, group_size, K, N, deterministic):
     return x.new_empty((x.shape[0], N))
 
 
-def gemv_mma(x2: torch.Tensor, w: MmaWeight) -> torch.Tensor:
-    """``x2 [M, K] @ dequant(W)ᵀ`` → fp16 ``[M, N]`` for fp16 x2 on CUDA, M ≤ 8 (checked here)."""
+def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> torch.Tensor:
+    """``x2 [M, K] @ dequant(W)ᵀ`` → fp16 ``[M, N]`` for fp16 x2 on CUDA, M ≤ 8 (checked here).
+    ``deterministic``: one CTA per column block over all of K (no run-dependent order of atomic adds)."""
     if not available():
-        raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) and the "
-                           f"repository's {SOURCE.relative_to(SOURCE.parents[2])}")
+        raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) with the CUDA "
+                           f"toolkit's headers (CUDA_HOME) and the repository's "
+                           f"{SOURCE.relative_to(SOURCE.parents[2])}")
     if x2.device.type != "cuda" or x2.dtype != torch.float16 or x2.dim() != 2:
         raise ValueError(f"x must be a 2-D float16 CUDA tensor for backend='cuda', got {x2.dtype} {tuple(x2.shape)} "
                          f"on {x2.device}")
@@ -90,4 +105,4 @@ def gemv_mma(x2: torch.Tensor, w: MmaWeight) -> torch.Tensor:
         raise ValueError(f"the weight is on {w.words.device} but x is on {x2.device}")
     if x2.stride(1) != 1 or x2.stride(0) < w.K:
         x2 = x2.contiguous()
-    return _gemv_mma_op(x2, w.words, w.hwords, w.scales, w.zeros, w.bits, w.group_size, w.K, w.N)
+    return _gemv_mma_op(x2, w.words, w.hwords, w.scales, w.zeros, w.bits, w.group_size, w.K, w.N, bool(deterministic))

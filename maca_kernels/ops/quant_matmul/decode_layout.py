@@ -67,11 +67,11 @@ class DecodeWeight:
         """``x [..., K] @ dequant(W)ᵀ`` → ``[..., N]``: the product ``quant_matmul`` gives on the checkpoint
         tensors, with x gathered once into the weight's row order."""
         if backend == "cuda":
-            return self._matmul_cuda(x)
+            return self._matmul_cuda(x, deterministic)
         return decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.g_idx, self.bits,
                              self.group_size, self.checkpoint_format, backend=backend, deterministic=deterministic)
 
-    def _matmul_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul_cuda(self, x: torch.Tensor, deterministic: bool) -> torch.Tensor:
         from .cuda_kernel import gemv_mma
 
         if self.mma is None:
@@ -83,7 +83,7 @@ class DecodeWeight:
                              f"{getattr(x, 'shape', type(x).__name__)}")
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        y = gemv_mma(x.reshape(-1, x.shape[-1]), self.mma)
+        y = gemv_mma(x.reshape(-1, x.shape[-1]), self.mma, deterministic)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_checkpoint(self) -> dict[str, torch.Tensor]:

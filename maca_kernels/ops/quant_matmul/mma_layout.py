@@ -122,6 +122,8 @@ def pack_mma(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bit
         raise ValueError(f"the mma layout has no kernel for bits={bits}, group_size={group_size}, K={K}, N={N}")
     group = K if group_size in (-1, K) else group_size
     G = K // group
+    if scales.dtype != torch.float16:
+        raise ValueError(f"scales must be float16 (the checkpoint's dtype), got {scales.dtype}")
     if tuple(zeros.shape) != (N, G) or tuple(scales.shape) != (N, G):
         raise ValueError(f"zeros and scales must be [N, G] = [{N}, {G}], got {tuple(zeros.shape)} and "
                          f"{tuple(scales.shape)}")

@@ -79,6 +79,9 @@ def test_supported_shapes_and_errors():
     W, qw, sc, qz, _ = random_checkpoint(64, 256, 3, 64, False, seed=1)
     with pytest.raises(ValueError, match="no kernel for bits=3, group_size=64"):
         mk.to_decode_weight(qw, sc, qz, None, 3, 64, mma=True)
+    with pytest.raises(ValueError, match="scales must be float16"):
+        pack_mma(torch.zeros(64, 256, dtype=torch.int32), torch.zeros(64, 2, dtype=torch.int32),
+                 torch.ones(64, 2), 4, 128)
     d = mk.to_decode_weight(qw, sc, qz, None, 3, 64)
     with pytest.raises(ValueError, match="needs the mma layout"):
         d.matmul(randn(1, 256, dtype=torch.float16, seed=2), backend="cuda")
