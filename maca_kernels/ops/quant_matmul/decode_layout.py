@@ -20,7 +20,7 @@ int2/int3/int4, batch ≤ 8, fp16 x), run by ``matmul(x, backend="cuda")``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -191,4 +191,4 @@ def _with_mma(d: DecodeWeight, mma: bool) -> DecodeWeight:
     codes = unpack_gptq(d.qweight, d.bits, K)
     zeros = unpack_gptq_zeros(d.qzeros, d.bits, N, d.checkpoint_format)
     packed = mma_layout.pack_mma(codes, zeros, d.scales.T, d.bits, d.group_size)
-    return DecodeWeight(**{**d.__dict__, "mma": packed})
+    return replace(d, mma=packed)

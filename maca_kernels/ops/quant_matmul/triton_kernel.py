@@ -169,7 +169,9 @@ def _cfg(bm, bn, bk, split, warps, stages):
 GEMV_CONFIGS = [(1, bn, bk, s, 4, 2) for bn, bk in ((128, 64), (256, 32), (64, 64), (128, 32)) for s in (1, 2, 4, 8)]
 SMALL_M_CONFIGS = [(16, bn, bk, s, 4, 3) for bn, bk in ((128, 64), (64, 128), (128, 128), (64, 64), (128, 32))
                    for s in (1, 2, 4)]
-LARGE_M_CONFIGS = [(64, 128, 32, 1, 4, 3), (64, 64, 32, 1, 4, 4), (128, 128, 32, 1, 8, 4)]
+# BLOCK_K 64 / 128 apply the group scale (and wait for the tensor cores) once per 4 / 8 k-steps instead of 2
+LARGE_M_CONFIGS = [(64, 128, 32, 1, 4, 3), (64, 64, 32, 1, 4, 4), (128, 128, 32, 1, 8, 4),
+                   (128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (64, 128, 128, 1, 4, 3)]
 GIDX_TILES = {(1, 64, 64), (1, 128, 32), (16, 64, 64), (16, 128, 32), (64, 64, 32), (128, 128, 32)}
 # With a plain store epilogue ptxas squeezes 16×128×32 into 80 registers and spills on sm_90 (compile tier)
 GIDX_TILES_NO_ATOMIC = GIDX_TILES - {(16, 128, 32)}
@@ -177,7 +179,7 @@ QUICK_CONFIGS = {
     "gemv": [(1, 128, 64, s, 4, 2) for s in (1, 4, 8)] + [(1, 128, 32, s, 4, 2) for s in (1, 4)],
     "small": [(16, 128, 64, s, 4, 3) for s in (1, 4)] + [(16, 128, 32, s, 4, 3) for s in (1, 2)]
     + [(16, 64, 64, 1, 4, 3)],
-    "large": [(64, 128, 32, 1, 4, 3), (128, 128, 32, 1, 8, 4)],
+    "large": [(64, 128, 32, 1, 4, 3), (128, 128, 32, 1, 8, 4), (128, 128, 128, 1, 8, 3)],
 }
 # The interpreter cannot autotune: the launcher takes the first config that fits, without tuning.
 INTERPRETER_CONFIGS = {
