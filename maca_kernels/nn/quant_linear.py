@@ -17,7 +17,10 @@ class QuantLinear(nn.Module):
     ``from_checkpoint``, ``load_state_dict``): the ``qweight`` buffer then holds the rows of K in group
     order and the non-persistent ``perm`` buffer the input order (see ``ops/quant_matmul/decode_layout.py``),
     so they run at the speed of sorted layers; ``state_dict()`` converts back to the checkpoint layout.
-    Write new weights through those three entry points, not into the buffers."""
+    Write new weights through those three entry points, not into the buffers.
+
+    ``enable_cuda_gemv()`` opts in to the CUDA tensor-core GEMV (``csrc/quant_matmul/gemv_mma.cu``) for
+    batches of 1–8 fp16 rows on a GPU; larger batches, other dtypes and CPU inputs keep the default path."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
@@ -40,6 +43,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", None, persistent=False)  # act-order: input feature of each row of qweight
         self.register_buffer("kernel_g_idx", None, persistent=False)  # only for groups of unequal size
         self._kernel_group_size = group_size
+        # The opt-in CUDA GEMV's layout (enable_cuda_gemv): non-persistent, rebuilt when the weights arrive.
+        for name in ("mma_words", "mma_hwords", "mma_scales", "mma_zeros"):
+            self.register_buffer(name, None, persistent=False)
 
     @classmethod
     def from_gptq(cls, q, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq") -> QuantLinear:
@@ -107,6 +113,31 @@ class QuantLinear(nn.Module):
             self.qweight.copy_(d.qweight)
         self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
 
+    def enable_cuda_gemv(self, enabled: bool = True) -> QuantLinear:
+        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–8 fp16 rows: builds its layout
+        from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
+        the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
+        (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
+        if not enabled:
+            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = None
+            return self
+        d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.kernel_g_idx, self.bits,
+                             self._kernel_group_size, self.checkpoint_format, mma=True)
+        m = d.mma
+        self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros = m.words, m.hwords, m.scales, m.zeros
+        return self
+
+    @property
+    def cuda_gemv(self) -> bool:
+        return self.mma_words is not None
+
+    def _mma(self):
+        from ..ops.quant_matmul.mma_layout import MmaWeight
+
+        group = self.in_features if self._kernel_group_size == -1 else self._kernel_group_size
+        return MmaWeight(self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros, self.bits, group,
+                         self.in_features, self.out_features)
+
     @property
     def act_order(self) -> bool:
         """True when ``g_idx`` is not ``k // group_size`` (an act-order checkpoint)."""
@@ -118,8 +149,15 @@ class QuantLinear(nn.Module):
         return permute_rows(self.qweight, torch.argsort(self.perm), self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
-                          self._kernel_group_size, self.checkpoint_format)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.mma_words is not None and x.is_cuda and x.dtype == torch.float16 and 1 <= rows <= 8:
+            from ..ops.quant_matmul.cuda_kernel import gemv_mma
+
+            xp = x if self.perm is None else x.index_select(-1, self.perm)
+            y = gemv_mma(xp.reshape(rows, x.shape[-1]), self._mma()).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
+                              self._kernel_group_size, self.checkpoint_format)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -133,6 +171,8 @@ class QuantLinear(nn.Module):
             self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._to_decode_layout()  # a new g_idx or qweight: convert again
+        if self.cuda_gemv:
+            self.enable_cuda_gemv()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

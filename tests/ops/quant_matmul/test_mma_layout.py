@@ -90,3 +90,22 @@ def test_supported_shapes_and_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             d.matmul(randn(1, 256, dtype=torch.float16, seed=4), backend="cuda")
+
+
+def test_quant_linear_opt_in_builds_the_layout_and_keeps_state_dict_clean():
+    W, qw, sc, qz, g_idx = random_checkpoint(80, 256, 4, 128, True, seed=5)
+    tensors = {"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}
+    layer = mk.QuantLinear.from_checkpoint(tensors, 4, 128).enable_cuda_gemv()
+    assert layer.cuda_gemv and set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
+    x = randn(1, 256, dtype=torch.float16, seed=6)
+    # the layout holds the layer's own (group-ordered) weight: the emulated kernel gives its product
+    y = emulate(x[:, layer.perm].numpy(), layer._mma())
+    assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
+    # CPU inputs keep the default path; new weights rebuild the layout; opting out drops it
+    assert rel(layer(x.float()).double().numpy(), (x.double() @ W.T).numpy()) <= 1e-5
+    W2, qw2, sc2, qz2, g2 = random_checkpoint(80, 256, 4, 128, True, seed=7)
+    layer.load_state_dict({"qweight": qw2, "scales": sc2, "qzeros": qz2, "g_idx": g2})
+    assert rel(emulate(x[:, layer.perm].numpy(), layer._mma()), (x.double() @ W2.T).numpy()) <= 1e-12
+    assert not layer.enable_cuda_gemv(False).cuda_gemv
+    with pytest.raises(ValueError, match="no kernel for bits=8"):
+        mk.QuantLinear(256, 64, bits=8, group_size=128).enable_cuda_gemv()

@@ -136,3 +136,12 @@ def test_cuda_gemv_real_size_and_cuda_graph():
     once = d.matmul(x, backend="cuda", deterministic=True)  # one CTA per column block: no atomic-order noise
     assert torch.equal(once, d.matmul(x, backend="cuda", deterministic=True))
     assert rel(once, x.double() @ W.T) <= TOL[torch.float16]
+
+
+def test_quant_linear_cuda_gemv():
+    W, qw, sc, qz, g_idx = random_checkpoint(1104, 2048, 3, 128, True, seed=21)
+    layer = mk.QuantLinear.from_checkpoint({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}, 3, 128)
+    layer = layer.cuda().enable_cuda_gemv()
+    for M in (1, 4, 9):  # 9 rows: the default path
+        x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
+        assert rel(layer(x), x.double() @ W.cuda().T) <= TOL[torch.float16]
