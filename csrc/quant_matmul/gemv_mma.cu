@@ -1,4 +1,4 @@
-// Packed int4 / int2 GEMV (M <= 8 rows of x) on tensor cores, from the "mma" decode layout.
+// Packed int4 / int3 / int2 GEMV (M <= 8 rows of fp16 or bf16 x) on tensor cores, on the "mma" layout.
 //
 // Self-contained (no headers): compiled at run time by NVRTC (maca_kernels/ops/quant_matmul/cuda_kernel.py)
 // and by nvcc for the compile tier (tests/test_cuda_compile_tier.py), which counts the main loop's SASS.
@@ -19,6 +19,8 @@
 //   int3: the low two bits as int2, plus one high-bit word per two low words (four k-tiles), its bit for
 //         field r of (low word a, tile u) at 2r + {0, 8, 1, 9}[2a + u] (+16 for the high half); a second
 //         LOP3 ORs it in just above the field, so 1024 + 4^r q comes out of two LOP3s.
+//   bf16 x (mma with bf16 operands) reads the same words with 128 as the magic number: its 7-bit mantissa
+//   has no room above bit 6, so fields that would land there are shifted down first (see Zeros).
 // Words are stored [n tile][k word / 4][lane][4]: one 128-bit load per lane covers four words, and a warp's
 // load is 512 contiguous bytes. One spare warp load (512 bytes) follows the last n tile, and the scales and
 // zeros one spare row, so the loads that run ahead never need a bounds check.
@@ -55,12 +57,27 @@ MACA_DEVICE u32 hfma2(u32 a, u32 b, u32 c) {
   return d;
 }
 
+MACA_DEVICE u32 bfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <bool BF16>
 MACA_DEVICE void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
 }
 
 MACA_DEVICE float half_to_float(u16 h) {
@@ -75,93 +92,102 @@ MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
   return d;
 }
 
-constexpr u32 kMagic = 0x64006400u;  // 1024.0 in both halves
+constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
+constexpr u32 kMagicBf16 = 0x43004300u;  // 128.0 in both bf16 halves (7-bit mantissa: fields stay below bit 7)
 constexpr int kWarps = 4;
 constexpr int kChunk = 512;  // k values of x staged at a time (8 KB of fragments)
 
-// Per-lane constants of one group: the negated offset (2^-s * 1024 + z) of every scale variant s.
-template <int BITS>
-struct Zeros;
-
-template <>
-struct Zeros<4> {
-  u32 k0, k1;  // a0/a2 (n = g): subtract 1024 + z; a1/a3 (n = g + 8): fma(x, 1/16, -(64 + z))
-  MACA_DEVICE Zeros(u32 zg, u32 zg8) {  // each pair(A + z B): LEA + PRMT
-    k0 = pair(0x6400u + zg);         // 1024 + z (ulp 1)
-    k1 = pair(0xD400u + zg8 * 16u);  // -(64 + z) (ulp 1/16)
-  }
-};
-
-template <>
-struct Zeros<2> {
-  u32 k0, k1, k2, k3;  // fields 0..3: scale 1, 1/4, 1/16, 1/64; n = g, g + 8, g, g + 8
+// Per-lane constants of one group: the negated offset (2^-s * magic + z) of every scale variant s, each
+// pair(A + z B): LEA + PRMT. fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64 (int2/int3). bf16 has
+// no room for the x16 fields (its mantissa has 7 bits), so int4 shifts every field to bit 0 (scale 1) and
+// int2/int3 read field 3 two bits lower (scale 1/16 like field 2).
+template <int BITS, bool BF16>
+struct Zeros {
+  u32 k0, k1, k2, k3;  // fragment registers a0..a3 (n = g, g + 8, g, g + 8)
   MACA_DEVICE Zeros(u32 zg, u32 zg8) {
-    k0 = pair(0x6400u + zg);         // 1024 + z
-    k1 = pair(0xDC00u + zg8 * 4u);   // -(256 + z) (ulp 1/4)
-    k2 = pair(0xD400u + zg * 16u);   // -(64 + z)
-    k3 = pair(0xCC00u + zg8 * 64u);  // -(16 + z) (ulp 1/64)
+    if constexpr (BF16) {
+      k0 = pair(0xC300u + zg);                                  // -(128 + z) (ulp 1)
+      k1 = pair(BITS == 4 ? 0xC300u + zg8 : 0xC200u + zg8 * 4u);  // int2/3: -(32 + z) (ulp 1/4)
+      k2 = BITS == 4 ? k0 : pair(0xC100u + zg * 16u);            // int2/3: -(8 + z) (ulp 1/16)
+      k3 = BITS == 4 ? k1 : pair(0xC100u + zg8 * 16u);
+    } else {
+      k0 = pair(0x6400u + zg);                                  // 1024 + z (ulp 1), subtracted
+      k1 = pair(BITS == 4 ? 0xD400u + zg8 * 16u : 0xDC00u + zg8 * 4u);  // -(64 + z) / -(256 + z)
+      k2 = BITS == 4 ? k0 : pair(0xD400u + zg * 16u);            // -(64 + z)
+      k3 = BITS == 4 ? k1 : pair(0xCC00u + zg8 * 64u);           // -(16 + z) (ulp 1/64)
+    }
   }
 };
 
-template <>
-struct Zeros<3> : Zeros<2> {  // the int2 fields with the high bit ORed in above them: same constants
-  MACA_DEVICE Zeros(u32 zg, u32 zg8) : Zeros<2>(zg, zg8) {}
-};
-
-// One k-tile of one word: decode the lane's A fragment and multiply by its B fragment (b0, b1).
-template <int BITS>
-MACA_DEVICE void tile_mma(float (&d)[4], u32 v, const Zeros<BITS>& z, u32 b0, u32 b1);
-
-template <>
-MACA_DEVICE void tile_mma<4>(float (&d)[4], u32 w, const Zeros<4>& z, u32 b0, u32 b1) {
-  const u32 s16 = 0x2C002C00u;  // 1/16
-  const u32 hi = w >> 8;
-  const u32 a0 = hsub2(lop_or(w, 0x000F000Fu, kMagic), z.k0);
-  const u32 a1 = hfma2(lop_or(w, 0x00F000F0u, kMagic), s16, z.k1);
-  const u32 a2 = hsub2(lop_or(hi, 0x000F000Fu, kMagic), z.k0);
-  const u32 a3 = hfma2(lop_or(hi, 0x00F000F0u, kMagic), s16, z.k1);
-  mma16816(d, a0, a1, a2, a3, b0, b1);
-}
-
-template <>
-MACA_DEVICE void tile_mma<2>(float (&d)[4], u32 v, const Zeros<2>& z, u32 b0, u32 b1) {
-  const u32 s4 = 0x34003400u, s16 = 0x2C002C00u, s64 = 0x24002400u;  // 1/4, 1/16, 1/64
-  const u32 a0 = hsub2(lop_or(v, 0x00030003u, kMagic), z.k0);
-  const u32 a1 = hfma2(lop_or(v, 0x000C000Cu, kMagic), s4, z.k1);
-  const u32 a2 = hfma2(lop_or(v, 0x00300030u, kMagic), s16, z.k2);
-  const u32 a3 = hfma2(lop_or(v, 0x00C000C0u, kMagic), s64, z.k3);
-  mma16816(d, a0, a1, a2, a3, b0, b1);
-}
-
-// int3: the int2 fields of v (low two bits) with each value's high bit ORed in from c, which holds it at
-// bit 2r + 2 of both halves for field r (the caller shifts the plane word into place).
-MACA_DEVICE void tile_mma3(float (&d)[4], u32 v, u32 c, const Zeros<3>& z, u32 b0, u32 b1) {
-  const u32 s4 = 0x34003400u, s16 = 0x2C002C00u, s64 = 0x24002400u;
-  const u32 a0 = hsub2(lop_or(c, 0x00040004u, lop_or(v, 0x00030003u, kMagic)), z.k0);
-  const u32 a1 = hfma2(lop_or(c, 0x00100010u, lop_or(v, 0x000C000Cu, kMagic)), s4, z.k1);
-  const u32 a2 = hfma2(lop_or(c, 0x00400040u, lop_or(v, 0x00300030u, kMagic)), s16, z.k2);
-  const u32 a3 = hfma2(lop_or(c, 0x01000100u, lop_or(v, 0x00C000C0u, kMagic)), s64, z.k3);
-  mma16816(d, a0, a1, a2, a3, b0, b1);
+// One k-tile of one word: decode the lane's A fragment and multiply by its B fragment (b0, b1). int3 also
+// takes c, the high-bit plane word shifted so that field r's bit sits at 2r + 2 of both halves.
+template <int BITS, bool BF16>
+MACA_DEVICE void tile_mma(float (&d)[4], u32 v, u32 c, const Zeros<BITS, BF16>& z, u32 b0, u32 b1) {
+  u32 a0, a1, a2, a3;
+  if constexpr (!BF16 && BITS == 4) {
+    const u32 s16 = 0x2C002C00u;  // 1/16
+    const u32 hi = v >> 8;
+    a0 = hsub2(lop_or(v, 0x000F000Fu, kMagic), z.k0);
+    a1 = hfma2(lop_or(v, 0x00F000F0u, kMagic), s16, z.k1);
+    a2 = hsub2(lop_or(hi, 0x000F000Fu, kMagic), z.k0);
+    a3 = hfma2(lop_or(hi, 0x00F000F0u, kMagic), s16, z.k1);
+  } else if constexpr (!BF16) {  // int2, int3 (c: high bits ORed in above each field)
+    const u32 s4 = 0x34003400u, s16 = 0x2C002C00u, s64 = 0x24002400u;  // 1/4, 1/16, 1/64
+    u32 t0 = lop_or(v, 0x00030003u, kMagic), t1 = lop_or(v, 0x000C000Cu, kMagic);
+    u32 t2 = lop_or(v, 0x00300030u, kMagic), t3 = lop_or(v, 0x00C000C0u, kMagic);
+    if constexpr (BITS == 3) {
+      t0 = lop_or(c, 0x00040004u, t0);
+      t1 = lop_or(c, 0x00100010u, t1);
+      t2 = lop_or(c, 0x00400040u, t2);
+      t3 = lop_or(c, 0x01000100u, t3);
+    }
+    a0 = hsub2(t0, z.k0);
+    a1 = hfma2(t1, s4, z.k1);
+    a2 = hfma2(t2, s16, z.k2);
+    a3 = hfma2(t3, s64, z.k3);
+  } else if constexpr (BITS == 4) {  // bf16: every field shifted to bit 0
+    const u32 one = 0x3F803F80u;
+    a0 = bfma2(lop_or(v, 0x000F000Fu, kMagicBf16), one, z.k0);
+    a1 = bfma2(lop_or(v >> 4, 0x000F000Fu, kMagicBf16), one, z.k1);
+    a2 = bfma2(lop_or(v >> 8, 0x000F000Fu, kMagicBf16), one, z.k2);
+    a3 = bfma2(lop_or(v >> 12, 0x000F000Fu, kMagicBf16), one, z.k3);
+  } else {  // bf16 int2, int3: field 3 read two bits lower
+    const u32 one = 0x3F803F80u, s4 = 0x3E803E80u, s16 = 0x3D803D80u;  // 1, 1/4, 1/16
+    const u32 v2 = v >> 2;
+    u32 t0 = lop_or(v, 0x00030003u, kMagicBf16), t1 = lop_or(v, 0x000C000Cu, kMagicBf16);
+    u32 t2 = lop_or(v, 0x00300030u, kMagicBf16), t3 = lop_or(v2, 0x00300030u, kMagicBf16);
+    if constexpr (BITS == 3) {
+      t0 = lop_or(c, 0x00040004u, t0);
+      t1 = lop_or(c, 0x00100010u, t1);
+      t2 = lop_or(c, 0x00400040u, t2);
+      t3 = lop_or(c >> 2, 0x00400040u, t3);
+    }
+    a0 = bfma2(t0, one, z.k0);
+    a1 = bfma2(t1, s4, z.k1);
+    a2 = bfma2(t2, s16, z.k2);
+    a3 = bfma2(t3, s16, z.k3);
+  }
+  mma16816<BF16>(d, a0, a1, a2, a3, b0, b1);
 }
 
 // Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1)); int3 also
 // takes the two high-bit words of the same eight k-tiles (c).
-template <int BITS>
-MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS>& z, const uint4* xf) {
+template <int BITS, bool BF16>
+MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf) {
   const u32 ws[4] = {w.x, w.y, w.z, w.w};
   if constexpr (BITS == 4) {  // a word is one k-tile: a fragment load serves two words
 #pragma unroll
     for (int i = 0; i < 4; i += 2) {
       const uint4 b = xf[(i / 2) * 32];
-      tile_mma<BITS>(d, ws[i], z, b.x, b.y);
-      tile_mma<BITS>(d, ws[i + 1], z, b.z, b.w);
+      tile_mma<BITS, BF16>(d, ws[i], 0u, z, b.x, b.y);
+      tile_mma<BITS, BF16>(d, ws[i + 1], 0u, z, b.z, b.w);
     }
   } else if constexpr (BITS == 2) {  // a word is two k-tiles: fields of w, then of w >> 8
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint4 b = xf[i * 32];
-      tile_mma<BITS>(d, ws[i], z, b.x, b.y);
-      tile_mma<BITS>(d, ws[i] >> 8, z, b.z, b.w);
+      tile_mma<BITS, BF16>(d, ws[i], 0u, z, b.x, b.y);
+      tile_mma<BITS, BF16>(d, ws[i] >> 8, 0u, z, b.z, b.w);
     }
   } else {  // int3: low bits as int2; a high-bit word serves two low words (four k-tiles), read through
             // four shifts that put each tile's bits at 2r + 2: << 2, >> 6, << 1, >> 7
@@ -170,8 +196,8 @@ MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS>& z, 
     for (int i = 0; i < 4; ++i) {
       const u32 h = cs[i / 2];
       const uint4 b = xf[i * 32];
-      tile_mma3(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b.x, b.y);
-      tile_mma3(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b.z, b.w);
+      tile_mma<BITS, BF16>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b.x, b.y);
+      tile_mma<BITS, BF16>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b.z, b.w);
     }
   }
 }
@@ -181,7 +207,7 @@ MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS>& z, 
 // and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
 // (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP (of a
 // 128-bit load's k span with one group); a range's last chunk may be shorter than kChunk.
-template <int BITS, int GROUP>
+template <int BITS, int GROUP, bool BF16>
 __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __restrict__ words,
                          const uint2* __restrict__ hwords, const u16* __restrict__ scales,
                          const unsigned char* __restrict__ zeros, float* __restrict__ y, int ldy, int M, int N,
@@ -212,7 +238,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
     s_col += (u64)gi * n_pad;
     z_col += (u64)gi * n_pad;
   }
-  auto zeros_now = [&]() { return Zeros<BITS>(z_col[0], z_col[8]); };
+  auto zeros_now = [&]() { return Zeros<BITS, BF16>(z_col[0], z_col[8]); };
   auto fold = [&]() {  // y += s * D for the current group, D restarts
     const float s0 = half_to_float(s_col[0]);
     const float s8 = half_to_float(s_col[8]);
@@ -222,7 +248,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
     acc[3] += s8 * d[3];
     d[0] = d[1] = d[2] = d[3] = 0.f;
   };
-  Zeros<BITS> z = zeros_now();
+  Zeros<BITS, BF16> z = zeros_now();
   uint4 next = *wp;  // software pipeline: the next 128-bit load is in flight while this one is decoded
   uint2 hnext = BITS == 3 ? *hp : make_uint2(0u, 0u);
 
@@ -252,7 +278,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
           hp += 32;
           hnext = *hp;
         }
-        vec_mma<BITS>(d, w4, h2, z, xf);
+        vec_mma<BITS, BF16>(d, w4, h2, z, xf);
         xf += (kVecK / 32) * 32;
       }
       if (GROUP) {  // the zeros and scales have one spare row past the last group
@@ -274,18 +300,25 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
   }
 }
 
-#define MACA_GEMV_MMA(BITS, GROUP)                                                                            \
-  extern "C" __global__ void __launch_bounds__(kWarps * 32) maca_gemv_mma_b##BITS##_g##GROUP(                 \
+#define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16)                                                                \
+  extern "C" __global__ void __launch_bounds__(kWarps * 32) NAME(                                             \
       const u16* x, int ldx, const uint4* words, const uint2* hwords, const u16* scales,                      \
       const unsigned char* zeros, float* y, int ldy, int M, int N, int K, int k_split) {                      \
-    gemv_mma<BITS, GROUP>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);                    \
+    gemv_mma<BITS, GROUP, BF16>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);              \
   }
 
 // GROUP 0: one group over all of K (group_size = -1 or K); other group sizes take the Triton kernels.
-MACA_GEMV_MMA(4, 0)
-MACA_GEMV_MMA(4, 64)
-MACA_GEMV_MMA(4, 128)
-MACA_GEMV_MMA(3, 0)
-MACA_GEMV_MMA(3, 128)
-MACA_GEMV_MMA(2, 0)
-MACA_GEMV_MMA(2, 128)
+MACA_GEMV_MMA(maca_gemv_mma_b4_g0, 4, 0, false)
+MACA_GEMV_MMA(maca_gemv_mma_b4_g64, 4, 64, false)
+MACA_GEMV_MMA(maca_gemv_mma_b4_g128, 4, 128, false)
+MACA_GEMV_MMA(maca_gemv_mma_b3_g0, 3, 0, false)
+MACA_GEMV_MMA(maca_gemv_mma_b3_g128, 3, 128, false)
+MACA_GEMV_MMA(maca_gemv_mma_b2_g0, 2, 0, false)
+MACA_GEMV_MMA(maca_gemv_mma_b2_g128, 2, 128, false)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g0, 4, 0, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g64, 4, 64, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g128, 4, 128, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b3_g0, 3, 0, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b3_g128, 3, 128, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b2_g0, 2, 0, true)
+MACA_GEMV_MMA(maca_gemv_mma_bf16_b2_g128, 2, 128, true)

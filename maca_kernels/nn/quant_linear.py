@@ -20,7 +20,7 @@ class QuantLinear(nn.Module):
     Write new weights through those three entry points, not into the buffers.
 
     ``enable_cuda_gemv()`` opts in to the CUDA tensor-core GEMV (``csrc/quant_matmul/gemv_mma.cu``) for
-    batches of 1–8 fp16 rows on a GPU; larger batches, other dtypes and CPU inputs keep the default path."""
+    batches of 1–8 fp16 / bf16 rows on a GPU; larger batches, fp32 and CPU inputs keep the default path."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
@@ -114,7 +114,7 @@ class QuantLinear(nn.Module):
         self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
 
     def enable_cuda_gemv(self, enabled: bool = True) -> QuantLinear:
-        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–8 fp16 rows: builds its layout
+        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–8 fp16 / bf16 rows: builds its layout
         from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
         the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
@@ -150,7 +150,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if self.mma_words is not None and x.is_cuda and x.dtype == torch.float16 and 1 <= rows <= 8:
+        if self.mma_words is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= 8:
             from ..ops.quant_matmul.cuda_kernel import gemv_mma
 
             xp = x if self.perm is None else x.index_select(-1, self.perm)

@@ -34,8 +34,8 @@ def available() -> bool:
     return CUDA_HOME is not None
 
 
-def kernel_name(bits: int, group: int) -> str:
-    return f"maca_gemv_mma_b{bits}_g{group}"
+def kernel_name(bits: int, group: int, bf16: bool = False) -> str:
+    return f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{bits}_g{group}"
 
 
 def _compiled(name: str, device: torch.device):
@@ -74,7 +74,7 @@ def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, sca
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     k_split = k_split_for(w, n_ctas, n_sms, deterministic)
     y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    kernel = _compiled(kernel_name(bits, w.kernel_group), x.device)
+    kernel = _compiled(kernel_name(bits, w.kernel_group, x.dtype == torch.bfloat16), x.device)
     with torch.cuda.device(x.device):  # x may live on another GPU than the current one
         kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
                args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K,
@@ -88,15 +88,15 @@ def _(x, words, hwords, scales, zeros, bits, group_size, K, N, deterministic):
 
 
 def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """``x2 [M, K] @ dequant(W)ᵀ`` → fp16 ``[M, N]`` for fp16 x2 on CUDA, M ≤ 8 (checked here).
+    """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 8 (checked here).
     ``deterministic``: one CTA per column block over all of K (no run-dependent order of atomic adds)."""
     if not available():
         raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) with the CUDA "
                            f"toolkit's headers (CUDA_HOME) and the repository's "
                            f"{SOURCE.relative_to(SOURCE.parents[2])}")
-    if x2.device.type != "cuda" or x2.dtype != torch.float16 or x2.dim() != 2:
-        raise ValueError(f"x must be a 2-D float16 CUDA tensor for backend='cuda', got {x2.dtype} {tuple(x2.shape)} "
-                         f"on {x2.device}")
+    if x2.device.type != "cuda" or x2.dtype not in (torch.float16, torch.bfloat16) or x2.dim() != 2:
+        raise ValueError(f"x must be a 2-D float16 or bfloat16 CUDA tensor for backend='cuda', got {x2.dtype} "
+                         f"{tuple(x2.shape)} on {x2.device}")
     if not 1 <= x2.shape[0] <= MAX_M:
         raise ValueError(f"backend='cuda' runs batch sizes 1..{MAX_M} (rows of x), got {x2.shape[0]}")
     if x2.shape[1] != w.K:

@@ -1,11 +1,11 @@
 """A CPU model of the CUDA GEMV (csrc/quant_matmul/gemv_mma.cu), lane by lane, for the tests.
 
 Nothing CUDA runs on the CPU machines, so this replays what each lane of the kernel does to the stored
-words: the same shifts, LOP3 masks and magic number, the same fp16 arithmetic (numpy float16, one rounding
-per HSUB2 / HFMA2 like the hardware), the per-group constants built from the zero points, then the A and B
+words: the same shifts, LOP3 masks and magic number, the same fp16 / bf16 arithmetic (one rounding per
+HSUB2 / HFMA2, asserted to be exact), the per-group constants built from the zero points, then the A and B
 fragments placed by the PTX mma.m16n8k16 fragment layout (a_r: row g + 8 (r % 2), column 2t + 8 (r // 2) + e;
 b: row 2t + 8 j + e, column g) and multiplied in float64, with the group scales applied to each group's D.
-``KERNEL_MASKS`` lists the kernel's LOP3 masks in source order; a test checks them against the .cu file.
+``KERNEL_FIELDS`` lists the kernel's shifts, LOP3 masks and scales; a test checks them against the .cu file.
 """
 
 from __future__ import annotations
@@ -14,18 +14,42 @@ import numpy as np
 
 from maca_kernels.ops.quant_matmul.mma_layout import WORD_K, MmaWeight
 
-MAGIC = 0x64006400
-KERNEL_MASKS = {  # (low-bits mask, scale of the field) per fragment register a0..a3, as in the .cu
-    4: [(0x000F000F, 1.0), (0x00F000F0, 1 / 16), (0x000F000F, 1.0), (0x00F000F0, 1 / 16)],
-    2: [(0x00030003, 1.0), (0x000C000C, 1 / 4), (0x00300030, 1 / 16), (0x00C000C0, 1 / 64)],
+MAGIC = {False: 0x64006400, True: 0x43004300}  # 1024 in fp16, 128 in bf16
+# Per fragment register a0..a3, as in the .cu: (right shift of the word, low-bits mask, scale of the field)
+KERNEL_FIELDS = {
+    (4, False): [(0, 0x000F000F, 1.0), (0, 0x00F000F0, 1 / 16), (8, 0x000F000F, 1.0), (8, 0x00F000F0, 1 / 16)],
+    (2, False): [(0, 0x00030003, 1.0), (0, 0x000C000C, 1 / 4), (0, 0x00300030, 1 / 16), (0, 0x00C000C0, 1 / 64)],
+    (4, True): [(0, 0x000F000F, 1.0), (4, 0x000F000F, 1.0), (8, 0x000F000F, 1.0), (12, 0x000F000F, 1.0)],
+    (2, True): [(0, 0x00030003, 1.0), (0, 0x000C000C, 1 / 4), (0, 0x00300030, 1 / 16), (2, 0x00300030, 1 / 16)],
 }
-HIGH_MASKS = [0x00040004, 0x00100010, 0x00400040, 0x01000100]  # int3: the high bit just above field r
+# int3: (right shift of the high-bit source, mask) putting the high bit just above field r
+HIGH_FIELDS = {False: [(0, 0x00040004), (0, 0x00100010), (0, 0x00400040), (0, 0x01000100)],
+               True: [(0, 0x00040004), (0, 0x00100010), (0, 0x00400040), (2, 0x00400040)]}
 M32 = 0xFFFFFFFF
 
 
-def _halves(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _halves(u: np.ndarray, bf16: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The two 16-bit halves of 32-bit words as float64 values of fp16 / bf16 bit patterns."""
     u = (u & M32).astype(np.uint32)
-    return (u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)
+    lo, hi = u & 0xFFFF, u >> 16
+    if bf16:
+        as_f = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    else:
+        as_f = lambda h: h.astype(np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+    return as_f(lo), as_f(hi)
+
+
+def _round(v: np.ndarray, bf16: bool) -> np.ndarray:
+    """One rounding to the 16-bit type (the kernel's fma.rn / sub.rn); the decode must never round."""
+    r = v.astype(np.float16).astype(np.float64) if not bf16 else _round_bf16(v)
+    assert np.array_equal(r, v), "the decode rounded: the layout's fields do not fit the format"
+    return r
+
+
+def _round_bf16(v: np.ndarray) -> np.ndarray:
+    b = v.astype(np.float32).view(np.uint32)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.view(np.float32).astype(np.float64)
 
 
 def _pair(h: np.ndarray) -> np.ndarray:
@@ -33,38 +57,32 @@ def _pair(h: np.ndarray) -> np.ndarray:
     return h | (h << 16)
 
 
-def _zero_constants(bits: int, zg: np.ndarray, zg8: np.ndarray) -> list[np.ndarray]:
-    """The kernel's Zeros<BITS> (k0..k3), as 32-bit patterns."""
+def _zero_constants(bits: int, bf16: bool, zg: np.ndarray, zg8: np.ndarray) -> list[np.ndarray]:
+    """The kernel's Zeros<BITS, BF16> (k0..k3), as 32-bit patterns."""
+    if bf16:
+        if bits == 4:
+            return [_pair(0xC300 + zg), _pair(0xC300 + zg8)] * 2
+        return [_pair(0xC300 + zg), _pair(0xC200 + 4 * zg8), _pair(0xC100 + 16 * zg), _pair(0xC100 + 16 * zg8)]
     if bits == 4:
-        return [_pair(0x6400 + zg), _pair(0xD400 + 16 * zg8)]
+        return [_pair(0x6400 + zg), _pair(0xD400 + 16 * zg8)] * 2
     return [_pair(0x6400 + zg), _pair(0xDC00 + 4 * zg8), _pair(0xD400 + 16 * zg), _pair(0xCC00 + 64 * zg8)]
 
 
-def _decode(bits: int, v: np.ndarray, c: np.ndarray | None, ks: list[np.ndarray]) -> list[tuple]:
-    """Fragment registers a0..a3 of one k-tile: (low fp16, high fp16) per register, each [..., 32 lanes]."""
+def _decode(bits: int, bf16: bool, v: np.ndarray, c: np.ndarray | None, ks: list[np.ndarray]) -> list[tuple]:
+    """Fragment registers a0..a3 of one k-tile: (low, high) values per register, each [..., 32 lanes]."""
     out = []
-    for r in range(4):
-        if bits == 4:
-            src = v if r < 2 else v >> 8
-            mask, scale = KERNEL_MASKS[4][r]
-            const = ks[r % 2]
-            hsub = r % 2 == 0
-        else:
-            src = v
-            mask, scale = KERNEL_MASKS[2][r]
-            const = ks[r]
-            hsub = r == 0
-        t = (src & mask) | MAGIC
+    fields = KERNEL_FIELDS[(4 if bits == 4 else 2, bf16)]
+    for r, (shift, mask, scale) in enumerate(fields):
+        t = ((v >> shift) & mask) | MAGIC[bf16]
         if bits == 3:
-            t = (c & HIGH_MASKS[r]) | t
-        tl, th = _halves(t)
-        kl, kh = _halves(const)
-        if hsub:  # sub.rn.f16x2
-            lo = (tl.astype(np.float64) - kl.astype(np.float64)).astype(np.float16)
-            hi = (th.astype(np.float64) - kh.astype(np.float64)).astype(np.float16)
-        else:  # fma.rn.f16x2 with the scale: one rounding
-            lo = (tl.astype(np.float64) * scale + kl.astype(np.float64)).astype(np.float16)
-            hi = (th.astype(np.float64) * scale + kh.astype(np.float64)).astype(np.float16)
+            hshift, hmask = HIGH_FIELDS[bf16][r]
+            t = ((c >> hshift) & hmask) | t
+        tl, th = _halves(t, bf16)
+        kl, kh = _halves(ks[r], bf16)
+        if not bf16 and r % 2 == 0 and scale == 1.0:  # sub.rn.f16x2 with +(1024 + z)
+            lo, hi = _round(tl - kl, bf16), _round(th - kh, bf16)
+        else:  # fma.rn with the scale and the negative constant: one rounding
+            lo, hi = _round(tl * scale + kl, bf16), _round(th * scale + kh, bf16)
         out.append((lo, hi))
     return out
 
@@ -74,8 +92,9 @@ def _words(flat, n_tiles: int, count: int, per_load: int) -> np.ndarray:
     return w.reshape(n_tiles, count // per_load, 32, per_load).transpose(0, 1, 3, 2).reshape(n_tiles, count, 32)
 
 
-def emulate(x: np.ndarray, w: MmaWeight) -> np.ndarray:
-    """y [M, N] (float64) that the kernel computes for x fp16 [M, K] (M ≤ 8), exact products."""
+def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
+    """y [M, N] (float64) that the kernel computes for x [M, K] (M ≤ 8; fp16, or the float64 values of bf16
+    x with ``bf16``), exact products."""
     M, K = x.shape
     assert M <= 8 and K == w.K
     n_pad = w.scales.shape[1]
@@ -93,7 +112,7 @@ def emulate(x: np.ndarray, w: MmaWeight) -> np.ndarray:
     d = np.zeros((n_tiles, 16, 8))
     for kt in range(K // 16):
         grp = kt * 16 // w.group_size
-        ks = _zero_constants(bits, zeros[grp][n_of], zeros[grp][n_of + 8])
+        ks = _zero_constants(bits, bf16, zeros[grp][n_of], zeros[grp][n_of + 8])
         if bits == 4:
             v, c = low[:, kt], None
         else:
@@ -105,13 +124,13 @@ def emulate(x: np.ndarray, w: MmaWeight) -> np.ndarray:
                 h = high[:, kt // 4]
                 a = (kt // 2) % 2
                 c = ((h << 1) if a else (h << 2)) & M32 if u == 0 else ((h >> 7) if a else (h >> 6))
-        regs = _decode(bits, v, c, ks)
+        regs = _decode(bits, bf16, v, c, ks)
         A = np.zeros((n_tiles, 16, 16))
         for r, (lo, hi) in enumerate(regs):
             rows = g + 8 * (r % 2)
             cols = 2 * t + 8 * (r // 2)
-            A[:, rows, cols] = lo.astype(np.float64)
-            A[:, rows, cols + 1] = hi.astype(np.float64)
+            A[:, rows, cols] = lo
+            A[:, rows, cols + 1] = hi
         B = np.zeros((16, 8))
         B[:, :M] = xf[:, kt * 16 : kt * 16 + 16].T
         d += A @ B

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import randn
-from mma_emulator import HIGH_MASKS, KERNEL_MASKS, emulate
+from mma_emulator import HIGH_FIELDS, KERNEL_FIELDS, emulate
 from qmm_helpers import random_checkpoint
 
 import maca_kernels as mk
@@ -44,33 +44,52 @@ def test_round_trip_is_exact(bits, N, K, group_size):
 @pytest.mark.parametrize("bits,N,K,group_size", CASES)
 @pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
-def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt, dtype):
     W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
                                              seed=bits + N + K, convention=fmt)
     d = mk.to_decode_weight(qw, sc, qz, g_idx, bits, group_size, fmt, mma=True)
     assert d.mma is not None and d.mma.N == N and d.mma.K == K
     for M in (1, 3, 8):
-        x = randn(M, K, dtype=torch.float16, seed=M)
+        x = randn(M, K, dtype=dtype, seed=M)
         xp = x if d.perm is None else x[:, d.perm]  # DecodeWeight.matmul gathers x the same way
-        y = emulate(xp.numpy(), d.mma)
+        y = emulate(xp.double().numpy(), d.mma, bf16=dtype == torch.bfloat16)
         # exact products and float64 sums: only the float64 rounding of the reference remains
         assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
 
 
+def _lops(body: str) -> list[tuple[int, int]]:
+    """(right shift, mask) of every ``lop_or(v…, mask, magic)`` in a stretch of the .cu source."""
+    out = []
+    for src, mask in re.findall(r"lop_or\((\w+(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, kMagic", body):
+        out.append((int(src.split(">>")[1]) if ">>" in src else 0, int(mask, 16)))
+    return out
+
+
 def test_kernel_source_uses_the_emulated_constants():
-    """The emulator replays the .cu's decode; keep the two in step (masks in source order, magic, scales)."""
+    """The emulator replays the .cu's decode; keep the two in step (shifts and masks in source order)."""
     src = cuda_kernel.SOURCE.read_text()
-    for bits, fn in ((4, "tile_mma<4>"), (2, "tile_mma<2>")):
-        body = src[src.index(f"MACA_DEVICE void {fn}"):]
-        body = body[: body.index("mma16816")]
-        masks = [int(m, 16) for m in re.findall(r"lop_or\(\w+(?: >> 8)?, (0x[0-9A-Fa-f]+)u", body)]
-        assert masks == [m for m, _ in KERNEL_MASKS[bits]], fn
-    body = src[src.index("MACA_DEVICE void tile_mma3"):]
-    body = body[: body.index("mma16816")]
-    assert [int(m, 16) for m in re.findall(r"lop_or\(c, (0x[0-9A-Fa-f]+)u", body)] == HIGH_MASKS
-    assert "kMagic = 0x64006400u" in src
-    assert "k0 = pair(0x6400u + zg)" in src and "k1 = pair(0xD400u + zg8 * 16u)" in src
-    assert "k1 = pair(0xDC00u + zg8 * 4u)" in src and "k3 = pair(0xCC00u + zg8 * 64u)" in src
+    body = src[src.index("MACA_DEVICE void tile_mma("):]
+    body = body[: body.index("mma16816<BF16>")]
+    branches = body.split("} else if constexpr")
+    fp16_int4, fp16_int23 = branches[0], branches[1]
+    bf16_int4 = branches[2]
+    bf16_int23 = bf16_int4[bf16_int4.index("} else {"):]
+    bf16_int4 = bf16_int4[: bf16_int4.index("} else {")]
+    # fp16 int4 reads hi = v >> 8 for a2, a3
+    assert [(s or 0, m) for s, m in _lops(fp16_int4.replace("hi,", "v >> 8,"))] == [
+        (s, m) for s, m, _ in KERNEL_FIELDS[(4, False)]]
+    assert _lops(fp16_int23) == [(s, m) for s, m, _ in KERNEL_FIELDS[(2, False)]]
+    assert _lops(bf16_int4.replace("kMagicBf16", "kMagic")) == [(s, m) for s, m, _ in KERNEL_FIELDS[(4, True)]]
+    assert _lops(bf16_int23.replace("v2,", "v >> 2,").replace("kMagicBf16", "kMagic")) == [
+        (s, m) for s, m, _ in KERNEL_FIELDS[(2, True)]]
+    for part, bf16 in ((fp16_int23, False), (bf16_int23, True)):
+        high = re.findall(r"lop_or\((c(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, t\d\)", part)
+        assert [(int(c.split(">>")[1]) if ">>" in c else 0, int(m, 16)) for c, m in high] == HIGH_FIELDS[bf16]
+    assert "kMagic = 0x64006400u" in src and "kMagicBf16 = 0x43004300u" in src
+    for const in ("pair(0x6400u + zg)", "0xD400u + zg8 * 16u", "0xDC00u + zg8 * 4u", "pair(0xCC00u + zg8 * 64u)",
+                  "pair(0xC300u + zg)", "0xC200u + zg8 * 4u", "pair(0xC100u + zg * 16u)", "pair(0xC100u + zg8 * 16u)"):
+        assert const in src, const
 
 
 def test_supported_shapes_and_errors():
@@ -99,13 +118,13 @@ def test_quant_linear_opt_in_builds_the_layout_and_keeps_state_dict_clean():
     assert layer.cuda_gemv and set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
     x = randn(1, 256, dtype=torch.float16, seed=6)
     # the layout holds the layer's own (group-ordered) weight: the emulated kernel gives its product
-    y = emulate(x[:, layer.perm].numpy(), layer._mma())
+    y = emulate(x[:, layer.perm].double().numpy(), layer._mma())
     assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
     # CPU inputs keep the default path; new weights rebuild the layout; opting out drops it
     assert rel(layer(x.float()).double().numpy(), (x.double() @ W.T).numpy()) <= 1e-5
     W2, qw2, sc2, qz2, g2 = random_checkpoint(80, 256, 4, 128, True, seed=7)
     layer.load_state_dict({"qweight": qw2, "scales": sc2, "qzeros": qz2, "g_idx": g2})
-    assert rel(emulate(x[:, layer.perm].numpy(), layer._mma()), (x.double() @ W2.T).numpy()) <= 1e-12
+    assert rel(emulate(x[:, layer.perm].double().numpy(), layer._mma()), (x.double() @ W2.T).numpy()) <= 1e-12
     assert not layer.enable_cuda_gemv(False).cuda_gemv
     with pytest.raises(ValueError, match="no kernel for bits=8"):
         mk.QuantLinear(256, 64, bits=8, group_size=128).enable_cuda_gemv()
