@@ -99,7 +99,8 @@ def _main_loop(lines):
 
 
 KERNELS = [(4, 0), (4, 64), (4, 128), (3, 0), (3, 128), (2, 0), (2, 128)]
-NAMES = [(f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{b}_g{g}", b, g, bf16) for bf16 in (False, True) for b, g in KERNELS]
+NAMES = [(f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{b}_g{g}", b, g, bf16)
+         for bf16 in (False, True) for b, g in KERNELS]
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
