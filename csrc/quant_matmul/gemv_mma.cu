@@ -108,7 +108,7 @@ struct Zeros {
     if constexpr (BF16) {
       k0 = pair(0xC300u + zg);                                  // -(128 + z) (ulp 1)
       k1 = pair(BITS == 4 ? 0xC300u + zg8 : 0xC200u + zg8 * 4u);  // int2/3: -(32 + z) (ulp 1/4)
-      k2 = BITS == 4 ? k0 : pair(0xC100u + zg * 16u);            // int2/3: -(8 + z) (ulp 1/16)
+      k2 = BITS == 4 ? k0 : pair(0xC100u + zg * 16u);            // int2/3: -(8 + z) (ulp 1/16; z = 8: -16)
       k3 = BITS == 4 ? k1 : pair(0xC100u + zg8 * 16u);
     } else {
       k0 = pair(0x6400u + zg);                                  // 1024 + z (ulp 1), subtracted
@@ -203,7 +203,7 @@ MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS, BF16
 }
 
 // y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8.
-// x fp16 [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
+// x fp16 or bf16 (BF16) [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
 // and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
 // (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP (of a
 // 128-bit load's k span with one group); a range's last chunk may be shorter than kChunk.

@@ -15,7 +15,7 @@ A ``g_idx`` whose groups are not all the same size (hand-made checkpoints) is st
 and keeps a sorted ``g_idx`` for the kernels' gather path.
 
 ``to_decode_weight(..., mma=True)`` also builds the layout of the CUDA tensor-core GEMV (``mma_layout.py``,
-int2/int3/int4, batch ≤ 8, fp16 x), run by ``matmul(x, backend="cuda")``.
+int2/int3/int4, batch ≤ 8, fp16 or bf16 x), run by ``matmul(x, backend="cuda")``.
 """
 
 from __future__ import annotations

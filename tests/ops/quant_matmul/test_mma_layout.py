@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import randn
 from mma_emulator import HIGH_FIELDS, KERNEL_FIELDS, emulate
+from mma_emulator import _zero_constants as emulator_zero_constants
 from qmm_helpers import random_checkpoint
 
 import maca_kernels as mk
@@ -58,38 +59,120 @@ def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt,
         assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
 
 
-def _lops(body: str) -> list[tuple[int, int]]:
-    """(right shift, mask) of every ``lop_or(v…, mask, magic)`` in a stretch of the .cu source."""
+def _split_top(text: str) -> list[str]:
+    """Split at commas outside parentheses."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
+def _branch_registers(body: str, bf16: bool) -> list[tuple]:
+    """(op, shift, mask, magic name, scale, k index, high (shift, mask) or None) per register a0..a3, read
+    from one branch of tile_mma: locals resolved, scale constants decoded as fp16 / bf16."""
+    defs = {}
+    for decl in re.findall(r"(?:const )?u32 ((?:\w+ = [^;]+));", body):
+        for item in _split_top(decl):
+            name, expr = item.split(" = ", 1)
+            defs[name.strip()] = expr.strip()
+    high = {t: (src, int(m, 16)) for t, src, m in re.findall(r"(t\d) = lop_or\((c(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, t\d\);", body)}
+
+    def shift_of(src: str) -> int:
+        src = defs.get(src, src)
+        return int(src.split(">>")[1]) if ">>" in src else 0
+
+    def value(name: str) -> float:
+        half = int(defs[name].rstrip("u"), 16) & 0xFFFF
+        return float(np.array([half], np.uint16).view(np.float16)[0]) if not bf16 else \
+            float(np.array([half << 16], np.uint32).view(np.float32)[0])
+
     out = []
-    for src, mask in re.findall(r"lop_or\((\w+(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, kMagic", body):
-        out.append((int(src.split(">>")[1]) if ">>" in src else 0, int(mask, 16)))
+    for r in range(4):
+        fn, args = re.search(rf"a{r} = (\w+)\((.*)\);", body).groups()
+        args = _split_top(args)
+        lop = defs.get(args[0], args[0])
+        src, mask, magic = _split_top(re.fullmatch(r"lop_or\((.*)\)", lop).group(1))
+        scale = 1.0 if fn == "hsub2" else value(args[1])
+        k = int(re.fullmatch(r"z\.k(\d)", args[-1]).group(1))
+        hi = high.get(args[0])
+        hi = None if hi is None else (shift_of(hi[0]), hi[1])
+        out.append((fn, shift_of(src), int(mask.rstrip("u"), 16), magic, scale, k, hi))
     return out
 
 
-def test_kernel_source_uses_the_emulated_constants():
-    """The emulator replays the .cu's decode; keep the two in step (shifts and masks in source order)."""
+def _zeros_formulas(src: str, bits: int, bf16: bool):
+    """The Zeros<bits, bf16> constructor as Python: (zg, zg8) -> [k0, k1, k2, k3]."""
+    body = src[src.index("struct Zeros {"):]
+    body = body[: body.index("};")]
+    branch = body.split("} else {")[0 if bf16 else 1]
+    lines = [ln.split("//")[0].strip() for ln in branch.splitlines() if re.match(r"\s*k\d = ", ln)]
+
+    def to_py(expr: str) -> str:
+        expr = re.sub(r"(0x[0-9A-Fa-f]+|\d+)u\b", r"\1", expr).replace("pair(", "_pair(")
+        return re.sub(r"BITS == 4 \? ([^:]+) : (.+)", r"((\1) if BITS == 4 else (\2))", expr)
+
+    def run(zg, zg8):
+        env = {"BITS": bits, "zg": zg, "zg8": zg8, "_pair": lambda h: (h & 0xFFFF) | ((h & 0xFFFF) << 16)}
+        for ln in lines:
+            name, expr = ln.rstrip(";").split(" = ", 1)
+            env[name] = eval(to_py(expr), {}, env)  # noqa: S307 - our own source, a handful of integer formulas
+        return [env[f"k{i}"] for i in range(4)]
+
+    return run
+
+
+def test_kernel_source_matches_the_emulator():
+    """The emulator replays the .cu's decode: every register's operation, shift, mask, magic number, scale,
+    zero constant and high-bit source, for fp16 and bf16, and the mma's operand type must agree."""
     src = cuda_kernel.SOURCE.read_text()
     body = src[src.index("MACA_DEVICE void tile_mma("):]
     body = body[: body.index("mma16816<BF16>")]
     branches = body.split("} else if constexpr")
-    fp16_int4, fp16_int23 = branches[0], branches[1]
-    bf16_int4 = branches[2]
-    bf16_int23 = bf16_int4[bf16_int4.index("} else {"):]
-    bf16_int4 = bf16_int4[: bf16_int4.index("} else {")]
-    # fp16 int4 reads hi = v >> 8 for a2, a3
-    assert [(s or 0, m) for s, m in _lops(fp16_int4.replace("hi,", "v >> 8,"))] == [
-        (s, m) for s, m, _ in KERNEL_FIELDS[(4, False)]]
-    assert _lops(fp16_int23) == [(s, m) for s, m, _ in KERNEL_FIELDS[(2, False)]]
-    assert _lops(bf16_int4.replace("kMagicBf16", "kMagic")) == [(s, m) for s, m, _ in KERNEL_FIELDS[(4, True)]]
-    assert _lops(bf16_int23.replace("v2,", "v >> 2,").replace("kMagicBf16", "kMagic")) == [
-        (s, m) for s, m, _ in KERNEL_FIELDS[(2, True)]]
-    for part, bf16 in ((fp16_int23, False), (bf16_int23, True)):
-        high = re.findall(r"lop_or\((c(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, t\d\)", part)
-        assert [(int(c.split(">>")[1]) if ">>" in c else 0, int(m, 16)) for c, m in high] == HIGH_FIELDS[bf16]
-    assert "kMagic = 0x64006400u" in src and "kMagicBf16 = 0x43004300u" in src
-    for const in ("pair(0x6400u + zg)", "0xD400u + zg8 * 16u", "0xDC00u + zg8 * 4u", "pair(0xCC00u + zg8 * 64u)",
-                  "pair(0xC300u + zg)", "0xC200u + zg8 * 4u", "pair(0xC100u + zg * 16u)", "pair(0xC100u + zg8 * 16u)"):
-        assert const in src, const
+    bf16_int23 = branches[2][branches[2].index("} else {"):]
+    tables = {(4, False): branches[0], (2, False): branches[1], (4, True): branches[2].split("} else {")[0],
+              (2, True): bf16_int23}
+    for bits in (4, 3, 2):
+        for bf16 in (False, True):
+            regs = _branch_registers(tables[(4 if bits == 4 else 2, bf16)], bf16)
+            zeros = _zeros_formulas(src, bits, bf16)
+            for r, (fn, shift, mask, magic, scale, k, hi) in enumerate(regs):
+                want_shift, want_mask, want_scale = KERNEL_FIELDS[(4 if bits == 4 else 2, bf16)][r]
+                assert (shift, mask, scale) == (want_shift, want_mask, want_scale), (bits, bf16, r)
+                assert magic == ("kMagicBf16" if bf16 else "kMagic"), (bits, bf16, r)
+                assert fn == ("bfma2" if bf16 else "hsub2" if want_scale == 1.0 and r % 2 == 0 else "hfma2")
+                if bits == 3:
+                    assert hi == HIGH_FIELDS[bf16][r], (bf16, r)
+                for zg, zg8 in ((0, 0), (1, 2), (2**bits, 2**bits - 1), (3, 2**bits)):
+                    want = emulator_zero_constants(bits, bf16, np.array(zg), np.array(zg8))[r]
+                    assert zeros(zg, zg8)[k] == int(want), (bits, bf16, r, zg, zg8)
+    for name, value in (("kMagic", 0x64006400), ("kMagicBf16", 0x43004300)):
+        assert f"{name} = {hex(value).replace('0x', '0x').upper().replace('0X', '0x')}u" in src
+    mma = src[src.index("MACA_DEVICE void mma16816("):]
+    mma_bf16, mma_fp16 = mma[: mma.index("} else {")], mma[mma.index("} else {"): mma.index("\n}\n")]
+    assert "f32.bf16.bf16.f32" in mma_bf16 and "f32.f16.f16.f32" in mma_fp16
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_emulated_kernel_at_the_extreme_zero_points(bits):
+    """Zero points 0 and 2^bits (a v1 checkpoint's all-ones field), where the constants change binade."""
+    N, K, group = 64, 256, 128
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (N, K), generator=g)
+    zeros = torch.tensor([0, 2**bits])[torch.randint(0, 2, (N, K // group), generator=g)]
+    scales = (torch.rand(N, K // group, generator=g) + 0.5).half()
+    w = pack_mma(codes, zeros, scales, bits, group)
+    gi = torch.arange(K) // group
+    W = (codes - zeros[:, gi]).double() * scales.double()[:, gi]
+    for dtype in (torch.float16, torch.bfloat16):
+        x = randn(5, K, dtype=dtype, seed=bits)
+        y = emulate(x.double().numpy(), w, bf16=dtype == torch.bfloat16)
+        assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
 
 
 def test_supported_shapes_and_errors():
