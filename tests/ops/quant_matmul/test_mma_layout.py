@@ -81,7 +81,8 @@ def _branch_registers(body: str, bf16: bool) -> list[tuple]:
         for item in _split_top(decl):
             name, expr = item.split(" = ", 1)
             defs[name.strip()] = expr.strip()
-    high = {t: (src, int(m, 16)) for t, src, m in re.findall(r"(t\d) = lop_or\((c(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, t\d\);", body)}
+    high_ors = re.findall(r"(t\d) = lop_or\((c(?: >> \d+)?), (0x[0-9A-Fa-f]+)u, t\d\);", body)
+    high = {t: (src, int(m, 16)) for t, src, m in high_ors}
 
     def shift_of(src: str) -> int:
         src = defs.get(src, src)
