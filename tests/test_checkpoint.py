@@ -378,7 +378,8 @@ def _interop_check(model, out: Path, tag: str):
             continue
         t = theirs_model.get_submodule(name)
         kernels.add(type(t).__name__)
-        w_ours = dequantize_gptq(m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.checkpoint_format)
+        c = m.checkpoint_tensors()  # act-order layers keep qweight in the kernels' row order internally
+        w_ours = dequantize_gptq(c["qweight"], c["scales"], c["qzeros"], c["g_idx"], m.bits, m.checkpoint_format)
         w_theirs = t.dequantize_weight().t().float()  # [K, N] → [N, K]
         wdiff = max(wdiff, (w_theirs - w_ours.half().float()).abs().max().item())
     diff = (ours - theirs).abs().max().item()

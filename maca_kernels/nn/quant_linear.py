@@ -16,8 +16,9 @@ class QuantLinear(nn.Module):
     Act-order layers are converted to the decode layout when their weights arrive (``from_gptq``,
     ``from_checkpoint``, ``load_state_dict``): the ``qweight`` buffer then holds the rows of K in group
     order and the non-persistent ``perm`` buffer the input order (see ``ops/quant_matmul/decode_layout.py``),
-    so they run at the speed of sorted layers; ``state_dict()`` converts back to the checkpoint layout.
-    Write new weights through those three entry points, not into the buffers.
+    so they run at the speed of sorted layers; ``state_dict()`` and ``checkpoint_tensors()`` convert back to
+    the checkpoint layout. Read the checkpoint through those (not ``layer.qweight``, which pairs with
+    ``perm``, not with ``g_idx``), and write new weights through the three entry points above.
 
     ``enable_cuda_gemv()`` opts in to the CUDA tensor-core GEMV (``csrc/quant_matmul/gemv_mma.cu``) for
     batches of 1–8 fp16 / bf16 rows on a GPU; larger batches, fp32 and CPU inputs keep the default path."""
@@ -142,6 +143,11 @@ class QuantLinear(nn.Module):
     def act_order(self) -> bool:
         """True when ``g_idx`` is not ``k // group_size`` (an act-order checkpoint)."""
         return self.perm is not None or self.kernel_g_idx is not None
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors (what ``state_dict()`` writes): for an act-order layer ``qweight`` in the
+        checkpoint's row order, which the ``qweight`` buffer does not hold (it holds the kernels' order)."""
+        return dict(self.state_dict())
 
     def _checkpoint_qweight(self) -> torch.Tensor:
         if self.perm is None:

@@ -112,6 +112,7 @@ def test_quant_linear_converts_at_load_and_saves_the_checkpoint_layout():
     assert set(sd) == {"qweight", "qzeros", "scales", "g_idx"}
     for name, t in tensors.items():
         assert torch.equal(sd[name], t), name
+        assert torch.equal(layer.checkpoint_tensors()[name], t), name
     x = randn(4, 256, seed=9)
     assert rel(layer(x), x.double() @ W.T) <= TOL[torch.float32]
     fresh = mk.QuantLinear(256, 64, bits=3, group_size=32)
