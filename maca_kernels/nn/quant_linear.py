@@ -102,16 +102,20 @@ class QuantLinear(nn.Module):
         layer._to_decode_layout()
         return layer
 
-    def _to_decode_layout(self) -> None:
+    def _to_decode_layout(self, rebind: bool = False) -> None:
         """qweight (checkpoint layout) → decode layout; checks the g_idx range (the one place it is checked
-        for CUDA weights: quant_matmul skips it there, a host sync)."""
+        for CUDA weights: quant_matmul skips it there, a host sync). ``rebind``: the buffer may be a
+        caller's tensor (``load_state_dict(..., assign=True)``): replace it instead of writing into it."""
         g = self.group_size if self.group_size != -1 else self.in_features
         trivial = (torch.arange(self.in_features, device=self.g_idx.device) // g).to(torch.int32)
         g_idx = None if torch.equal(self.g_idx, trivial) else self.g_idx
         d = to_decode_weight(self.qweight, self.scales, self.qzeros, g_idx, self.bits, self.group_size,
                              self.checkpoint_format)
         if d.qweight is not self.qweight:
-            self.qweight.copy_(d.qweight)
+            if rebind:
+                self.qweight = d.qweight
+            else:
+                self.qweight.copy_(d.qweight)
         self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
 
     def enable_cuda_gemv(self, enabled: bool = True) -> QuantLinear:
@@ -119,13 +123,15 @@ class QuantLinear(nn.Module):
         from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
         the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
+        self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = None  # never a stale layout
         if not enabled:
-            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = None
             return self
         d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.kernel_g_idx, self.bits,
                              self._kernel_group_size, self.checkpoint_format, mma=True)
         m = d.mma
-        self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros = m.words, m.hwords, m.scales, m.zeros
+        # scales as int16 bits: a module-wide .bfloat16() / .float() must not convert what the kernel reads
+        self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros = (m.words, m.hwords,
+                                                                             m.scales.view(torch.int16), m.zeros)
         return self
 
     @property
@@ -136,8 +142,8 @@ class QuantLinear(nn.Module):
         from ..ops.quant_matmul.mma_layout import MmaWeight
 
         group = self.in_features if self._kernel_group_size == -1 else self._kernel_group_size
-        return MmaWeight(self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros, self.bits, group,
-                         self.in_features, self.out_features)
+        return MmaWeight(self.mma_words, self.mma_hwords, self.mma_scales.view(torch.float16), self.mma_zeros,
+                         self.bits, group, self.in_features, self.out_features)
 
     @property
     def act_order(self) -> bool:
@@ -171,14 +177,34 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             destination[prefix + "qweight"] = self._checkpoint_qweight()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if not any(prefix + k in state_dict for k in ("qweight", "qzeros", "scales", "g_idx")):
+            # nothing of the weight arrives (e.g. a bias, or a load aimed at other modules): keep the layout
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+            return
+        self._check_incoming_g_idx(state_dict, prefix)  # before anything changes: a bad g_idx leaves the layer
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         if self.perm is not None:  # back to the checkpoint layout first: the state dict may not hold qweight
-            self.qweight.copy_(self._checkpoint_qweight())
+            ckpt = self._checkpoint_qweight()
+            if assign:
+                self.qweight = ckpt
+            else:
+                self.qweight.copy_(ckpt)
             self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._to_decode_layout()  # a new g_idx or qweight: convert again
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        self._to_decode_layout(rebind=assign)  # a new g_idx or qweight: convert again (never in the caller's)
         if self.cuda_gemv:
             self.enable_cuda_gemv()
+
+    def _check_incoming_g_idx(self, state_dict, prefix) -> None:
+        g_idx = state_dict.get(prefix + "g_idx")
+        if not isinstance(g_idx, torch.Tensor) or g_idx.is_meta or g_idx.shape != (self.in_features,):
+            return  # absent, or a shape error that the default loading reports
+        scales = state_dict.get(prefix + "scales", self.scales)
+        G = scales.shape[0] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else self.scales.shape[0]
+        if g_idx.numel() and (g_idx.dtype.is_floating_point or int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+            raise ValueError(f"{prefix}g_idx must be integers in [0, G − 1] = [0, {G - 1}], got dtype {g_idx.dtype}, "
+                             f"values in [{g_idx.min().item()}, {g_idx.max().item()}]")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -101,6 +101,9 @@ def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> tor
         raise ValueError(f"backend='cuda' runs batch sizes 1..{MAX_M} (rows of x), got {x2.shape[0]}")
     if x2.shape[1] != w.K:
         raise ValueError(f"x must be [M, K] with K = {w.K}, got {tuple(x2.shape)}")
+    if w.scales.dtype != torch.float16 or w.words.dtype != torch.int32 or w.zeros.dtype != torch.uint8:
+        raise ValueError(f"the mma layout must hold int32 words, fp16 scales and uint8 zeros, got {w.words.dtype}, "
+                         f"{w.scales.dtype}, {w.zeros.dtype}")
     if w.words.device != x2.device:
         raise ValueError(f"the weight is on {w.words.device} but x is on {x2.device}")
     if x2.stride(1) != 1 or x2.stride(0) < w.K:

@@ -148,3 +148,24 @@ def test_bad_input():
         d.matmul(randn(2, 128, seed=14))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         d.matmul([1.0] * 256)
+
+
+def test_quant_linear_loading_edge_cases():
+    """assign=True never writes into the caller's tensors; a load without this layer's weights keeps the
+    layout as it is; a bad g_idx is refused before anything changes."""
+    W, qw, sc, qz, g_idx = random_checkpoint(64, 256, 4, 32, True, seed=20)
+    sd = {"qweight": qw.clone(), "scales": sc.clone(), "qzeros": qz.clone(), "g_idx": g_idx.clone()}
+    x = randn(3, 256, seed=21)
+    layers = [mk.QuantLinear(256, 64, bits=4, group_size=32) for _ in range(2)]
+    for layer in layers:
+        layer.load_state_dict(sd, assign=True)
+        assert rel(layer(x), x.double() @ W.T) <= TOL[torch.float32]
+    assert torch.equal(sd["qweight"], qw)  # both layers loaded from it; it is still the checkpoint's
+    layer = layers[0]
+    before = (layer.qweight.data_ptr(), layer.perm)
+    layer.load_state_dict({}, strict=False)
+    assert (layer.qweight.data_ptr(), layer.perm) == before
+    bad = dict(sd, g_idx=g_idx + 8)  # G = 8 groups: values up to 15
+    with pytest.raises(ValueError, match="g_idx must be integers in"):
+        layer.load_state_dict(bad)
+    assert rel(layer(x), x.double() @ W.T) <= TOL[torch.float32]

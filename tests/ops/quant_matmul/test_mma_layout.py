@@ -212,3 +212,18 @@ def test_quant_linear_opt_in_builds_the_layout_and_keeps_state_dict_clean():
     assert not layer.enable_cuda_gemv(False).cuda_gemv
     with pytest.raises(ValueError, match="no kernel for bits=8"):
         mk.QuantLinear(256, 64, bits=8, group_size=128).enable_cuda_gemv()
+
+
+def test_quant_linear_cuda_gemv_survives_casts_and_failed_reloads():
+    W, qw, sc, qz, g_idx = random_checkpoint(64, 256, 4, 128, True, seed=30)
+    layer = mk.QuantLinear.from_checkpoint({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}, 4, 128)
+    layer.enable_cuda_gemv()
+    scales = layer._mma().scales.clone()
+    layer.bfloat16().float()  # module-wide casts leave what the kernel reads alone
+    assert layer._mma().scales.dtype == torch.float16 and torch.equal(layer._mma().scales, scales)
+    layer = mk.QuantLinear.from_checkpoint({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}, 4, 128)
+    layer.enable_cuda_gemv()
+    uneven = torch.cat([torch.zeros(1), torch.ones(255)]).to(torch.int32)  # groups of 1 and 255 rows
+    with pytest.raises(ValueError, match="groups of one size"):
+        layer.load_state_dict({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": uneven})
+    assert not layer.cuda_gemv  # no stale layout left behind
