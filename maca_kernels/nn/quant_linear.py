@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.quant_matmul.decode_layout import decode_matmul, permute_rows, to_decode_weight
-from ..ops.quant_matmul.validate import validate_quant_matmul
+from ..ops.quant_matmul.decode_layout import decode_matmul, decode_matmul_cuda, permute_rows, to_decode_weight
+from ..ops.quant_matmul.validate import check_g_idx_range, validate_quant_matmul
 
 
 class QuantLinear(nn.Module):
@@ -106,11 +106,8 @@ class QuantLinear(nn.Module):
         """qweight (checkpoint layout) → decode layout; checks the g_idx range (the one place it is checked
         for CUDA weights: quant_matmul skips it there, a host sync). ``rebind``: the buffer may be a
         caller's tensor (``load_state_dict(..., assign=True)``): replace it instead of writing into it."""
-        g = self.group_size if self.group_size != -1 else self.in_features
-        trivial = (torch.arange(self.in_features, device=self.g_idx.device) // g).to(torch.int32)
-        g_idx = None if torch.equal(self.g_idx, trivial) else self.g_idx
-        d = to_decode_weight(self.qweight, self.scales, self.qzeros, g_idx, self.bits, self.group_size,
-                             self.checkpoint_format)
+        d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size,
+                             self.checkpoint_format)  # k // group_size comes back as it is: no perm, no g_idx
         if d.qweight is not self.qweight:
             if rebind:
                 self.qweight = d.qweight
@@ -163,10 +160,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if self.mma_words is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= 8:
-            from ..ops.quant_matmul.cuda_kernel import gemv_mma
-
-            xp = x if self.perm is None else x.index_select(-1, self.perm)
-            y = gemv_mma(xp.reshape(rows, x.shape[-1]), self._mma()).reshape(*x.shape[:-1], self.out_features)
+            y = decode_matmul_cuda(x, self.perm, self._mma())
         else:
             y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
                               self._kernel_group_size, self.checkpoint_format)
@@ -202,9 +196,9 @@ class QuantLinear(nn.Module):
             return  # absent, or a shape error that the default loading reports
         scales = state_dict.get(prefix + "scales", self.scales)
         G = scales.shape[0] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else self.scales.shape[0]
-        if g_idx.numel() and (g_idx.dtype.is_floating_point or int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
-            raise ValueError(f"{prefix}g_idx must be integers in [0, G − 1] = [0, {G - 1}], got dtype {g_idx.dtype}, "
-                             f"values in [{g_idx.min().item()}, {g_idx.max().item()}]")
+        if g_idx.dtype.is_floating_point:
+            raise ValueError(f"{prefix}g_idx must be an integer tensor, got dtype {g_idx.dtype}")
+        check_g_idx_range(g_idx, G, f"{prefix}g_idx")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

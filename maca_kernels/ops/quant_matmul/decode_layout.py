@@ -72,19 +72,11 @@ class DecodeWeight:
                              self.group_size, self.checkpoint_format, backend=backend, deterministic=deterministic)
 
     def _matmul_cuda(self, x: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        from .cuda_kernel import gemv_mma
-
         if self.mma is None:
             raise ValueError("backend='cuda' needs the mma layout: build with to_decode_weight(..., mma=True) "
                              "(int2/int3/int4, one group or group_size 128 (64 too at int4), K a multiple of "
                              "64 (int4) or 128)")
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be a tensor [..., K] with K = {self.in_features}, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        y = gemv_mma(x.reshape(-1, x.shape[-1]), self.mma, deterministic)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return decode_matmul_cuda(x, self.perm, self.mma, deterministic)
 
     def to_checkpoint(self) -> dict[str, torch.Tensor]:
         """The checkpoint tensors this weight was built from (``qweight``, ``qzeros``, ``scales`` and
@@ -97,21 +89,37 @@ class DecodeWeight:
         return out
 
 
+def gather_x(x, perm: torch.Tensor | None, K: int) -> torch.Tensor:
+    """x ``[..., K]`` in the weight's row order (x itself without a ``perm``)."""
+    if perm is None:
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [..., K], got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must be [..., K] with K = {K}, got shape {tuple(x.shape)}")
+    if x.device != perm.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {perm.device}")
+    return x.index_select(-1, perm)
+
+
 def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size: int, checkpoint_format: str, *,
                   backend: str | None = None, deterministic: bool = False) -> torch.Tensor:
     """``quant_matmul`` on decode-layout tensors (``perm`` as in :class:`DecodeWeight`)."""
     from .op import quant_matmul
 
-    if perm is not None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor [..., K], got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != perm.shape[0]:
-            raise ValueError(f"x must be [..., K] with K = {perm.shape[0]}, got shape {tuple(x.shape)}")
-        if x.device != perm.device:
-            raise ValueError(f"x is on {x.device} but the weight is on {perm.device}")
-        x = x.index_select(-1, perm)
+    x = gather_x(x, perm, qweight.shape[0] * 32 // bits)
     return quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format, backend=backend,
                         deterministic=deterministic)
+
+
+def decode_matmul_cuda(x, perm, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
+    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 8 rows."""
+    from .cuda_kernel import gemv_mma
+
+    x = gather_x(x, perm, mma.K)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != mma.K:
+        raise ValueError(f"x must be a tensor [..., K] with K = {mma.K}, got {getattr(x, 'shape', type(x).__name__)}")
+    return gemv_mma(x.reshape(-1, mma.K), mma, deterministic).reshape(*x.shape[:-1], mma.N)
 
 
 def permute_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:
@@ -153,12 +161,9 @@ def to_decode_weight(
     bits = int(bits)
     K = qweight.shape[0] * 32 // bits if isinstance(qweight, torch.Tensor) and qweight.dim() == 2 else 0
     probe = torch.empty(0, K, device=qweight.device if isinstance(qweight, torch.Tensor) else "cpu")
-    shape = validate_quant_matmul(probe, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format)
-    if shape.g_idx is not None and shape.g_idx.device.type != "cpu":
-        g = shape.g_idx  # quant_matmul checks the range on CPU only (a sync on CUDA); here it is once per layer
-        lo, hi = (int(g.min()), int(g.max())) if g.numel() else (0, 0)
-        if lo < 0 or hi >= shape.G:
-            raise ValueError(f"g_idx must lie in [0, G − 1] = [0, {shape.G - 1}], got values in [{lo}, {hi}]")
+    # the g_idx range on any device: a sync on CUDA, once per layer here (quant_matmul skips it per call)
+    shape = validate_quant_matmul(probe, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format,
+                                  check_range=True)
     ckpt_g = g_idx.clone() if isinstance(g_idx, torch.Tensor) else None
     common = dict(scales=scales, qzeros=qzeros, checkpoint_g_idx=ckpt_g, bits=bits,
                   checkpoint_format=checkpoint_format)

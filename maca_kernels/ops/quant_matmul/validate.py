@@ -53,8 +53,10 @@ def _check_tensor(t, name: str, dtype: torch.dtype, layout: str, device: torch.d
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
-def validate_quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format) -> QmmShape:
-    """Checks x ``[..., K]`` against the GPTQ checkpoint tensors; returns the shapes and a normalised g_idx."""
+def validate_quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format,
+                          check_range: bool = False) -> QmmShape:
+    """Checks x ``[..., K]`` against the GPTQ checkpoint tensors; returns the shapes and a normalised g_idx.
+    The g_idx range is checked for CPU tensors, and for CUDA ones too with ``check_range``."""
     bits = int_arg(bits, "bits")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -102,8 +104,14 @@ def validate_quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, c
         raise ValueError(f"g_idx must be 1-D [K] = [{K}], got shape {tuple(g_idx.shape)}")
     if g_idx.device != x.device:
         raise ValueError(f"g_idx is on {g_idx.device} but x is on {x.device}")
-    if K and g_idx.device.type == "cpu":
+    if g_idx.device.type == "cpu" or check_range:
+        check_g_idx_range(g_idx, G)
+    return QmmShape(K, N, G, 0, g_idx.to(torch.int32).contiguous())
+
+
+def check_g_idx_range(g_idx: torch.Tensor, G: int, name: str = "g_idx") -> None:
+    """Every group index in [0, G − 1] (a host sync for a CUDA tensor: done once per layer, at load)."""
+    if g_idx.numel():
         lo, hi = (int(v) for v in torch.stack(torch.aminmax(g_idx)).tolist())
         if lo < 0 or hi >= G:
-            raise ValueError(f"g_idx must lie in [0, G − 1] = [0, {G - 1}], got values in [{lo}, {hi}]")
-    return QmmShape(K, N, G, 0, g_idx.to(torch.int32).contiguous())
+            raise ValueError(f"{name} must lie in [0, G − 1] = [0, {G - 1}], got values in [{lo}, {hi}]")
