@@ -125,8 +125,13 @@ def _targets() -> list[Target]:
                             "x", f"{_DO_BENCH}, both in CUDA graphs; DecodeWeight.matmul(x, backend='cuda')"))
     for M, target in QMM_BATCHED_INT4.items():
         for K, N in QMM_SHAPES:
+            graphs = ", both in CUDA graphs" if M <= 16 else ""
             t.append(Target(f"qmm.m{M}.int4.{K}x{N}", "quant_matmul", f"batch {M}, K×N={K}×{N}, int4 g128",
-                            "speedup vs fp16 torch.matmul", ">=", target, "x", _DO_BENCH))
+                            "speedup vs fp16 torch.matmul", ">=", target, "x", _DO_BENCH + graphs))
+            if M <= 16:  # the CUDA GEMV's _m16 kernels
+                t.append(Target(f"qmm.cuda.m{M}.int4.{K}x{N}", "quant_matmul (CUDA mma GEMV, opt-in)",
+                                f"batch {M}, K×N={K}×{N}, int4 g128", "speedup vs fp16 torch.matmul", ">=", target,
+                                "x", f"{_DO_BENCH}{graphs}; DecodeWeight.matmul(x, backend='cuda')"))
     for K, N in QMM_SHAPES:
         t.append(Target(f"qmm.act_order.{K}x{N}", "quant_matmul", f"act-order, batch 1, K×N={K}×{N}, int4 g128",
                         "act-order time / sorted-group time", "<=", 1.1, "x",
@@ -677,7 +682,7 @@ def step_quant_matmul(run: Run) -> str:
         Ms = (1, *QMM_BATCHED_INT4)
         cases += [
             Case(f"quant_matmul {K}x{N} int4 M={Ms}",
-                 [f"qmm.m{M}.int4.{K}x{N}" for M in Ms] + [f"qmm.cuda.m1.int4.{K}x{N}"],
+                 [f"qmm.m{M}.int4.{K}x{N}" for M in Ms] + [f"qmm.cuda.m{M}.int4.{K}x{N}" for M in Ms if M <= 16],
                  lambda K=K, N=N, Ms=Ms: speedups(K, N, 4, Ms)),
             Case(f"quant_matmul {K}x{N} int3 M=1", [f"qmm.m1.int3.{K}x{N}", f"qmm.cuda.m1.int3.{K}x{N}"],
                  lambda K=K, N=N: speedups(K, N, 3, (1,))),

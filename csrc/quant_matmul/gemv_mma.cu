@@ -1,4 +1,4 @@
-// Packed int4 / int3 / int2 GEMV (M <= 8 rows of fp16 or bf16 x) on tensor cores, on the "mma" layout.
+// Packed int4 / int3 / int2 GEMV (M <= 16 rows of fp16 or bf16 x) on tensor cores, on the "mma" layout.
 //
 // Self-contained (no headers): compiled at run time by NVRTC (maca_kernels/ops/quant_matmul/cuda_kernel.py)
 // and by nvcc for the compile tier (tests/test_cuda_compile_tier.py), which counts the main loop's SASS.
@@ -6,7 +6,8 @@
 // Why tensor cores for M = 1: an fp32 FMA per weight alone costs 1 thread-instruction per weight, and the
 // budget that bandwidth allows is 1.8 (int2) to 3.0 (int4) including decoding. mma.m16n8k16 takes 256
 // weights per warp instruction. The weights are operand A (16 output columns x 16 k), x is operand B (its
-// 8 columns are the rows of x, M <= 8), so every lane's D registers hold finished dot products.
+// 8 columns are 8 rows of x), so every lane's D registers hold finished dot products. 9..16 rows: each decoded
+// fragment feeds a second mma (MT = 2 tiles of 8 rows), so decoding is paid once for both.
 //
 // Layout (maca_kernels/ops/quant_matmul/mma_layout.py): one 32-bit word per lane per A fragment, so a lane
 // decodes only the values it feeds to the mma. With g = lane / 4, t = lane % 4, the fragment of a 16 x 16
@@ -22,12 +23,12 @@
 //   bf16 x (mma with bf16 operands) reads the same words with 128 as the magic number: its 7-bit mantissa
 //   has no room above bit 6, so fields that would land there are shifted down first (see Zeros).
 // Words are stored [n tile][k word / 4][lane][4]: one 128-bit load per lane covers four words, and a warp's
-// load is 512 contiguous bytes. One spare warp load (512 bytes) follows the last n tile, and the scales and
-// zeros one spare row, so the loads that run ahead never need a bounds check.
+// load is 512 contiguous bytes. kPrefetch spare warp loads follow the last n tile, and the scales and zeros
+// one spare row, so the loads that run ahead never need a bounds check.
 //
 // Work split: a CTA is 4 warps, one 16-column tile each (64 columns), over one range of K (blockIdx.y);
 // partial sums of the K ranges meet in fp32 y with atomic adds. x is staged in shared memory in fragment
-// order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = g), CHUNK values of k at a time. B columns
+// order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = 8 mt + g), kChunk values of k at a time. B columns
 // m >= M hold whatever is in shared memory: their D columns are never stored.
 //
 // Groups: GROUP (a multiple of 4 words of k) values of k share a scale and zero point; D restarts per group
@@ -95,7 +96,9 @@ MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
 constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
 constexpr u32 kMagicBf16 = 0x43004300u;  // 128.0 in both bf16 halves (7-bit mantissa: fields stay below bit 7)
 constexpr int kWarps = 4;
-constexpr int kChunk = 512;  // k values of x staged at a time (8 KB of fragments)
+constexpr int kChunk = 512;  // k values of x staged at a time (8 KB of fragments per 8-row tile)
+constexpr int kPrefetch = 4;  // 128-bit loads in flight per lane (mma_layout.PREFETCH)
+constexpr int kMinCtas = 4;   // CTAs per SM the registers must allow (cuda_kernel.py asks the driver for the count)
 
 // Per-lane constants of one group: the negated offset (2^-s * magic + z) of every scale variant s, each
 // pair(A + z B): LEA + PRMT. fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64 (int2/int3). bf16 has
@@ -119,10 +122,12 @@ struct Zeros {
   }
 };
 
-// One k-tile of one word: decode the lane's A fragment and multiply by its B fragment (b0, b1). int3 also
-// takes c, the high-bit plane word shifted so that field r's bit sits at 2r + 2 of both halves.
-template <int BITS, bool BF16>
-MACA_DEVICE void tile_mma(float (&d)[4], u32 v, u32 c, const Zeros<BITS, BF16>& z, u32 b0, u32 b1) {
+// One k-tile of one word: decode the lane's A fragment and multiply it by the B fragments of the MT 8-row
+// tiles of x (b[mt]: two k-tiles' (b0, b1), the lower or the upper pair). int3 also takes c, the high-bit
+// plane word shifted so that field r's bit sits at 2r + 2 of both halves.
+template <int BITS, bool BF16, int MT>
+MACA_DEVICE void tile_mma(float (&d)[MT][4], u32 v, u32 c, const Zeros<BITS, BF16>& z, const uint4 (&b)[MT],
+                          bool upper) {
   u32 a0, a1, a2, a3;
   if constexpr (!BF16 && BITS == 4) {
     const u32 s16 = 0x2C002C00u;  // 1/16
@@ -167,27 +172,34 @@ MACA_DEVICE void tile_mma(float (&d)[4], u32 v, u32 c, const Zeros<BITS, BF16>& 
     a2 = bfma2(t2, s16, z.k2);
     a3 = bfma2(t3, s16, z.k3);
   }
-  mma16816<BF16>(d, a0, a1, a2, a3, b0, b1);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {  // one decoded fragment serves every 8-row tile of x
+    mma16816<BF16>(d[mt], a0, a1, a2, a3, upper ? b[mt].z : b[mt].x, upper ? b[mt].w : b[mt].y);
+  }
 }
 
-// Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1)); int3 also
-// takes the two high-bit words of the same eight k-tiles (c).
-template <int BITS, bool BF16>
-MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf) {
+// Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1); the 8-row
+// tile mt of x lies kChunk uint4 further per mt); int3 also takes the two high-bit words of the same eight
+// k-tiles (c).
+template <int BITS, bool BF16, int MT>
+MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf) {
   const u32 ws[4] = {w.x, w.y, w.z, w.w};
+  uint4 b[MT];
   if constexpr (BITS == 4) {  // a word is one k-tile: a fragment load serves two words
 #pragma unroll
     for (int i = 0; i < 4; i += 2) {
-      const uint4 b = xf[(i / 2) * 32];
-      tile_mma<BITS, BF16>(d, ws[i], 0u, z, b.x, b.y);
-      tile_mma<BITS, BF16>(d, ws[i + 1], 0u, z, b.z, b.w);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[(i / 2) * 32 + mt * kChunk];
+      tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
+      tile_mma<BITS, BF16, MT>(d, ws[i + 1], 0u, z, b, true);
     }
   } else if constexpr (BITS == 2) {  // a word is two k-tiles: fields of w, then of w >> 8
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint4 b = xf[i * 32];
-      tile_mma<BITS, BF16>(d, ws[i], 0u, z, b.x, b.y);
-      tile_mma<BITS, BF16>(d, ws[i] >> 8, 0u, z, b.z, b.w);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
+      tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
+      tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, 0u, z, b, true);
     }
   } else {  // int3: low bits as int2; a high-bit word serves two low words (four k-tiles), read through
             // four shifts that put each tile's bits at 2r + 2: << 2, >> 6, << 1, >> 7
@@ -195,19 +207,20 @@ MACA_DEVICE void vec_mma(float (&d)[4], uint4 w, uint2 c, const Zeros<BITS, BF16
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const u32 h = cs[i / 2];
-      const uint4 b = xf[i * 32];
-      tile_mma<BITS, BF16>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b.x, b.y);
-      tile_mma<BITS, BF16>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b.z, b.w);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
+      tile_mma<BITS, BF16, MT>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b, false);
+      tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b, true);
     }
   }
 }
 
-// y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8.
+// y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8 MT.
 // x fp16 or bf16 (BF16) [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
 // and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
-// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP (of a
-// 128-bit load's k span with one group); a range's last chunk may be shorter than kChunk.
-template <int BITS, int GROUP, bool BF16>
+// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP and of
+// kPrefetch 128-bit loads' k span, or K itself; a range's last chunk may be shorter than kChunk.
+template <int BITS, int GROUP, bool BF16, int MT>
 __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __restrict__ words,
                          const uint2* __restrict__ hwords, const u16* __restrict__ scales,
                          const unsigned char* __restrict__ zeros, float* __restrict__ y, int ldy, int M, int N,
@@ -215,7 +228,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
   constexpr int kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
   constexpr int kVecK = 4 * kWordK;            // per 128-bit load
   static_assert(GROUP % kVecK == 0 && kChunk % (GROUP ? GROUP : kVecK) == 0, "groups of whole loads");
-  __shared__ uint4 xs[kChunk / 32][32];  // fragments of kChunk values of k: [k-tile pair][lane]
+  __shared__ uint4 xs[MT][kChunk / 32][32];  // fragments of kChunk values of k: [8-row tile][k-tile pair][lane]
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -229,10 +242,10 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
   const int n_pad = gridDim.x * kWarps * 16;
   const u16* s_col = scales + n0 + g;  // this lane's two columns, advanced by a row per group
   const unsigned char* z_col = zeros + n0 + g;
-  const uint4* x_frag = &xs[0][lane];
+  const uint4* x_frag = &xs[0][0][lane];
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // y for (n = g, m = 2t, 2t+1) and (n = g + 8, m = 2t, 2t+1)
-  float d[4] = {0.f, 0.f, 0.f, 0.f};    // the current group's sum of x (q - z)
+  float acc[MT][4] = {};  // y for (n = g, m = 8 mt + 2t, 8 mt + 2t + 1) and (n = g + 8, the same m)
+  float d[MT][4] = {};    // the current group's sum of x (q - z)
   const int gi = GROUP ? k_begin / GROUP : 0;
   if (GROUP) {
     s_col += (u64)gi * n_pad;
@@ -242,83 +255,130 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
   auto fold = [&]() {  // y += s * D for the current group, D restarts
     const float s0 = half_to_float(s_col[0]);
     const float s8 = half_to_float(s_col[8]);
-    acc[0] += s0 * d[0];
-    acc[1] += s0 * d[1];
-    acc[2] += s8 * d[2];
-    acc[3] += s8 * d[3];
-    d[0] = d[1] = d[2] = d[3] = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][0] += s0 * d[mt][0];
+      acc[mt][1] += s0 * d[mt][1];
+      acc[mt][2] += s8 * d[mt][2];
+      acc[mt][3] += s8 * d[mt][3];
+      d[mt][0] = d[mt][1] = d[mt][2] = d[mt][3] = 0.f;
+    }
   };
   Zeros<BITS, BF16> z = zeros_now();
-  uint4 next = *wp;  // software pipeline: the next 128-bit load is in flight while this one is decoded
-  uint2 hnext = BITS == 3 ? *hp : make_uint2(0u, 0u);
+  // Software pipeline kPrefetch loads deep: the ring holds this lane's next kPrefetch 128-bit loads, 2 KB per
+  // warp in flight, 32 KB per SM at 4 CTAs; 4.3 TB/s at ~800 ns of DRAM latency needs ~26 KB per SM over 132
+  // SMs (one load per lane, the earlier design, gave 16 KB at 8 CTAs). rem: the range's loads not consumed.
+  int rem = (k_end - k_begin) / kVecK;
+  uint4 ring[kPrefetch];
+  uint2 hring[kPrefetch];
+#pragma unroll
+  for (int i = 0; i < kPrefetch; ++i) {
+    ring[i] = i < rem ? wp[i * 32] : make_uint4(0u, 0u, 0u, 0u);
+    hring[i] = BITS == 3 && i < rem ? hp[i * 32] : make_uint2(0u, 0u);
+  }
+  if (rem > kPrefetch) {  // wp: the next trip's loads
+    wp += kPrefetch * 32;
+    hp += kPrefetch * 32;
+  }
+  constexpr int kVecsPerGroup = GROUP ? GROUP / kVecK : 1;
+  static_assert(kPrefetch % kVecsPerGroup == 0 && (kChunk / kVecK) % kPrefetch == 0, "whole groups per trip");
 
   for (int c0 = k_begin; c0 < k_end; c0 += kChunk) {
     const int c_len = min(kChunk, k_end - c0);
     __syncthreads();  // the previous chunk's fragments are no longer read
-    // Rows m < M: entry (tile pair j, lane 4m + tt) = x[m][c0 + 32 j + 2 tt + {0, 1, 8, 9, 16, 17, 24, 25}].
+    // Rows m < M: entry (m / 8, tile pair j, lane 4 (m % 8) + tt) =
+    // x[m][c0 + 32 j + 2 tt + {0, 1, 8, 9, 16, 17, 24, 25}].
     for (int e = threadIdx.x; e < (c_len / 32) * 4 * M; e += kWarps * 32) {
       const int tt = e & 3, m = (e >> 2) % M, j = (e >> 2) / M;
       const u16* xr = x + (u64)m * ldx + c0 + 32 * j + 2 * tt;
-      xs[j][m * 4 + tt] = make_uint4(xr[0] | (u32(xr[1]) << 16), xr[8] | (u32(xr[9]) << 16),
-                                     xr[16] | (u32(xr[17]) << 16), xr[24] | (u32(xr[25]) << 16));
+      xs[m >> 3][j][(m & 7) * 4 + tt] = make_uint4(xr[0] | (u32(xr[1]) << 16), xr[8] | (u32(xr[9]) << 16),
+                                                   xr[16] | (u32(xr[17]) << 16), xr[24] | (u32(xr[25]) << 16));
     }
     __syncthreads();
     const uint4* xf = x_frag;
-    constexpr int kVecsPerGroup = GROUP ? GROUP / kVecK : 1;
-    // two loads per trip: the pipelined registers alternate instead of being copied
-#pragma unroll(kVecsPerGroup == 1 ? 2 : 1)
-    for (int v0 = 0; v0 < c_len / kVecK; v0 += kVecsPerGroup) {
-#pragma unroll
-      for (int v = 0; v < kVecsPerGroup; ++v) {
-        const uint4 w4 = next;
-        const uint2 h2 = hnext;
-        wp += 32;
-        next = *wp;  // the layout holds one spare vector past the end: no bounds check
-        if constexpr (BITS == 3) {
-          hp += 32;
-          hnext = *hp;
-        }
-        vec_mma<BITS, BF16>(d, w4, h2, z, xf);
-        xf += (kVecK / 32) * 32;
+    const int n_vec = c_len / kVecK;
+    // one 128-bit load of the ring, refilled from wp + i if refill (i and refill: constants once inlined)
+    auto step = [&](int i, bool refill) {
+      const uint4 w4 = ring[i];
+      const uint2 h2 = hring[i];
+      if (refill) {
+        ring[i] = wp[i * 32];
+        if constexpr (BITS == 3) hring[i] = hp[i * 32];
       }
-      if (GROUP) {  // the zeros and scales have one spare row past the last group
+      vec_mma<BITS, BF16, MT>(d, w4, h2, z, xf);
+      xf += (kVecK / 32) * 32;
+      if (GROUP && (i + 1) % kVecsPerGroup == 0) {  // the zeros and scales have a spare row past the end
         fold();
         s_col += n_pad;
         z_col += n_pad;
         z = zeros_now();
       }
+    };
+    // The main loop: whole trips around the ring, each refilling it from wp with the next trip's loads.
+    // wp moves on only while the range holds another trip, so the range's last trip re-reads its own loads
+    // (L1 hits) instead of its neighbour's weights: one select per trip, no predicate per load (which would
+    // keep the old and the new value of a ring slot alive at once). Ranges are whole trips (k_split_for), so
+    // only the last range of K can end inside a trip, reading at most kPrefetch - 1 loads past its end (the
+    // layout's spare loads).
+    int v0 = 0;
+    // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips
+    // per iteration rename it instead (not at MT = 2: its registers would spill)
+#pragma unroll(MT == 1 ? 2 : 1)
+    for (; v0 + kPrefetch <= n_vec; v0 += kPrefetch) {
+#pragma unroll
+      for (int i = 0; i < kPrefetch; ++i) step(i, true);
+      rem -= kPrefetch;
+      const int advance = rem > kPrefetch ? kPrefetch * 32 : 0;
+      wp += advance;
+      if constexpr (BITS == 3) hp += advance;
+    }
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {  // the end of K inside a trip: nothing left to load
+      if (v0 + i < n_vec) step(i, false);
     }
   }
   if (!GROUP) fold();
-  const int m0 = 2 * t;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int n = n0 + g + 8 * h;
-    if (n >= N) continue;
-    if (m0 < M) atomicAdd(y + (u64)m0 * ldy + n, acc[2 * h]);
-    if (m0 + 1 < M) atomicAdd(y + (u64)(m0 + 1) * ldy + n, acc[2 * h + 1]);
+  for (int mt = 0; mt < MT; ++mt) {
+    const int m0 = 8 * mt + 2 * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + g + 8 * h;
+      if (n >= N) continue;
+      if (m0 < M) atomicAdd(y + (u64)m0 * ldy + n, acc[mt][2 * h]);
+      if (m0 + 1 < M) atomicAdd(y + (u64)(m0 + 1) * ldy + n, acc[mt][2 * h + 1]);
+    }
   }
 }
 
-#define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16)                                                                \
-  extern "C" __global__ void __launch_bounds__(kWarps * 32) NAME(                                             \
+// kMinCtas in the launch bounds: without it ptxas chose 64 registers for some variants and spilled in the
+// main loop; with it, up to 65536 / (128 kMinCtas) = 128.
+#define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16, MT)                                                            \
+  extern "C" __global__ void __launch_bounds__(kWarps * 32, kMinCtas) NAME(                                   \
       const u16* x, int ldx, const uint4* words, const uint2* hwords, const u16* scales,                      \
       const unsigned char* zeros, float* y, int ldy, int M, int N, int K, int k_split) {                      \
-    gemv_mma<BITS, GROUP, BF16>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);              \
+    gemv_mma<BITS, GROUP, BF16, MT>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);          \
   }
 
-// GROUP 0: one group over all of K (group_size = -1 or K); other group sizes take the Triton kernels.
-MACA_GEMV_MMA(maca_gemv_mma_b4_g0, 4, 0, false)
-MACA_GEMV_MMA(maca_gemv_mma_b4_g64, 4, 64, false)
-MACA_GEMV_MMA(maca_gemv_mma_b4_g128, 4, 128, false)
-MACA_GEMV_MMA(maca_gemv_mma_b3_g0, 3, 0, false)
-MACA_GEMV_MMA(maca_gemv_mma_b3_g128, 3, 128, false)
-MACA_GEMV_MMA(maca_gemv_mma_b2_g0, 2, 0, false)
-MACA_GEMV_MMA(maca_gemv_mma_b2_g128, 2, 128, false)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g0, 4, 0, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g64, 4, 64, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b4_g128, 4, 128, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b3_g0, 3, 0, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b3_g128, 3, 128, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b2_g0, 2, 0, true)
-MACA_GEMV_MMA(maca_gemv_mma_bf16_b2_g128, 2, 128, true)
+// MACA_INSTANTIATIONS: every kernel below (nvcc, the compile tier). cuda_kernel.py compiles one kernel per
+// NVRTC program: the text above this line plus its own MACA_GEMV_MMA line (a whole-file compile takes ~6 s).
+// One kernel per (bits, group, x dtype, rows of x): GROUP 0 is one group over all of K (group_size = -1 or K),
+// other group sizes take the Triton kernels; _m16 runs 9..16 rows (two 8-row tiles per decoded fragment).
+#define MACA_GEMV_MMA_ROWS(NAME, BITS, GROUP, BF16) \
+  MACA_GEMV_MMA(NAME, BITS, GROUP, BF16, 1)         \
+  MACA_GEMV_MMA(NAME##_m16, BITS, GROUP, BF16, 2)
+
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g0, 4, 0, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g64, 4, 64, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g128, 4, 128, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b3_g0, 3, 0, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b3_g128, 3, 128, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b2_g0, 2, 0, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b2_g128, 2, 128, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g0, 4, 0, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g64, 4, 64, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g128, 4, 128, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b3_g0, 3, 0, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b3_g128, 3, 128, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b2_g0, 2, 0, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b2_g128, 2, 128, true)

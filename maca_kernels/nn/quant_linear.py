@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.quant_matmul.cuda_kernel import MAX_M as CUDA_GEMV_MAX_M
 from ..ops.quant_matmul.decode_layout import decode_matmul, decode_matmul_cuda, permute_rows, to_decode_weight
 from ..ops.quant_matmul.validate import check_g_idx_range, validate_quant_matmul
 
@@ -21,7 +22,7 @@ class QuantLinear(nn.Module):
     ``perm``, not with ``g_idx``), and write new weights through the three entry points above.
 
     ``enable_cuda_gemv()`` opts in to the CUDA tensor-core GEMV (``csrc/quant_matmul/gemv_mma.cu``) for
-    batches of 1–8 fp16 / bf16 rows on a GPU; larger batches, fp32 and CPU inputs keep the default path."""
+    batches of 1–16 fp16 / bf16 rows on a GPU; larger batches, fp32 and CPU inputs keep the default path."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
@@ -116,7 +117,7 @@ class QuantLinear(nn.Module):
         self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
 
     def enable_cuda_gemv(self, enabled: bool = True) -> QuantLinear:
-        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–8 fp16 / bf16 rows: builds its layout
+        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–16 fp16 / bf16 rows: builds its layout
         from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
         the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
@@ -159,7 +160,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if self.mma_words is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= 8:
+        cuda_dtype = x.dtype in (torch.float16, torch.bfloat16)
+        if self.mma_words is not None and x.is_cuda and cuda_dtype and 1 <= rows <= CUDA_GEMV_MAX_M:
             y = decode_matmul_cuda(x, self.perm, self._mma())
         else:
             y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,

@@ -14,15 +14,18 @@ confirmed it, it is opt-in: ``DecodeWeight.matmul(x, backend="cuda")``.
 
 from __future__ import annotations
 
+import ctypes
+import math
 from pathlib import Path
 
 import torch
 
-from .mma_layout import CTA_N, VEC_K, MmaWeight
+from .mma_layout import CTA_N, PREFETCH, VEC_K, MmaWeight
 
 SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "quant_matmul" / "gemv_mma.cu"
-MAX_M = 8  # rows of x: the columns of the mma's B operand
-_COMPILED: dict[tuple[int, str], object] = {}
+MAX_M = 16  # rows of x: 8 per mma (the columns of its B operand), two mma's per decoded fragment above 8
+MIN_CTAS = 4  # kMinCtas in the .cu: CTAs per SM its registers allow, when the driver cannot be asked
+_COMPILED: dict[tuple[int, str], tuple[object, int]] = {}
 
 
 def available() -> bool:
@@ -34,31 +37,57 @@ def available() -> bool:
     return CUDA_HOME is not None
 
 
-def kernel_name(bits: int, group: int, bf16: bool = False) -> str:
-    return f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{bits}_g{group}"
+def kernel_name(bits: int, group: int, bf16: bool = False, rows: int = 1) -> str:
+    """The .cu's kernel for these bits, GROUP (0: one group), x dtype and rows of x (_m16 above 8)."""
+    return f"maca_gemv_mma_{'bf16_' if bf16 else ''}b{bits}_g{group}{'_m16' if rows > 8 else ''}"
 
 
-def _compiled(name: str, device: torch.device):
+def kernel_source(bits: int, group: int, bf16: bool = False, rows: int = 1) -> str:
+    """The source of that one kernel: the .cu up to its instantiations, and one MACA_GEMV_MMA line (NVRTC
+    compiles every kernel of a program: the whole file would take ~6 s per kernel asked for)."""
+    text = SOURCE.read_text()
+    head = text[: text.index("// MACA_INSTANTIATIONS")]
+    flag, tiles = "true" if bf16 else "false", 2 if rows > 8 else 1
+    return f"{head}MACA_GEMV_MMA({kernel_name(bits, group, bf16, rows)}, {bits}, {group}, {flag}, {tiles})\n"
+
+
+def _resident_ctas(kernel) -> int:
+    """CTAs of ``kernel`` one SM holds at once, from the driver (its registers and shared memory decide)."""
+    cuda = torch.cuda._utils._get_gpu_runtime_library()
+    query = getattr(cuda, "cuOccupancyMaxActiveBlocksPerMultiprocessor", None)
+    count = ctypes.c_int(0)
+    if query is None or getattr(kernel, "func", None) is None:
+        return MIN_CTAS
+    if query(ctypes.byref(count), kernel.func, 128, ctypes.c_size_t(0)):  # a CUresult other than success
+        return MIN_CTAS
+    return max(1, count.value)
+
+
+def _compiled(bits: int, group: int, bf16: bool, rows: int, device: torch.device) -> tuple[object, int]:
+    """(kernel, CTAs per SM), compiled once per device."""
+    name = kernel_name(bits, group, bf16, rows)
     key = (device.index if device.index is not None else torch.cuda.current_device(), name)
     if key not in _COMPILED:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             raise RuntimeError(f"the CUDA GEMV needs mma.sync.m16n8k16 (sm_80 or newer), device is sm_{major}{minor}")
         with torch.cuda.device(device):
-            _COMPILED[key] = torch.cuda._compile_kernel(SOURCE.read_text(), name,
-                                                        compute_capability=f"{major}{minor}")
+            kernel = torch.cuda._compile_kernel(kernel_source(bits, group, bf16, rows), name,
+                                                compute_capability=f"{major}{minor}")
+            _COMPILED[key] = (kernel, _resident_ctas(kernel))
     return _COMPILED[key]
 
 
-def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, deterministic: bool = False) -> int:
-    """K per CTA: whole groups (whole 128-bit loads with one group over K: every CTA applies that group's
-    scale to its own partial sum), about 8 CTAs per SM in all (a CTA is 4 warps, one 128-bit load in flight
-    per lane). ``deterministic``: all of K in one CTA, so each output gets one atomic add onto zero."""
+def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, resident: int = MIN_CTAS, deterministic: bool = False) -> int:
+    """K per CTA: whole groups (every CTA applies its groups' scales to its own partial sums) and whole trips
+    of the kernel's load ring (PREFETCH loads: a range's last trip reads nothing past it), split so that all
+    CTAs are resident at once (one wave of ``resident`` per SM: a second, partial wave would idle most SMs).
+    ``deterministic``: all of K in one CTA, so each output gets one atomic add onto zero."""
     if deterministic:
         return w.K
-    unit = w.group_size if w.kernel_group else VEC_K[w.bits]
-    units = w.K // unit
-    splits = max(1, min(units, -(-8 * n_sms // n_ctas)))
+    unit = math.lcm(w.group_size if w.kernel_group else VEC_K[w.bits], PREFETCH * VEC_K[w.bits])
+    units = -(-w.K // unit)  # the last range may be shorter (K a multiple of the groups only)
+    splits = max(1, min(units, resident * n_sms // n_ctas))
     return -(-units // splits) * unit
 
 
@@ -72,9 +101,9 @@ def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, sca
                          f"{tuple(x.shape)} strides {x.stride()}")
     n_ctas = scales.shape[1] // CTA_N
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    k_split = k_split_for(w, n_ctas, n_sms, deterministic)
+    kernel, resident = _compiled(bits, w.kernel_group, x.dtype == torch.bfloat16, M, x.device)
+    k_split = k_split_for(w, n_ctas, n_sms, resident, deterministic)
     y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    kernel = _compiled(kernel_name(bits, w.kernel_group, x.dtype == torch.bfloat16), x.device)
     with torch.cuda.device(x.device):  # x may live on another GPU than the current one
         kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
                args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K,
@@ -88,7 +117,7 @@ def _(x, words, hwords, scales, zeros, bits, group_size, K, N, deterministic):
 
 
 def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 8 (checked here).
+    """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 16 (checked here).
     ``deterministic``: one CTA per column block over all of K (no run-dependent order of atomic adds)."""
     if not available():
         raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) with the CUDA "

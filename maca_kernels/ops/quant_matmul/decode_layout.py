@@ -15,7 +15,7 @@ A ``g_idx`` whose groups are not all the same size (hand-made checkpoints) is st
 and keeps a sorted ``g_idx`` for the kernels' gather path.
 
 ``to_decode_weight(..., mma=True)`` also builds the layout of the CUDA tensor-core GEMV (``mma_layout.py``,
-int2/int3/int4, batch ≤ 8, fp16 or bf16 x), run by ``matmul(x, backend="cuda")``.
+int2/int3/int4, batch ≤ 16, fp16 or bf16 x), run by ``matmul(x, backend="cuda")``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size
 
 
 def decode_matmul_cuda(x, perm, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 8 rows."""
+    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 16 rows."""
     from .cuda_kernel import gemv_mma
 
     x = gather_x(x, perm, mma.K)

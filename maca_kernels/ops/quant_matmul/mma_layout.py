@@ -8,9 +8,10 @@ high 16-bit halves, so one LOP3 decodes both. The tables below list, for each va
 offset and its offsets in n and k from the lane's base; the kernel's masks and shifts are these tables.
 
 Storage: ``words`` int32, per 16-column tile ``[K / VEC_K][lane][4]`` (one 128-bit load per lane per four
-words), then one spare warp load; int3 adds ``hwords`` (the high bits, ``[K / VEC_K][lane][2]`` per tile
-plus a spare); ``scales`` fp16 and ``zeros`` uint8 ``[G + 1, N_pad]`` (a spare row), columns padded to a
-multiple of 64 with zero codes. Zero points are stored as numbers (not the "gptq" v1 ``zero − 1``).
+words), then PREFETCH spare warp loads (the kernel's loads run that far ahead); int3 adds ``hwords`` (the high
+bits, ``[K / VEC_K][lane][2]`` per tile plus the spares); ``scales`` fp16 and ``zeros`` uint8
+``[G + 1, N_pad]`` (a spare row), columns padded to a multiple of 64 with zero codes. Zero points are stored
+as numbers (not the "gptq" v1 ``zero − 1``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CTA_N = 64  # columns per CTA (4 warps x 16)
 WORD_K = {4: 16, 3: 32, 2: 32}  # k values per low-bits word
 VEC_K = {b: 4 * w for b, w in WORD_K.items()}  # k values per 128-bit load
 KERNEL_GROUPS = {4: (64, 128), 3: (128,), 2: (128,)}  # group sizes compiled besides one group over K
+PREFETCH = 4  # 128-bit loads in flight per lane (kPrefetch in the .cu): spare loads, and k ranges of whole trips
 HIGH_BASE = (0, 8, 1, 9)  # int3: bit of field 0 (low half) for (low word a, tile u) at index 2a + u
 
 
@@ -102,11 +104,11 @@ def _unpack_words(words: torch.Tensor, fields, word_k: int, bits_mask: int, shif
 
 
 def _store(words: torch.Tensor, per_load: int) -> torch.Tensor:
-    """[n_tiles, words, 32] → flat int32 in load order [n_tiles][words / per_load][lane][per_load] + a spare."""
+    """[n_tiles, words, 32] → flat int32 in load order [n_tiles][words / per_load][lane][per_load] + spares."""
     n_tiles, count, _ = words.shape
     w = words.reshape(n_tiles, count // per_load, per_load, 32).permute(0, 1, 3, 2).reshape(-1)
     w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-    return torch.cat([w, torch.zeros(32 * per_load, dtype=torch.int32, device=w.device)])
+    return torch.cat([w, torch.zeros(PREFETCH * 32 * per_load, dtype=torch.int32, device=w.device)])
 
 
 def _load(flat: torch.Tensor, n_tiles: int, count: int, per_load: int) -> torch.Tensor:

@@ -93,10 +93,11 @@ def _words(flat, n_tiles: int, count: int, per_load: int) -> np.ndarray:
 
 
 def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
-    """y [M, N] (float64) that the kernel computes for x [M, K] (M ≤ 8; fp16, or the float64 values of bf16
-    x with ``bf16``), exact products."""
+    """y [M, N] (float64) that the kernel computes for x [M, K] (M ≤ 16: one mma per 8 rows of x on the same
+    decoded fragment; fp16, or the float64 values of bf16 x with ``bf16``), exact products."""
     M, K = x.shape
-    assert M <= 8 and K == w.K
+    assert M <= 16 and K == w.K
+    b_cols = 8 * -(-M // 8)  # the B columns of the kernel's mma's (MT tiles of 8)
     n_pad = w.scales.shape[1]
     n_tiles = n_pad // 16
     bits = w.bits
@@ -109,7 +110,7 @@ def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
     n_of = np.arange(n_tiles)[:, None] * 16 + g[None, :]  # [tiles, lanes] column n = g of each lane
     xf = x.astype(np.float64)
     y = np.zeros((M, n_pad))
-    d = np.zeros((n_tiles, 16, 8))
+    d = np.zeros((n_tiles, 16, b_cols))
     for kt in range(K // 16):
         grp = kt * 16 // w.group_size
         ks = _zero_constants(bits, bf16, zeros[grp][n_of], zeros[grp][n_of + 8])
@@ -131,7 +132,7 @@ def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
             cols = 2 * t + 8 * (r // 2)
             A[:, rows, cols] = lo
             A[:, rows, cols + 1] = hi
-        B = np.zeros((16, 8))
+        B = np.zeros((16, b_cols))
         B[:, :M] = xf[:, kt * 16 : kt * 16 + 16].T
         d += A @ B
         if (kt + 1) * 16 % w.group_size == 0:  # group end: y += s * D

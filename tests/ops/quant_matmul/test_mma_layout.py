@@ -5,6 +5,7 @@ the GPU tier (test_quant_matmul_gpu.py); its SASS is counted by tests/test_cuda_
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -17,7 +18,7 @@ from qmm_helpers import random_checkpoint
 
 import maca_kernels as mk
 from maca_kernels.ops.quant_matmul import cuda_kernel
-from maca_kernels.ops.quant_matmul.mma_layout import pack_mma, supports, unpack_mma
+from maca_kernels.ops.quant_matmul.mma_layout import KERNEL_GROUPS, PREFETCH, VEC_K, pack_mma, supports, unpack_mma
 
 CASES = [  # (bits, N, K, group_size): odd column counts, one group and grouped, several tiles of K
     (4, 80, 256, 128), (4, 48, 512, 64), (4, 64, 192, -1), (3, 96, 256, 128), (3, 32, 384, -1),
@@ -51,7 +52,7 @@ def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt,
                                              seed=bits + N + K, convention=fmt)
     d = mk.to_decode_weight(qw, sc, qz, g_idx, bits, group_size, fmt, mma=True)
     assert d.mma is not None and d.mma.N == N and d.mma.K == K
-    for M in (1, 3, 8):
+    for M in (1, 3, 8, 11, 16):  # above 8: the _m16 kernels (two mma's per decoded fragment)
         x = randn(M, K, dtype=dtype, seed=M)
         xp = x if d.perm is None else x[:, d.perm]  # DecodeWeight.matmul gathers x the same way
         y = emulate(xp.double().numpy(), d.mma, bf16=dtype == torch.bfloat16)
@@ -227,3 +228,36 @@ def test_quant_linear_cuda_gemv_survives_casts_and_failed_reloads():
     with pytest.raises(ValueError, match="groups of one size"):
         layer.load_state_dict({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": uneven})
     assert not layer.cuda_gemv  # no stale layout left behind
+
+
+@pytest.mark.parametrize("bits,group_size,K", [(4, 128, 4096), (4, 64, 4160), (4, -1, 8192), (3, 128, 14336),
+                                              (2, 128, 4224), (2, -1, 1024), (3, 128, 128)])
+@pytest.mark.parametrize("N,n_sms,resident", [(4096, 132, 4), (28672, 132, 4), (64, 132, 3), (14336, 108, 2)])
+def test_k_split_fills_one_wave_with_whole_groups_and_trips(bits, group_size, K, N, n_sms, resident):
+    """The launcher's K ranges: whole groups and whole trips of the kernel's load ring (every range but K's
+    last), all CTAs resident at once, and as many of them as one wave holds."""
+    W, qw, sc, qz, _ = random_checkpoint(64, K, bits, group_size, False, seed=K)
+    w = mk.to_decode_weight(qw, sc, qz, None, bits, group_size, mma=True).mma
+    n_ctas = -(-N // 64)
+    k_split = cuda_kernel.k_split_for(w, n_ctas, n_sms, resident)
+    trip = PREFETCH * VEC_K[bits]
+    unit = math.lcm(trip, w.group_size) if w.kernel_group else trip  # one group over K: any whole trips
+    assert k_split % unit == 0 or k_split >= K
+    splits = -(-K // k_split)
+    assert splits == 1 or n_ctas * splits <= resident * n_sms  # one wave
+    fewer = k_split - unit  # the next finer split
+    if fewer > 0 and n_ctas * -(-K // fewer) <= resident * n_sms:
+        assert -(-K // fewer) == splits, "a finer split would still fit in one wave"
+    assert cuda_kernel.k_split_for(w, n_ctas, n_sms, resident, deterministic=True) == K
+
+
+def test_every_kernel_name_is_in_the_source():
+    src = cuda_kernel.SOURCE.read_text()
+    for bits, groups in KERNEL_GROUPS.items():
+        for group in (0, *groups):
+            for bf16 in (False, True):
+                for rows in (1, 8, 9, 16):
+                    base = cuda_kernel.kernel_name(bits, group, bf16, 1)
+                    assert f"MACA_GEMV_MMA_ROWS({base}, {bits}, {group}, {'true' if bf16 else 'false'})" in src
+                    assert cuda_kernel.kernel_name(bits, group, bf16, rows) == base + ("_m16" if rows > 8 else "")
+    assert f"kPrefetch = {PREFETCH};" in src and f"kMinCtas = {cuda_kernel.MIN_CTAS};" in src

@@ -106,21 +106,25 @@ def test_cuda_graph_and_compile():
 
 
 # The CUDA tensor-core GEMV on the mma layout (opt-in backend="cuda" until this tier has passed on a GPU).
-# One test per compiled kernel pair (fp16 and bf16 variants compile at first use: ~1 s each).
+# One test per (bits, group): its fp16 / bf16, M <= 8 / _m16 kernels compile at first use (~1 s each).
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, -1), (3, 128), (3, -1), (2, 128), (2, -1)])
 def test_cuda_gemv_matches_float64(bits, group_size):
-    K, N = 2048, 1104  # N: not a multiple of the 64 columns of a CTA
+    # N: not a multiple of the 64 columns of a CTA; K = 17 groups of 128: not whole trips of the load ring
+    K, N = 2176, 1104
     for act_order in (False, True):
         W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
                                                  seed=bits + K + act_order)
         d = mk.to_decode_weight(qw.cuda(), sc.cuda(), qz.cuda(), None if g_idx is None else g_idx.cuda(), bits,
                                 group_size, mma=True)
         for dtype in (torch.float16, torch.bfloat16):
-            for M in (1, 5, 8):
+            for M in (1, 5, 8, 9, 16):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 y = d.matmul(x, backend="cuda")
                 assert y.dtype == dtype and y.shape == (M, N)
                 assert rel(y, x.double() @ W.cuda().T) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
+                # all of K in one range: refills, then K ends inside a trip (the loads past it hit the spares)
+                once = d.matmul(x, backend="cuda", deterministic=True)
+                assert rel(once, x.double() @ W.cuda().T) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
 
 
 def test_cuda_gemv_real_size_and_cuda_graph():
@@ -144,6 +148,6 @@ def test_quant_linear_cuda_gemv():
     W, qw, sc, qz, g_idx = random_checkpoint(1104, 2048, 3, 128, True, seed=21)
     layer = mk.QuantLinear.from_checkpoint({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}, 3, 128)
     layer = layer.cuda().enable_cuda_gemv()
-    for M in (1, 4, 9):  # 9 rows: the default path
+    for M in (1, 4, 12, 17):  # 17 rows: the default path
         x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
         assert rel(layer(x), x.double() @ W.cuda().T) <= TOL[torch.float16]
