@@ -140,7 +140,22 @@ def act_order_case(K: int, N: int, bits: int = 4, M: int = 1, group: int = 128, 
         paired = time_cpu_paired({"act": act, "sorted": srt})
         t_act, t_sorted = paired["act"], paired["sorted"]
     common = dict(device=dev, K=K, N=N, M=M, bits=bits)
-    return [
+    rows = []
+    if device == "cuda" and cuda_kernel.available() and mma_layout.supports(bits, group, K, N):
+        try:  # the CUDA GEMV, which gathers x inside the kernel, against itself on the sorted weight
+            act_c = mk.to_decode_weight(*ck, g_idx, bits, group, mma=True)
+            srt_c = mk.to_decode_weight(*ck, None, bits, group, mma=True)
+            err_c = ((act_c.matmul(x, backend="cuda").double() - want).norm() / want.norm()).item()
+            t_act_c = timer(_graphed(lambda: act_c.matmul(x, backend="cuda")))
+            t_srt_c = timer(_graphed(lambda: srt_c.matmul(x, backend="cuda")))
+            rows += [dict(common, impl="maca_kernels CUDA mma GEMV act-order", ms=t_act_c, speedup=t_base / t_act_c,
+                          vs_sorted=t_act_c / t_srt_c, rel_err=err_c),
+                     dict(common, impl="maca_kernels CUDA mma GEMV sorted", ms=t_srt_c, speedup=t_base / t_srt_c,
+                          vs_sorted=1.0)]
+        except Exception as exc:  # noqa: BLE001 - not yet run on a GPU: recorded, not fatal
+            rows.append(dict(common, impl="maca_kernels CUDA mma GEMV act-order",
+                             error=f"{type(exc).__name__}: {exc}"[:500]))
+    return rows + [
         dict(common, impl="maca_kernels act-order, decode layout", ms=t_act, speedup=t_base / t_act,
              vs_sorted=t_act / t_sorted, rel_err=err),
         dict(common, impl="maca_kernels act-order, g_idx per call", ms=t_gather, speedup=t_base / t_gather,

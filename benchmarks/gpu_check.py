@@ -136,6 +136,9 @@ def _targets() -> list[Target]:
         t.append(Target(f"qmm.act_order.{K}x{N}", "quant_matmul", f"act-order, batch 1, K×N={K}×{N}, int4 g128",
                         "act-order time / sorted-group time", "<=", 1.1, "x",
                         f"{_DO_BENCH}, CUDA graphs; same packed weight with a permuted g_idx vs g_idx=None"))
+        t.append(Target(f"qmm.cuda.act_order.{K}x{N}", "quant_matmul (CUDA mma GEMV, opt-in)",
+                        f"act-order, batch 1, K×N={K}×{N}, int4 g128", "act-order time / sorted-group time", "<=",
+                        1.1, "x", f"{_DO_BENCH}, CUDA graphs; x gathered in the kernel vs the sorted weight"))
     cross = "d=4096, 256k tokens, MaCa mix, bf16"
     t += [
         Target("hessian.cross.time", "GPTAQ cross term Σ w ΔXᵀX", cross, "time / time of H", "<=", 2.0, "x",
@@ -674,8 +677,14 @@ def step_quant_matmul(run: Run) -> str:
         k, n = shape(K, N)
         rows = bq.act_order_case(k, n, device=device, timer=timer)
         act, srt = _by_impl(rows, "maca_kernels act-order, decode layout"), _by_impl(rows, "maca_kernels sorted")
-        return rows, {f"qmm.act_order.{K}x{N}": (act["vs_sorted"], f"act-order {act['ms'] * 1e3:.4g} µs, sorted "
-                                                 f"{srt['ms'] * 1e3:.4g} µs")}
+        values = {f"qmm.act_order.{K}x{N}": (act["vs_sorted"], f"act-order {act['ms'] * 1e3:.4g} µs, sorted "
+                                             f"{srt['ms'] * 1e3:.4g} µs")}
+        act_c = [r for r in rows if r["impl"] == "maca_kernels CUDA mma GEMV act-order" and "ms" in r]
+        srt_c = [r for r in rows if r["impl"] == "maca_kernels CUDA mma GEMV sorted"]
+        if act_c and srt_c:
+            values[f"qmm.cuda.act_order.{K}x{N}"] = (act_c[0]["vs_sorted"], f"act-order {act_c[0]['ms'] * 1e3:.4g} "
+                                                     f"µs, sorted {srt_c[0]['ms'] * 1e3:.4g} µs")
+        return rows, values
 
     cases = []
     for K, N in QMM_SHAPES:
@@ -688,7 +697,7 @@ def step_quant_matmul(run: Run) -> str:
                  lambda K=K, N=N: speedups(K, N, 3, (1,))),
             Case(f"quant_matmul {K}x{N} int2 M=1", [f"qmm.m1.int2.{K}x{N}", f"qmm.cuda.m1.int2.{K}x{N}"],
                  lambda K=K, N=N: speedups(K, N, 2, (1,))),
-            Case(f"quant_matmul {K}x{N} act-order int4 M=1", [f"qmm.act_order.{K}x{N}"],
+            Case(f"quant_matmul {K}x{N} act-order int4 M=1", [f"qmm.act_order.{K}x{N}", f"qmm.cuda.act_order.{K}x{N}"],
                  lambda K=K, N=N: act_order(K, N)),
         ]
     return run_cases(run, "quant_matmul", cases, BUDGETS_S["quant_matmul"])

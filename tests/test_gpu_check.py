@@ -25,6 +25,7 @@ EXPECTED = (
     + [f"qmm.cuda.m16.int4.{s}" for s in SHAPES]
     + [f"qmm.m{m}.int4.{s}" for m in (16, 128, 2048) for s in SHAPES]
     + [f"qmm.act_order.{s}" for s in SHAPES]
+    + [f"qmm.cuda.act_order.{s}" for s in SHAPES]
     + ["hessian.cross.time", "hessian.cross.error"]
     + [f"hessian.per_call.{m}{sfx}" for m in ("overhead", "syncs") for sfx in ("", "_nocheck")]
 )

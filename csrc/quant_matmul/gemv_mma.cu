@@ -26,8 +26,8 @@
 // load is 512 contiguous bytes. kPrefetch spare warp loads follow the last n tile, and the scales and zeros
 // one spare row, so the loads that run ahead never need a bounds check.
 //
-// Work split: a CTA is 4 warps, one 16-column tile each (64 columns), over one range of K (blockIdx.y);
-// partial sums of the K ranges meet in fp32 y with atomic adds. x is staged in shared memory in fragment
+// Work split: a CTA is 4 warps, one 16-column tile each (64 columns), over one range of K (blockIdx.y); the
+// last CTA of a column block to finish adds the ranges' partial sums (see gemv_mma). x is staged in shared memory in fragment
 // order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = 8 mt + g), kChunk values of k at a time. B columns
 // m >= M hold whatever is in shared memory: their D columns are never stored.
 //
@@ -84,6 +84,23 @@ MACA_DEVICE void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
 MACA_DEVICE float half_to_float(u16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+template <bool BF16>
+MACA_DEVICE u16 to_x(float f) {  // fp32 -> x's type, round to nearest even
+  u16 h;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  }
+  return h;
+}
+
+MACA_DEVICE float load_l2(const float* p) {  // another SM's store: read at L2, never from this SM's L1
+  float f;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(f) : "l"(p));
   return f;
 }
 
@@ -215,16 +232,21 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
   }
 }
 
-// y[m, n] += sum_k x[m, k] (q[n, k] - z[n, g(k)]) s[n, g(k)] over this CTA's K range, m < M <= 8 MT.
-// x fp16 or bf16 (BF16) [M, K] (row stride ldx), words as described above (K a multiple of 4 words of k), scales fp16
-// and zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite), y fp32 [M, N]
-// (row stride ldy) accumulated with atomic adds. k_split (the K range of a CTA) is a multiple of GROUP and of
-// kPrefetch 128-bit loads' k span, or K itself; a range's last chunk may be shorter than kChunk.
+// y[m, n] = sum_k x[m, perm[k]] (q[n, k] - z[n, g(k)]) s[n, g(k)], m < M <= 8 MT, in x's type.
+// x fp16 or bf16 (BF16) [M, *] (row stride ldx); perm int [K] if gather (act-order weights: row k of the
+// weight holds input feature perm[k]); words as described above (K a multiple of 4 words of k); scales fp16 and
+// zeros uint8 [G, N_pad] (N_pad = 64 * gridDim.x, padded columns hold anything finite); y [M, N] (row stride
+// ldy). CTA (bx, by) sums the K range by * k_split (a multiple of GROUP and of kPrefetch loads' k span, or
+// K itself; its last chunk may be shorter than kChunk). With one range it writes y itself; otherwise every
+// CTA writes its fp32 partial sums to partial [gridDim.y][M][N], and the last of a column block to arrive
+// (counters[bx], zero before the launch) adds them in range order: no atomics on y, the same bits on every
+// run, and no cast kernel after this one.
 template <int BITS, int GROUP, bool BF16, int MT>
-__device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __restrict__ words,
-                         const uint2* __restrict__ hwords, const u16* __restrict__ scales,
-                         const unsigned char* __restrict__ zeros, float* __restrict__ y, int ldy, int M, int N,
-                         int K, int k_split) {
+__device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restrict__ perm, int gather,
+                         const uint4* __restrict__ words, const uint2* __restrict__ hwords,
+                         const u16* __restrict__ scales, const unsigned char* __restrict__ zeros,
+                         u16* __restrict__ y, int ldy, float* __restrict__ partial, int* __restrict__ counters,
+                         int M, int N, int K, int k_split) {
   constexpr int kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
   constexpr int kVecK = 4 * kWordK;            // per 128-bit load
   static_assert(GROUP % kVecK == 0 && kChunk % (GROUP ? GROUP : kVecK) == 0, "groups of whole loads");
@@ -288,11 +310,19 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
     __syncthreads();  // the previous chunk's fragments are no longer read
     // Rows m < M: entry (m / 8, tile pair j, lane 4 (m % 8) + tt) =
     // x[m][c0 + 32 j + 2 tt + {0, 1, 8, 9, 16, 17, 24, 25}].
+    // With gather, x is gathered here (act-order at the sorted speed, with no gather kernel before this one).
     for (int e = threadIdx.x; e < (c_len / 32) * 4 * M; e += kWarps * 32) {
       const int tt = e & 3, m = (e >> 2) % M, j = (e >> 2) / M;
-      const u16* xr = x + (u64)m * ldx + c0 + 32 * j + 2 * tt;
-      xs[m >> 3][j][(m & 7) * 4 + tt] = make_uint4(xr[0] | (u32(xr[1]) << 16), xr[8] | (u32(xr[9]) << 16),
-                                                   xr[16] | (u32(xr[17]) << 16), xr[24] | (u32(xr[25]) << 16));
+      const u16* xr = x + (u64)m * ldx;
+      const int k = c0 + 32 * j + 2 * tt;
+      u32 v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int kk = k + (i >> 1) * 8 + (i & 1);
+        v[i] = xr[gather ? perm[kk] : kk];
+      }
+      xs[m >> 3][j][(m & 7) * 4 + tt] = make_uint4(v[0] | (v[1] << 16), v[2] | (v[3] << 16), v[4] | (v[5] << 16),
+                                                   v[6] | (v[7] << 16));
     }
     __syncthreads();
     const uint4* xf = x_frag;
@@ -338,16 +368,42 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
     }
   }
   if (!GROUP) fold();
+  const bool split = gridDim.y > 1;
+  float* part = partial + (u64)blockIdx.y * M * N;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int m0 = 8 * mt + 2 * t;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int n = n0 + g + 8 * h;
-      if (n >= N) continue;
-      if (m0 < M) atomicAdd(y + (u64)m0 * ldy + n, acc[mt][2 * h]);
-      if (m0 + 1 < M) atomicAdd(y + (u64)(m0 + 1) * ldy + n, acc[mt][2 * h + 1]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = 8 * mt + 2 * t + e;
+        if (n >= N || m >= M) continue;
+        if (split) {
+          part[(u64)m * N + n] = acc[mt][2 * h + e];
+        } else {
+          y[(u64)m * ldy + n] = to_x<BF16>(acc[mt][2 * h + e]);
+        }
+      }
     }
+  }
+  if (!split) return;
+  // The last CTA of this column block to arrive adds the partial sums (the threadfence pattern: each CTA's
+  // stores are visible device-wide before its arrival is counted).
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == int(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int nb = blockIdx.x * kWarps * 16;
+  for (int e = threadIdx.x; e < M * kWarps * 16; e += kWarps * 32) {
+    const int m = e / (kWarps * 16), n = nb + e % (kWarps * 16);
+    if (n >= N) continue;
+    float sum = 0.f;
+    for (int r = 0; r < int(gridDim.y); ++r) sum += load_l2(partial + ((u64)r * M + m) * N + n);  // range order
+    y[(u64)m * ldy + n] = to_x<BF16>(sum);
   }
 }
 
@@ -355,9 +411,11 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const uint4* __rest
 // main loop; with it, up to 65536 / (128 kMinCtas) = 128.
 #define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16, MT)                                                            \
   extern "C" __global__ void __launch_bounds__(kWarps * 32, kMinCtas) NAME(                                   \
-      const u16* x, int ldx, const uint4* words, const uint2* hwords, const u16* scales,                      \
-      const unsigned char* zeros, float* y, int ldy, int M, int N, int K, int k_split) {                      \
-    gemv_mma<BITS, GROUP, BF16, MT>(x, ldx, words, hwords, scales, zeros, y, ldy, M, N, K, k_split);          \
+      const u16* x, int ldx, const int* perm, int gather, const uint4* words, const uint2* hwords,           \
+      const u16* scales, const unsigned char* zeros, u16* y, int ldy, float* partial, int* counters, int M,   \
+      int N, int K, int k_split) {                                                                            \
+    gemv_mma<BITS, GROUP, BF16, MT>(x, ldx, perm, gather, words, hwords, scales, zeros, y, ldy, partial,      \
+                                    counters, M, N, K, k_split);                                              \
   }
 
 // MACA_INSTANTIATIONS: every kernel below (nvcc, the compile tier). cuda_kernel.py compiles one kernel per

@@ -46,7 +46,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("kernel_g_idx", None, persistent=False)  # only for groups of unequal size
         self._kernel_group_size = group_size
         # The opt-in CUDA GEMV's layout (enable_cuda_gemv): non-persistent, rebuilt when the weights arrive.
-        for name in ("mma_words", "mma_hwords", "mma_scales", "mma_zeros"):
+        for name in ("mma_words", "mma_hwords", "mma_scales", "mma_zeros", "mma_perm"):
             self.register_buffer(name, None, persistent=False)
 
     @classmethod
@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
         from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
         the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
-        self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = None  # never a stale layout
+        self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None  # never stale
         if not enabled:
             return self
         d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.kernel_g_idx, self.bits,
@@ -130,6 +130,8 @@ class QuantLinear(nn.Module):
         # scales as int16 bits: a module-wide .bfloat16() / .float() must not convert what the kernel reads
         self.mma_words, self.mma_hwords, self.mma_scales, self.mma_zeros = (m.words, m.hwords,
                                                                              m.scales.view(torch.int16), m.zeros)
+        # the layout is built from qweight, already in group order: the kernel gathers x with the layer's perm
+        self.mma_perm = None if self.perm is None else self.perm.to(torch.int32)
         return self
 
     @property
@@ -141,7 +143,7 @@ class QuantLinear(nn.Module):
 
         group = self.in_features if self._kernel_group_size == -1 else self._kernel_group_size
         return MmaWeight(self.mma_words, self.mma_hwords, self.mma_scales.view(torch.float16), self.mma_zeros,
-                         self.bits, group, self.in_features, self.out_features)
+                         self.bits, group, self.in_features, self.out_features, self.mma_perm)
 
     @property
     def act_order(self) -> bool:
@@ -162,7 +164,7 @@ class QuantLinear(nn.Module):
         rows = x.numel() // max(x.shape[-1], 1)
         cuda_dtype = x.dtype in (torch.float16, torch.bfloat16)
         if self.mma_words is not None and x.is_cuda and cuda_dtype and 1 <= rows <= CUDA_GEMV_MAX_M:
-            y = decode_matmul_cuda(x, self.perm, self._mma())
+            y = decode_matmul_cuda(x, self._mma())
         else:
             y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
                               self._kernel_group_size, self.checkpoint_format)

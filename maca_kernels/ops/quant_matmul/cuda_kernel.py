@@ -82,7 +82,7 @@ def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, resident: int = MIN_CTAS,
     """K per CTA: whole groups (every CTA applies its groups' scales to its own partial sums) and whole trips
     of the kernel's load ring (PREFETCH loads: a range's last trip reads nothing past it), split so that all
     CTAs are resident at once (one wave of ``resident`` per SM: a second, partial wave would idle most SMs).
-    ``deterministic``: all of K in one CTA, so each output gets one atomic add onto zero."""
+    ``deterministic``: all of K in one CTA."""
     if deterministic:
         return w.K
     unit = math.lcm(w.group_size if w.kernel_group else VEC_K[w.bits], PREFETCH * VEC_K[w.bits])
@@ -93,32 +93,46 @@ def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, resident: int = MIN_CTAS,
 
 @torch.library.custom_op("maca_kernels::gemv_mma", mutates_args=())
 def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, bits: int, group_size: int, K: int, N: int, deterministic: bool) -> torch.Tensor:
-    w = MmaWeight(words, hwords, scales, zeros, bits, group_size, K, N)
+                 zeros: torch.Tensor, perm: torch.Tensor | None, bits: int, group_size: int, K: int, N: int,
+                 deterministic: bool) -> torch.Tensor:
+    w = MmaWeight(words, hwords, scales, zeros, bits, group_size, K, N, perm)
     M = x.shape[0]
-    if not 1 <= M <= MAX_M or tuple(x.shape) != (M, K) or x.stride(1) != 1:  # also for direct torch.ops calls
+    if not 1 <= M <= MAX_M or x.dim() != 2 or x.shape[1] != K or x.stride(1) != 1:  # also for torch.ops calls
         raise ValueError(f"gemv_mma: x must be [M, K] with 1 ≤ M ≤ {MAX_M}, K = {K}, unit stride; got "
                          f"{tuple(x.shape)} strides {x.stride()}")
+    if perm is not None and (perm.dtype != torch.int32 or tuple(perm.shape) != (K,) or perm.device != x.device
+                             or perm.stride(0) != 1):
+        raise ValueError(f"gemv_mma: perm must be a contiguous int32 [K] = [{K}] on {x.device}, got {perm.dtype} "
+                         f"{tuple(perm.shape)} on {perm.device}")
     n_ctas = scales.shape[1] // CTA_N
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     kernel, resident = _compiled(bits, w.kernel_group, x.dtype == torch.bfloat16, M, x.device)
     k_split = k_split_for(w, n_ctas, n_sms, resident, deterministic)
-    y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    splits = -(-K // k_split)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # written once, by the kernel: no zero fill
+    # the partial sums of the K ranges and the arrival counters of their reduction (unused by a single range);
+    # counters zeroed per call (a memset, in the caller's stream and in any graph being captured): a buffer
+    # kept between calls would be shared by streams and graphs, and a capture records its zero fill unrun
+    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    counters = torch.zeros(n_ctas, dtype=torch.int32, device=x.device) if splits > 1 else y
     with torch.cuda.device(x.device):  # x may live on another GPU than the current one
-        kernel(grid=(n_ctas, -(-K // k_split), 1), block=(128, 1, 1),
-               args=[x, x.stride(0), words, hwords if hwords.numel() else words, scales, zeros, y, N, M, N, K,
-                     k_split], stream=torch.cuda.current_stream(x.device))
-    return y.to(x.dtype)
+        kernel(grid=(n_ctas, splits, 1), block=(128, 1, 1),
+               args=[x, x.stride(0), words if perm is None else perm, int(perm is not None), words,
+                     hwords if hwords.numel() else words, scales, zeros, y, N, partial, counters, M, N, K, k_split],
+               stream=torch.cuda.current_stream(x.device))
+    return y
 
 
 @_gemv_mma_op.register_fake
-def _(x, words, hwords, scales, zeros, bits, group_size, K, N, deterministic):
+def _(x, words, hwords, scales, zeros, perm, bits, group_size, K, N, deterministic):
     return x.new_empty((x.shape[0], N))
 
 
 def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 16 (checked here).
-    ``deterministic``: one CTA per column block over all of K (no run-dependent order of atomic adds)."""
+    """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 16 (checked here);
+    x2 in input order (gathered in the kernel by ``w.perm``). Every launch gives the same bits (the split-K
+    partial sums are added in a fixed order); ``deterministic``: all of K in one CTA per column block, so the
+    bits do not depend on the GPU's number of SMs either."""
     if not available():
         raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) with the CUDA "
                            f"toolkit's headers (CUDA_HOME) and the repository's "
@@ -137,4 +151,5 @@ def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> tor
         raise ValueError(f"the weight is on {w.words.device} but x is on {x2.device}")
     if x2.stride(1) != 1 or x2.stride(0) < w.K:
         x2 = x2.contiguous()
-    return _gemv_mma_op(x2, w.words, w.hwords, w.scales, w.zeros, w.bits, w.group_size, w.K, w.N, bool(deterministic))
+    return _gemv_mma_op(x2, w.words, w.hwords, w.scales, w.zeros, w.perm, w.bits, w.group_size, w.K, w.N,
+                        bool(deterministic))

@@ -76,7 +76,7 @@ class DecodeWeight:
             raise ValueError("backend='cuda' needs the mma layout: build with to_decode_weight(..., mma=True) "
                              "(int2/int3/int4, one group or group_size 128 (64 too at int4), K a multiple of "
                              "64 (int4) or 128)")
-        return decode_matmul_cuda(x, self.perm, self.mma, deterministic)
+        return decode_matmul_cuda(x, self.mma, deterministic)
 
     def to_checkpoint(self) -> dict[str, torch.Tensor]:
         """The checkpoint tensors this weight was built from (``qweight``, ``qzeros``, ``scales`` and
@@ -112,11 +112,11 @@ def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size
                         deterministic=deterministic)
 
 
-def decode_matmul_cuda(x, perm, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 16 rows."""
+def decode_matmul_cuda(x, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
+    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 16 rows, in input
+    order (the kernel gathers it by ``mma.perm``)."""
     from .cuda_kernel import gemv_mma
 
-    x = gather_x(x, perm, mma.K)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != mma.K:
         raise ValueError(f"x must be a tensor [..., K] with K = {mma.K}, got {getattr(x, 'shape', type(x).__name__)}")
     return gemv_mma(x.reshape(-1, mma.K), mma, deterministic).reshape(*x.shape[:-1], mma.N)
@@ -196,4 +196,5 @@ def _with_mma(d: DecodeWeight, mma: bool) -> DecodeWeight:
     codes = unpack_gptq(d.qweight, d.bits, K)
     zeros = unpack_gptq_zeros(d.qzeros, d.bits, N, d.checkpoint_format)
     packed = mma_layout.pack_mma(codes, zeros, d.scales.T, d.bits, d.group_size)
-    return replace(d, mma=packed)
+    perm = None if d.perm is None else d.perm.to(torch.int32)
+    return replace(d, mma=replace(packed, perm=perm))

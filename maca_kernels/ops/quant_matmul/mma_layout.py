@@ -63,6 +63,7 @@ class MmaWeight:
     group_size: int  # k values per group (K for one group)
     K: int
     N: int
+    perm: torch.Tensor | None = None  # int32 [K]: the input feature of each row (act-order), gathered in-kernel
 
     @property
     def kernel_group(self) -> int:

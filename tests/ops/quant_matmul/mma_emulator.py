@@ -94,9 +94,12 @@ def _words(flat, n_tiles: int, count: int, per_load: int) -> np.ndarray:
 
 def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
     """y [M, N] (float64) that the kernel computes for x [M, K] (M ≤ 16: one mma per 8 rows of x on the same
-    decoded fragment; fp16, or the float64 values of bf16 x with ``bf16``), exact products."""
+    decoded fragment; fp16, or the float64 values of bf16 x with ``bf16``; in input order: gathered by
+    ``w.perm`` as the kernel's staging does), exact products."""
     M, K = x.shape
     assert M <= 16 and K == w.K
+    if w.perm is not None:
+        x = x[:, w.perm.cpu().numpy()]
     b_cols = 8 * -(-M // 8)  # the B columns of the kernel's mma's (MT tiles of 8)
     n_pad = w.scales.shape[1]
     n_tiles = n_pad // 16

@@ -53,9 +53,8 @@ def test_emulated_kernel_matches_float64(bits, N, K, group_size, act_order, fmt,
     d = mk.to_decode_weight(qw, sc, qz, g_idx, bits, group_size, fmt, mma=True)
     assert d.mma is not None and d.mma.N == N and d.mma.K == K
     for M in (1, 3, 8, 11, 16):  # above 8: the _m16 kernels (two mma's per decoded fragment)
-        x = randn(M, K, dtype=dtype, seed=M)
-        xp = x if d.perm is None else x[:, d.perm]  # DecodeWeight.matmul gathers x the same way
-        y = emulate(xp.double().numpy(), d.mma, bf16=dtype == torch.bfloat16)
+        x = randn(M, K, dtype=dtype, seed=M)  # in input order: the kernel gathers it by d.mma.perm
+        y = emulate(x.double().numpy(), d.mma, bf16=dtype == torch.bfloat16)
         # exact products and float64 sums: only the float64 rounding of the reference remains
         assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
 
@@ -203,13 +202,14 @@ def test_quant_linear_opt_in_builds_the_layout_and_keeps_state_dict_clean():
     assert layer.cuda_gemv and set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
     x = randn(1, 256, dtype=torch.float16, seed=6)
     # the layout holds the layer's own (group-ordered) weight: the emulated kernel gives its product
-    y = emulate(x[:, layer.perm].double().numpy(), layer._mma())
+    assert torch.equal(layer._mma().perm.long(), layer.perm)  # the kernel gathers x itself
+    y = emulate(x.double().numpy(), layer._mma())
     assert rel(y, (x.double() @ W.T).numpy()) <= 1e-12
     # CPU inputs keep the default path; new weights rebuild the layout; opting out drops it
     assert rel(layer(x.float()).double().numpy(), (x.double() @ W.T).numpy()) <= 1e-5
     W2, qw2, sc2, qz2, g2 = random_checkpoint(80, 256, 4, 128, True, seed=7)
     layer.load_state_dict({"qweight": qw2, "scales": sc2, "qzeros": qz2, "g_idx": g2})
-    assert rel(emulate(x[:, layer.perm].double().numpy(), layer._mma()), (x.double() @ W2.T).numpy()) <= 1e-12
+    assert rel(emulate(x.double().numpy(), layer._mma()), (x.double() @ W2.T).numpy()) <= 1e-12
     assert not layer.enable_cuda_gemv(False).cuda_gemv
     with pytest.raises(ValueError, match="no kernel for bits=8"):
         mk.QuantLinear(256, 64, bits=8, group_size=128).enable_cuda_gemv()
