@@ -31,8 +31,9 @@
 // order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = 8 mt + g), kChunk values of k at a time. B columns
 // m >= M hold whatever is in shared memory: their D columns are never stored.
 //
-// Groups: GROUP (a multiple of 4 words of k) values of k share a scale and zero point; D restarts per group
-// and y += s * D at its end. GROUP = 0: one group over the whole K.
+// Groups: GROUP values of k (whole words) share a scale and zero point; D restarts per group and y += s * D
+// at its end, between 128-bit loads or, for groups shorter than one, between its words. GROUP = 0: one group
+// over the whole K.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -198,8 +199,11 @@ MACA_DEVICE void tile_mma(float (&d)[MT][4], u32 v, u32 c, const Zeros<BITS, BF1
 // Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1); the 8-row
 // tile mt of x lies kChunk uint4 further per mt); int3 also takes the two high-bit words of the same eight
 // k-tiles (c).
-template <int BITS, bool BF16, int MT>
-MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf) {
+// WPG: words per group when a group is shorter than the load (group_end() after every WPG words: it folds
+// the group and loads the next group's z), else 0.
+template <int BITS, bool BF16, int MT, int WPG, class GroupEnd>
+MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf,
+                         GroupEnd&& group_end) {
   const u32 ws[4] = {w.x, w.y, w.z, w.w};
   uint4 b[MT];
   if constexpr (BITS == 4) {  // a word is one k-tile: a fragment load serves two words
@@ -208,7 +212,9 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) b[mt] = xf[(i / 2) * 32 + mt * kChunk];
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
+      if (WPG == 1) group_end();
       tile_mma<BITS, BF16, MT>(d, ws[i + 1], 0u, z, b, true);
+      if (WPG && (i + 2) % WPG == 0) group_end();
     }
   } else if constexpr (BITS == 2) {  // a word is two k-tiles: fields of w, then of w >> 8
 #pragma unroll
@@ -217,6 +223,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
       for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, 0u, z, b, true);
+      if (WPG && (i + 1) % WPG == 0) group_end();
     }
   } else {  // int3: low bits as int2; a high-bit word serves two low words (four k-tiles), read through
             // four shifts that put each tile's bits at 2r + 2: << 2, >> 6, << 1, >> 7
@@ -228,6 +235,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
       for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
       tile_mma<BITS, BF16, MT>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b, true);
+      if (WPG && (i + 1) % WPG == 0) group_end();
     }
   }
 }
@@ -249,7 +257,10 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
                          int M, int N, int K, int k_split) {
   constexpr int kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
   constexpr int kVecK = 4 * kWordK;            // per 128-bit load
-  static_assert(GROUP % kVecK == 0 && kChunk % (GROUP ? GROUP : kVecK) == 0, "groups of whole loads");
+  // a group is whole loads, or whole words that tile one load
+  static_assert(GROUP % kVecK == 0 || (GROUP % kWordK == 0 && kVecK % GROUP == 0), "groups of whole words");
+  static_assert(kChunk % (GROUP > kVecK ? GROUP : kVecK) == 0, "chunks of whole groups");
+  constexpr int kWordsPerGroup = GROUP && GROUP < kVecK ? GROUP / kWordK : 0;  // groups inside one load
   __shared__ uint4 xs[MT][kChunk / 32][32];  // fragments of kChunk values of k: [8-row tile][k-tile pair][lane]
 
   const int lane = threadIdx.x & 31;
@@ -287,6 +298,12 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
     }
   };
   Zeros<BITS, BF16> z = zeros_now();
+  auto next_group = [&]() {  // the zeros and scales have a spare row past the end
+    fold();
+    s_col += n_pad;
+    z_col += n_pad;
+    z = zeros_now();
+  };
   // Software pipeline kPrefetch loads deep: the ring holds this lane's next kPrefetch 128-bit loads, 2 KB per
   // warp in flight, 32 KB per SM at 4 CTAs; 4.3 TB/s at ~800 ns of DRAM latency needs ~26 KB per SM over 132
   // SMs (one load per lane, the earlier design, gave 16 KB at 8 CTAs). rem: the range's loads not consumed.
@@ -302,7 +319,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
     wp += kPrefetch * 32;
     hp += kPrefetch * 32;
   }
-  constexpr int kVecsPerGroup = GROUP ? GROUP / kVecK : 1;
+  constexpr int kVecsPerGroup = GROUP >= kVecK ? GROUP / kVecK : 1;
   static_assert(kPrefetch % kVecsPerGroup == 0 && (kChunk / kVecK) % kPrefetch == 0, "whole groups per trip");
 
   for (int c0 = k_begin; c0 < k_end; c0 += kChunk) {
@@ -335,14 +352,9 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
         ring[i] = wp[i * 32];
         if constexpr (BITS == 3) hring[i] = hp[i * 32];
       }
-      vec_mma<BITS, BF16, MT>(d, w4, h2, z, xf);
+      vec_mma<BITS, BF16, MT, kWordsPerGroup>(d, w4, h2, z, xf, next_group);
       xf += (kVecK / 32) * 32;
-      if (GROUP && (i + 1) % kVecsPerGroup == 0) {  // the zeros and scales have a spare row past the end
-        fold();
-        s_col += n_pad;
-        z_col += n_pad;
-        z = zeros_now();
-      }
+      if (GROUP >= kVecK && (i + 1) % kVecsPerGroup == 0) next_group();
     };
     // The main loop: whole trips around the ring, each refilling it from wp with the next trip's loads.
     // wp moves on only while the range holds another trip, so the range's last trip re-reads its own loads
@@ -427,6 +439,7 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
   MACA_GEMV_MMA(NAME##_m16, BITS, GROUP, BF16, 2)
 
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g0, 4, 0, false)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g32, 4, 32, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g64, 4, 64, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b4_g128, 4, 128, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b3_g0, 3, 0, false)
@@ -434,6 +447,7 @@ MACA_GEMV_MMA_ROWS(maca_gemv_mma_b3_g128, 3, 128, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b2_g0, 2, 0, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_b2_g128, 2, 128, false)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g0, 4, 0, true)
+MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g32, 4, 32, true)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g64, 4, 64, true)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b4_g128, 4, 128, true)
 MACA_GEMV_MMA_ROWS(maca_gemv_mma_bf16_b3_g0, 3, 0, true)

@@ -120,7 +120,7 @@ class QuantLinear(nn.Module):
         """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–16 fp16 / bf16 rows: builds its layout
         from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
         the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
-        (it runs int2/int3/int4 with one group or group size 128, 64 too at int4). Returns self."""
+        (it runs int2/int3/int4 with one group or group size 128, 32 and 64 too at int4). Returns self."""
         self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None  # never stale
         if not enabled:
             return self

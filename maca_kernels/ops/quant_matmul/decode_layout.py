@@ -74,7 +74,7 @@ class DecodeWeight:
     def _matmul_cuda(self, x: torch.Tensor, deterministic: bool) -> torch.Tensor:
         if self.mma is None:
             raise ValueError("backend='cuda' needs the mma layout: build with to_decode_weight(..., mma=True) "
-                             "(int2/int3/int4, one group or group_size 128 (64 too at int4), K a multiple of "
+                             "(int2/int3/int4, one group or group_size 128 (32 and 64 too at int4), K a multiple of "
                              "64 (int4) or 128)")
         return decode_matmul_cuda(x, self.mma, deterministic)
 
@@ -191,8 +191,8 @@ def _with_mma(d: DecodeWeight, mma: bool) -> DecodeWeight:
     K, N = d.in_features, d.out_features
     if not mma_layout.supports(d.bits, d.group_size, K, N):
         raise ValueError(f"mma=True: the CUDA GEMV has no kernel for bits={d.bits}, group_size={d.group_size}, "
-                         f"K={K} (it runs int2/int3/int4 with one group or group_size 128, 64 too at int4, and K a "
-                         "multiple of 64 at int4, of 128 otherwise)")
+                         f"K={K} (it runs int2/int3/int4 with one group or group_size 128, 32 and 64 too at int4, "
+                         "and K a multiple of 64 at int4, of 128 otherwise)")
     codes = unpack_gptq(d.qweight, d.bits, K)
     zeros = unpack_gptq_zeros(d.qzeros, d.bits, N, d.checkpoint_format)
     packed = mma_layout.pack_mma(codes, zeros, d.scales.T, d.bits, d.group_size)

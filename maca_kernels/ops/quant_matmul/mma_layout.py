@@ -23,7 +23,7 @@ import torch
 CTA_N = 64  # columns per CTA (4 warps x 16)
 WORD_K = {4: 16, 3: 32, 2: 32}  # k values per low-bits word
 VEC_K = {b: 4 * w for b, w in WORD_K.items()}  # k values per 128-bit load
-KERNEL_GROUPS = {4: (64, 128), 3: (128,), 2: (128,)}  # group sizes compiled besides one group over K
+KERNEL_GROUPS = {4: (32, 64, 128), 3: (128,), 2: (128,)}  # group sizes compiled besides one group over K
 PREFETCH = 4  # 128-bit loads in flight per lane (kPrefetch in the .cu): spare loads, and k ranges of whole trips
 HIGH_BASE = (0, 8, 1, 9)  # int3: bit of field 0 (low half) for (low word a, tile u) at index 2a + u
 

@@ -21,7 +21,7 @@ from maca_kernels.ops.quant_matmul import cuda_kernel
 from maca_kernels.ops.quant_matmul.mma_layout import KERNEL_GROUPS, PREFETCH, VEC_K, pack_mma, supports, unpack_mma
 
 CASES = [  # (bits, N, K, group_size): odd column counts, one group and grouped, several tiles of K
-    (4, 80, 256, 128), (4, 48, 512, 64), (4, 64, 192, -1), (3, 96, 256, 128), (3, 32, 384, -1),
+    (4, 80, 256, 128), (4, 48, 512, 64), (4, 112, 320, 32), (4, 64, 192, -1), (3, 96, 256, 128), (3, 32, 384, -1),
     (2, 80, 256, 128), (2, 16, 640, -1),
 ]
 

@@ -107,7 +107,8 @@ def test_cuda_graph_and_compile():
 
 # The CUDA tensor-core GEMV on the mma layout (opt-in backend="cuda" until this tier has passed on a GPU).
 # One test per (bits, group): its fp16 / bf16, M <= 8 / _m16 kernels compile at first use (~1 s each).
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, -1), (3, 128), (3, -1), (2, 128), (2, -1)])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, 32), (4, -1), (3, 128), (3, -1), (2, 128),
+                                              (2, -1)])
 def test_cuda_gemv_matches_float64(bits, group_size):
     # N: not a multiple of the 64 columns of a CTA (a multiple of 32, as 3-bit zeros need); K = 17 groups of
     # 128: not whole trips of the load ring
