@@ -3,7 +3,7 @@
 from . import calibration
 from .checkpoint import load_quantized, quantization_config, save_quantized
 from .formats.gptq import dequantize_gptq, pack_gptq, pack_gptq_zeros, pack_scales, unpack_gptq
-from .nn import QuantLinear
+from .nn import QuantLinear, enable_cuda_gemv
 from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
 from .ops.hessian import accumulate_hessian
@@ -23,6 +23,7 @@ __all__ = [
     "accumulate_hessian",
     "calibration",
     "dequantize_gptq",
+    "enable_cuda_gemv",
     "gptq_quantize",
     "load_quantized",
     "pack_gptq",

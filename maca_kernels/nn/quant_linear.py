@@ -138,6 +138,14 @@ class QuantLinear(nn.Module):
     def cuda_gemv(self) -> bool:
         return self.mma_words is not None
 
+    @property
+    def cuda_gemv_supported(self) -> bool:
+        """Whether the CUDA GEMV has a kernel for this layer (bits, group size, K; groups of one size)."""
+        from ..ops.quant_matmul.mma_layout import supports
+
+        return self.kernel_g_idx is None and supports(self.bits, self._kernel_group_size, self.in_features,
+                                                      self.out_features)
+
     def _mma(self):
         from ..ops.quant_matmul.mma_layout import MmaWeight
 
@@ -207,3 +215,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def enable_cuda_gemv(model: nn.Module, enabled: bool = True) -> list[str]:
+    """``QuantLinear.enable_cuda_gemv(enabled)`` on every QuantLinear of ``model`` that the CUDA GEMV has a
+    kernel for (the others keep the default path); returns the names of the layers switched."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and (module.cuda_gemv_supported or not enabled):
+            module.enable_cuda_gemv(enabled)
+            names.append(name)
+    return names

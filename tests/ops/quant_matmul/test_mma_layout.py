@@ -261,3 +261,21 @@ def test_every_kernel_name_is_in_the_source():
                     assert f"MACA_GEMV_MMA_ROWS({base}, {bits}, {group}, {'true' if bf16 else 'false'})" in src
                     assert cuda_kernel.kernel_name(bits, group, bf16, rows) == base + ("_m16" if rows > 8 else "")
     assert f"kPrefetch = {PREFETCH};" in src and f"kMinCtas = {cuda_kernel.MIN_CTAS};" in src
+
+
+def test_enable_cuda_gemv_on_a_model_switches_the_layers_it_has_kernels_for():
+    """mk.enable_cuda_gemv(model): every QuantLinear with a kernel (here int4 g32 act-order and int3 g128),
+    not the others (8 bits, int3 g64); each switched layer's layout gives its product (emulated)."""
+    layers = {}
+    for name, (bits, group, act) in {"a": (4, 32, True), "b": (3, 128, False), "c": (8, 128, False),
+                                     "d": (3, 64, False)}.items():
+        W, qw, sc, qz, g_idx = random_checkpoint(96, 256, bits, group, act, seed=40 + bits + group)
+        tensors = {"qweight": qw, "scales": sc, "qzeros": qz} | ({"g_idx": g_idx} if act else {})
+        layers[name] = (mk.QuantLinear.from_checkpoint(tensors, bits, group), W)
+    model = torch.nn.ModuleDict({n: layer for n, (layer, _) in layers.items()})
+    assert mk.enable_cuda_gemv(model) == ["a", "b"]
+    assert [model[n].cuda_gemv for n in "abcd"] == [True, True, False, False]
+    x = randn(3, 256, dtype=torch.float16, seed=41)
+    for n in "ab":
+        assert rel(emulate(x.double().numpy(), model[n]._mma()), (x.double() @ layers[n][1].T).numpy()) <= 1e-12
+    assert set(mk.enable_cuda_gemv(model, False)) == set("abcd") and not any(model[n].cuda_gemv for n in "abcd")
