@@ -3,7 +3,8 @@
 GPU: K×N ∈ {4096×4096, 4096×14336, 14336×4096, 8192×28672}, M ∈ {1, 16, 128, 2048}, bits 2/3/4, group
 128: time vs fp16 ``x @ Wᵀ``, effective bandwidth (packed weight + fp16 scales + packed zeros over the
 time) as a fraction of the measured device-to-device copy bandwidth; L2 flushed between runs
-(do_bench), CUDA graphs for M = 1 (launch cost); act-order ``g_idx`` vs sorted groups at M = 1, int4.
+(do_bench), CUDA graphs up to M = 16 (launch cost); the opt-in CUDA tensor-core GEMV beside the default
+kernels up to M = 16; act-order ``g_idx`` vs sorted groups at M = 1, int4 (the CUDA GEMV's too).
 CPU: M = 1 and 16 at 4096×4096 vs torch fp32 ``F.linear`` on the dequantized weight, all cores; act-order
 vs sorted at M = 1 for each bit width.
 
@@ -118,7 +119,8 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
 
 def act_order_case(K: int, N: int, bits: int = 4, M: int = 1, group: int = 128, device: str = "cuda",
                    timer=time_gpu) -> list[dict]:
-    """Act-order ``g_idx`` (a random permutation of the groups) three ways: converted once to the decode
+    """Act-order ``g_idx`` (a random permutation of the groups) three ways (and on a GPU the CUDA GEMV, which
+    gathers x in the kernel, against itself on the sorted weight): converted once to the decode
     layout (what ``QuantLinear`` runs: one gather of x, then the sorted kernel), passed per call to
     ``quant_matmul`` (the per-element gather path), and the same packed weight with sorted groups
     (``g_idx=None``); vs_sorted = ms / sorted ms."""

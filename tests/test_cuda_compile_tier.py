@@ -3,9 +3,10 @@ machine, and the SASS of every GEMV variant's main loop is counted.
 
 Thread-instructions per weight = (instructions in the main loop) × 32 / (weights the warp's loop iteration
 consumes: 256 per HMMA.16816). At 4 warp-instructions per clock per SM, 132 SMs and 1.98 GHz, an H200 issues
-about 33.5 T thread-instructions/s; streaming ~4.3 TB/s of int4 / int3 / int2 weights needs at most 3.9 /
-5.2 / 7.8 ... per weight at the bandwidth limit for issue alone, but stalls, the other warps' loads and the
-scales leave far less: the budgets (issue 11) are int4 ≤ 3.0, int3 ≤ 2.5, int2 ≤ 1.8. Act-order layers run
+about 33.5 T thread-instructions/s; streaming ~4.3 TB/s of packed int4 / int3 / int2 weights (8.6 / 11.5 /
+17.2 T weights/s) leaves at most 3.9 / 2.9 / 1.95 per weight before issue rather than bandwidth is the limit;
+stalls, the other warps' loads and the scales leave less: the budgets (issue 11) are int4 ≤ 3.0,
+int3 ≤ 2.5, int2 ≤ 1.8. Act-order layers run
 the same kernels on the decode layout (rows in group order), so their count is the sorted one.
 """
 

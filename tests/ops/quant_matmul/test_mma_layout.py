@@ -230,8 +230,8 @@ def test_quant_linear_cuda_gemv_survives_casts_and_failed_reloads():
     assert not layer.cuda_gemv  # no stale layout left behind
 
 
-@pytest.mark.parametrize("bits,group_size,K", [(4, 128, 4096), (4, 64, 4160), (4, -1, 8192), (3, 128, 14336),
-                                              (2, 128, 4224), (2, -1, 1024), (3, 128, 128)])
+@pytest.mark.parametrize("bits,group_size,K", [(4, 128, 4096), (4, 64, 4160), (4, 32, 2176), (4, -1, 8192),
+                                              (3, 128, 14336), (2, 128, 4224), (2, -1, 1024), (3, 128, 128)])
 @pytest.mark.parametrize("N,n_sms,resident", [(4096, 132, 4), (28672, 132, 4), (64, 132, 3), (14336, 108, 2)])
 def test_k_split_fills_one_wave_with_whole_groups_and_trips(bits, group_size, K, N, n_sms, resident):
     """The launcher's K ranges: whole groups and whole trips of the kernel's load ring (every range but K's

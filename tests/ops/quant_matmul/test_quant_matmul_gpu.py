@@ -110,8 +110,8 @@ def test_cuda_graph_and_compile():
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, 32), (4, -1), (3, 128), (3, -1), (2, 128),
                                               (2, -1)])
 def test_cuda_gemv_matches_float64(bits, group_size):
-    # N: not a multiple of the 64 columns of a CTA (a multiple of 32, as 3-bit zeros need); K = 17 groups of
-    # 128: not whole trips of the load ring
+    # N: not a multiple of the 64 columns of a CTA (a multiple of 32, as 3-bit zeros need); K = 2176 (17 x 128):
+    # not whole trips of the load ring
     K, N = 2176, 1120
     for act_order in (False, True):
         W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
