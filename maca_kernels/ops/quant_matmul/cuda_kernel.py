@@ -52,15 +52,18 @@ def kernel_source(bits: int, group: int, bf16: bool = False, rows: int = 1) -> s
 
 
 def _resident_ctas(kernel) -> int:
-    """CTAs of ``kernel`` one SM holds at once, from the driver (its registers and shared memory decide)."""
-    cuda = torch.cuda._utils._get_gpu_runtime_library()
-    query = getattr(cuda, "cuOccupancyMaxActiveBlocksPerMultiprocessor", None)
-    count = ctypes.c_int(0)
-    if query is None or getattr(kernel, "func", None) is None:
+    """CTAs of ``kernel`` one SM holds at once, from the driver (its registers and shared memory decide);
+    MIN_CTAS where this torch does not expose what the query needs."""
+    from torch.cuda import _utils
+
+    try:
+        load = getattr(_utils, "_get_gpu_runtime_library", None) or _utils._get_cuda_library
+        query = load().cuOccupancyMaxActiveBlocksPerMultiprocessor
+        count = ctypes.c_int(0)
+        status = query(ctypes.byref(count), kernel.func, 128, ctypes.c_size_t(0))
+    except (AttributeError, OSError):
         return MIN_CTAS
-    if query(ctypes.byref(count), kernel.func, 128, ctypes.c_size_t(0)):  # a CUresult other than success
-        return MIN_CTAS
-    return max(1, count.value)
+    return max(1, count.value) if status == 0 else MIN_CTAS  # CUresult 0: success
 
 
 def _compiled(bits: int, group: int, bf16: bool, rows: int, device: torch.device) -> tuple[object, int]:
