@@ -155,3 +155,19 @@ def test_quant_linear_cuda_gemv():
     for M in (1, 4, 12, 17):  # 17 rows: the default path
         x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
         assert rel(layer(x), x.double() @ W.cuda().T) <= TOL[torch.float16]
+
+
+def test_enable_cuda_gemv_on_a_model():
+    """mk.enable_cuda_gemv(model) on the GPU: switched layers (int4 g32 act-order, int3 g128) and the one it
+    has no kernel for (8 bits) all match float64 at 1, 9 and 16 rows of bf16 x."""
+    model, weights = torch.nn.ModuleDict(), {}
+    for name, (bits, group, act) in {"a": (4, 32, True), "b": (3, 128, False), "c": (8, 128, False)}.items():
+        W, qw, sc, qz, g_idx = random_checkpoint(160, 1024, bits, group, act, seed=50 + bits)
+        tensors = {"qweight": qw, "scales": sc, "qzeros": qz} | ({"g_idx": g_idx} if act else {})
+        model[name], weights[name] = mk.QuantLinear.from_checkpoint(tensors, bits, group), W.cuda()
+    model = model.cuda()
+    assert mk.enable_cuda_gemv(model) == ["a", "b"]
+    for M in (1, 9, 16):
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+        for name, W in weights.items():
+            assert rel(model[name](x), x.double() @ W.T) <= TOL[torch.bfloat16], (name, M)
