@@ -1,15 +1,17 @@
 """Launcher of the CUDA GEMV on the mma layout (``csrc/quant_matmul/gemv_mma.cu``, ``mma_layout.py``).
 
-The source is compiled at first use per (device, kernel) by NVRTC through ``torch.cuda._compile_kernel``
-(no build step, no torch headers); it needs the repository's ``csrc`` folder (an in-place install, as
-``make build`` does). ``available()`` says whether this machine can run it. The op is registered with
-``torch.library`` (fake implementation included), so it works under torch.compile and in CUDA graphs once
-compiled: call it once outside a capture first.
+Each kernel is compiled at first use per device by NVRTC through ``torch.cuda._compile_kernel`` from its
+own source (the .cu's common part and one instantiation: ~0.25 s; no build step, no torch headers); it
+needs the repository's ``csrc`` folder (an in-place install, as ``make build`` does). ``available()`` says
+whether this machine can run it. The op is registered with ``torch.library`` (fake implementation
+included), so it works under torch.compile and in CUDA graphs once compiled: call it once outside a
+capture first.
 
 Status: the layout and the lane-level decoding are verified on the CPU against float64 by an emulator
-(tests/ops/quant_matmul/mma_emulator.py) and the SASS is counted by the compile tier; the kernel itself runs
-only on a GPU (tests/ops/quant_matmul/test_quant_matmul_gpu.py, ``make gpu-check``). Until a GPU run has
-confirmed it, it is opt-in: ``DecodeWeight.matmul(x, backend="cuda")``.
+(tests/ops/quant_matmul/mma_emulator.py), the SASS is counted and the NVRTC build checked by the compile
+tier; the kernel itself runs only on a GPU (tests/ops/quant_matmul/test_quant_matmul_gpu.py,
+``make gpu-check``). Until a GPU run has confirmed it, it is opt-in: ``DecodeWeight.matmul(x,
+backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``, ``maca_kernels.enable_cuda_gemv(model)``.
 """
 
 from __future__ import annotations
