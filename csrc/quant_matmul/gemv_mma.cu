@@ -242,10 +242,10 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
 
 // y[m, n] = sum_k x[m, perm[k]] (q[n, k] - z[n, g(k)]) s[n, g(k)], m < M <= 8 MT, in x's type.
 // x fp16 or bf16 (BF16) [M, *] (row stride ldx); perm int [K] if gather (act-order weights: row k of the
-// weight holds input feature perm[k]); words as described above (K a multiple of 4 words of k); scales fp16 and
-// zeros uint8 [G + 1, N_pad] (a spare row: the last group's fold reads the next; N_pad = 64 * gridDim.x, padded
-// columns hold anything finite); y [M, N] (row stride
-// ldy). CTA (bx, by) sums the K range by * k_split (a multiple of GROUP and of kPrefetch loads' k span, or
+// weight holds input feature perm[k]); words as described above (K a multiple of 4 words of k); scales fp16
+// and zeros uint8 [G + 1, N_pad] (a spare row: after the last group's fold the next row is read; N_pad =
+// 64 * gridDim.x, padded columns hold anything finite); y [M, N] (row stride ldy).
+// CTA (bx, by) sums the K range by * k_split (a multiple of GROUP and of kPrefetch loads' k span, or
 // K itself; its last chunk may be shorter than kChunk). With one range it writes y itself; otherwise every
 // CTA writes its fp32 partial sums to partial [gridDim.y][M][N], and the last of a column block to arrive
 // (counters[bx], zero before the launch) adds them in range order: no atomics on y, the same bits on every
