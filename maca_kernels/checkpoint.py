@@ -38,7 +38,7 @@ from torch import nn
 
 from .formats.gptq import CHECKPOINT_FORMATS as _FORMATS
 from .formats.gptq import SUPPORTED_BITS as _SUPPORTED_BITS
-from .nn.quant_linear import QuantLinear
+from .nn.quant_linear import QuantLinear, checkpoint_qweights_on
 
 __all__ = ["load_quantized", "quantization_config", "save_quantized"]
 
@@ -196,7 +196,8 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Quant
     qmods = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qmods:
         raise ValueError("the model holds no QuantLinear module: nothing quantized to save")
-    state = _dedupe_tied(model, model.state_dict(keep_vars=True))
+    with checkpoint_qweights_on("cpu"):  # an act-order layer's permuted qweight leaves the GPU one at a time
+        state = _dedupe_tied(model, model.state_dict(keep_vars=True))
     tensors = {}
     for name, t in state.items():
         t = t.detach()

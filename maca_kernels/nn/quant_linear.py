@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 
@@ -181,7 +184,8 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.perm is not None:
-            destination[prefix + "qweight"] = self._checkpoint_qweight()
+            qweight, device = self._checkpoint_qweight(), _CHECKPOINT_QWEIGHT_DEVICE.get()
+            destination[prefix + "qweight"] = qweight if device is None else qweight.to(device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         if not any(prefix + k in state_dict for k in ("qweight", "qzeros", "scales", "g_idx")):
@@ -215,6 +219,22 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+_CHECKPOINT_QWEIGHT_DEVICE: contextvars.ContextVar[torch.device | str | None] = contextvars.ContextVar(
+    "maca_checkpoint_qweight_device", default=None)
+
+
+@contextlib.contextmanager
+def checkpoint_qweights_on(device: torch.device | str):
+    """Within it, ``state_dict()`` moves each act-order layer's checkpoint-order ``qweight`` (a permuted copy of
+    the kernels' order) to ``device`` as soon as it is built: saving a GPU model then holds one layer's copy on
+    the GPU at a time, not the whole model's (save_quantized uses it with "cpu")."""
+    token = _CHECKPOINT_QWEIGHT_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_QWEIGHT_DEVICE.reset(token)
 
 
 def enable_cuda_gemv(model: nn.Module, enabled: bool = True) -> list[str]:

@@ -11,6 +11,7 @@ from qmm_helpers import random_checkpoint
 
 import maca_kernels as mk
 from maca_kernels._triton_utils import INTERPRETING
+from maca_kernels.nn.quant_linear import checkpoint_qweights_on
 from maca_kernels.ops.quant_matmul import op as qmm_op
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
@@ -115,6 +116,12 @@ def test_quant_linear_converts_at_load_and_saves_the_checkpoint_layout():
         assert torch.equal(layer.checkpoint_tensors()[name], t), name
     x = randn(4, 256, seed=9)
     assert rel(layer(x), x.double() @ W.T) <= TOL[torch.float32]
+    # save_quantized's context: the permuted copy goes to the given device as it is built (meta here: any
+    # device other than the layer's shows the move); other tensors and later state_dicts are untouched
+    with checkpoint_qweights_on("meta"):
+        moved = layer.state_dict()
+    assert moved["qweight"].is_meta and moved["scales"].device == sc.device
+    assert torch.equal(layer.state_dict()["qweight"], qw)
     fresh = mk.QuantLinear(256, 64, bits=3, group_size=32)
     assert not fresh.act_order
     fresh.load_state_dict(sd)

@@ -171,3 +171,32 @@ def test_enable_cuda_gemv_on_a_model():
         x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
         for name, W in weights.items():
             assert rel(model[name](x), x.double() @ W.T) <= TOL[torch.bfloat16], (name, M)
+
+
+def test_saving_act_order_layers_holds_one_permuted_copy_on_the_gpu():
+    """state_dict() under checkpoint_qweights_on("cpu") (what save_quantized does): each act-order layer's
+    checkpoint-order qweight leaves the GPU as it is built, so the GPU holds one layer's conversion at a time
+    (96 small layers: their copies together outweigh one conversion's unpacked codes)."""
+    from maca_kernels.nn.quant_linear import checkpoint_qweights_on
+
+    W, qw, sc, qz, g_idx = random_checkpoint(256, 256, 4, 128, True, seed=60)
+    tensors = {"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}
+    model = torch.nn.ModuleDict({str(i): mk.QuantLinear.from_checkpoint(tensors, 4, 128) for i in range(96)}).cuda()
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, out
+
+    one, _ = peak(lambda: model["0"].state_dict())  # one layer's conversion on the GPU
+
+    def save_all():
+        with checkpoint_qweights_on("cpu"):
+            return model.state_dict()
+
+    all_layers, sd = peak(save_all)
+    assert all(sd[f"{i}.qweight"].device.type == "cpu" and torch.equal(sd[f"{i}.qweight"], qw) for i in range(96))
+    assert all_layers <= 2 * one, (all_layers, one)
