@@ -28,8 +28,9 @@ from ...formats.gptq import _pack_dim0, _unpack_dim0, unpack_gptq, unpack_gptq_z
 from . import mma_layout
 from .validate import validate_quant_matmul
 
-# Columns repacked at a time: bounds the int64 codes temporary to K × this many values.
-_REPACK_COLS = 4096
+# Columns repacked at a time: bounds the int64 codes temporaries (unpacked and permuted) to 2 × K × this many
+# values, 16 MB per 1024 rows of K (4096 columns made it ~720 MB of GPU memory at K = 11008).
+_REPACK_COLS = 1024
 
 
 @dataclass(frozen=True)
