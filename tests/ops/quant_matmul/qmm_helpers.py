@@ -22,3 +22,16 @@ def random_checkpoint(N: int, K: int, bits: int, group_size: int, act_order: boo
     W = (codes - zeros[:, gi]).double() * scales.double()[:, gi]
     return (W, pack_gptq(codes, bits), scales.T.contiguous(), pack_gptq_zeros(zeros, bits, convention),
             gi.to(torch.int32) if act_order else None)
+
+
+# The CUDA GEMV's GPU test (test_quant_matmul_gpu.py) and its CPU twin on the emulator (test_mma_layout.py):
+# N not a multiple of the 64 columns of a CTA (a multiple of 32, as 3-bit zeros need), K = 17 x 128 (not whole
+# trips of the kernel's load ring), every (bits, group) the kernel has.
+CUDA_GEMV_K, CUDA_GEMV_N = 2176, 1120
+CUDA_GEMV_CASES = [(4, 128), (4, 64), (4, 32), (4, -1), (3, 128), (3, -1), (2, 128), (2, -1)]
+
+
+def cuda_gemv_checkpoint(bits: int, group_size: int, act_order: bool):
+    """The GPU test's checkpoint for one case (act-order only where there are groups)."""
+    return random_checkpoint(CUDA_GEMV_N, CUDA_GEMV_K, bits, group_size, act_order and group_size != -1,
+                             seed=bits + CUDA_GEMV_K + act_order)

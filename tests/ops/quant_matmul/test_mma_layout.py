@@ -14,7 +14,7 @@ import torch
 from helpers import randn
 from mma_emulator import HIGH_FIELDS, KERNEL_FIELDS, emulate
 from mma_emulator import _zero_constants as emulator_zero_constants
-from qmm_helpers import random_checkpoint
+from qmm_helpers import CUDA_GEMV_CASES, CUDA_GEMV_K, cuda_gemv_checkpoint, random_checkpoint
 
 import maca_kernels as mk
 from maca_kernels.ops.quant_matmul import cuda_kernel
@@ -279,3 +279,15 @@ def test_enable_cuda_gemv_on_a_model_switches_the_layers_it_has_kernels_for():
     for n in "ab":
         assert rel(emulate(x.double().numpy(), model[n]._mma()), (x.double() @ layers[n][1].T).numpy()) <= 1e-12
     assert set(mk.enable_cuda_gemv(model, False)) == set("abcd") and not any(model[n].cuda_gemv for n in "abcd")
+
+
+@pytest.mark.parametrize("bits,group_size", CUDA_GEMV_CASES)
+def test_the_gpu_tests_cases_on_the_emulator(bits, group_size):
+    """test_quant_matmul_gpu.py::test_cuda_gemv_matches_float64's inputs, built and run on the emulator here:
+    a setup mistake in the GPU tier (which cannot run on these machines) fails on the CPU first."""
+    for act_order in (False, True):
+        W, qw, sc, qz, g_idx = cuda_gemv_checkpoint(bits, group_size, act_order)
+        d = mk.to_decode_weight(qw, sc, qz, g_idx, bits, group_size, mma=True)
+        for M in (1, 16):
+            x = randn(M, CUDA_GEMV_K, dtype=torch.float16, seed=M)
+            assert rel(emulate(x.double().numpy(), d.mma), (x.double() @ W.T).numpy()) <= 1e-12

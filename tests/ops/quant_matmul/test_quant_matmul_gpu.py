@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 from helpers import needs_gpu
-from qmm_helpers import random_checkpoint
+from qmm_helpers import CUDA_GEMV_CASES, CUDA_GEMV_K, CUDA_GEMV_N, cuda_gemv_checkpoint, random_checkpoint
 
 import maca_kernels as mk
 
@@ -107,15 +107,11 @@ def test_cuda_graph_and_compile():
 
 # The CUDA tensor-core GEMV on the mma layout (opt-in backend="cuda" until this tier has passed on a GPU).
 # One test per (bits, group): its fp16 / bf16, M <= 8 / _m16 kernels compile at first use (~1 s each).
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (4, 32), (4, -1), (3, 128), (3, -1), (2, 128),
-                                              (2, -1)])
+@pytest.mark.parametrize("bits,group_size", CUDA_GEMV_CASES)
 def test_cuda_gemv_matches_float64(bits, group_size):
-    # N: not a multiple of the 64 columns of a CTA (a multiple of 32, as 3-bit zeros need); K = 2176 (17 x 128):
-    # not whole trips of the load ring
-    K, N = 2176, 1120
+    K, N = CUDA_GEMV_K, CUDA_GEMV_N  # shapes and cases shared with the emulator's CPU twin (qmm_helpers)
     for act_order in (False, True):
-        W, qw, sc, qz, g_idx = random_checkpoint(N, K, bits, group_size, act_order and group_size != -1,
-                                                 seed=bits + K + act_order)
+        W, qw, sc, qz, g_idx = cuda_gemv_checkpoint(bits, group_size, act_order)
         d = mk.to_decode_weight(qw.cuda(), sc.cuda(), qz.cuda(), None if g_idx is None else g_idx.cuda(), bits,
                                 group_size, mma=True)
         for dtype in (torch.float16, torch.bfloat16):
