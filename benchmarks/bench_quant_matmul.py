@@ -83,6 +83,10 @@ def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"{device} ({torch.get_num_threads()} threads)"
 
 
+MMA_IMPL = "maca_kernels CUDA mma GEMV"
+MMA_TRITON_IMPL = "maca_kernels mma layout (Triton)"  # batches above 16 rows of a layer with the CUDA GEMV on
+
+
 def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128, device: str = "cuda",
              timer=time_gpu, bw: float | None = None) -> list[dict]:
     """One weight shape and bit width against fp16 ``F.linear`` at each batch size (CUDA graphs up to M = 16,
@@ -91,7 +95,7 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
     dev = _device_name(device)
     dtype = torch.float16 if device == "cuda" else torch.float32  # off CUDA (dry runs): fp32 activations
     W, ck, _ = checkpoint(N, K, bits, group, device, seed=K + N + bits)
-    mma = None  # the CUDA tensor-core GEMV (opt-in backend="cuda"), where it has a kernel
+    mma = None  # the mma layout (opt-in backend="cuda": the CUDA GEMV up to 16 rows, Triton above), where it exists
     if device == "cuda" and cuda_kernel.available() and mma_layout.supports(bits, group, K, N):
         mma = mk.to_decode_weight(*ck, None, bits, group, mma=True)
     for M in Ms:
@@ -102,17 +106,18 @@ def gpu_case(K: int, N: int, bits: int, Ms=(1, 16, 128, 2048), group: int = 128,
         rows.append(dict(common, impl="maca_kernels", ms=t_ours, speedup=t_base / t_ours, **{"GB/s": gbs},
                          bw_fraction=gbs / bw if bw else None, rel_err=err))
         rows.append(dict(common, impl="torch fp16 matmul", ms=t_base, speedup=1.0))
-        if mma is not None and M <= cuda_kernel.MAX_M:
+        if mma is not None:
+            impl = MMA_IMPL if M <= cuda_kernel.MAX_M else MMA_TRITON_IMPL
             try:  # not yet run on a GPU before this benchmark: a failure is recorded, not fatal
                 fn = lambda x=x: mma.matmul(x, backend="cuda")  # noqa: E731
                 want = x.double() @ W.double().T
-                err_c = ((fn().double() - want).norm() / want.norm()).item()
-                t_c = timer(_graphed(fn))
+                err_c = ((fn().double() - want).norm() / want.norm()).item()  # (also tunes, outside a capture)
+                t_c = timer(_graphed(fn) if M <= cuda_kernel.MAX_M else fn)
             except Exception as exc:  # noqa: BLE001
-                rows.append(dict(common, impl="maca_kernels CUDA mma GEMV", error=f"{type(exc).__name__}: {exc}"[:500]))
+                rows.append(dict(common, impl=impl, error=f"{type(exc).__name__}: {exc}"[:500]))
                 continue
             gbs_c = packed_bytes(N, K, bits, group) / t_c / 1e6
-            rows.append(dict(common, impl="maca_kernels CUDA mma GEMV", ms=t_c, speedup=t_base / t_c,
+            rows.append(dict(common, impl=impl, ms=t_c, speedup=t_base / t_c,
                              **{"GB/s": gbs_c}, bw_fraction=gbs_c / bw if bw else None, rel_err=err_c))
     return rows
 

@@ -128,10 +128,12 @@ def _targets() -> list[Target]:
             graphs = ", both in CUDA graphs" if M <= 16 else ""
             t.append(Target(f"qmm.m{M}.int4.{K}x{N}", "quant_matmul", f"batch {M}, K×N={K}×{N}, int4 g128",
                             "speedup vs fp16 torch.matmul", ">=", target, "x", _DO_BENCH + graphs))
-            if M <= 16:  # the CUDA GEMV's _m16 kernels
-                t.append(Target(f"qmm.cuda.m{M}.int4.{K}x{N}", "quant_matmul (CUDA mma GEMV, opt-in)",
-                                f"batch {M}, K×N={K}×{N}, int4 g128", "speedup vs fp16 torch.matmul", ">=", target,
-                                "x", f"{_DO_BENCH}{graphs}; DecodeWeight.matmul(x, backend='cuda')"))
+            # the CUDA GEMV's _m16 kernels up to 16 rows; above, the Triton kernels on its layout (what a
+            # QuantLinear with the CUDA GEMV on runs: it keeps no other copy of the weight)
+            op = "quant_matmul (CUDA mma GEMV, opt-in)" if M <= 16 else "quant_matmul (mma layout, Triton; opt-in)"
+            t.append(Target(f"qmm.cuda.m{M}.int4.{K}x{N}", op, f"batch {M}, K×N={K}×{N}, int4 g128",
+                            "speedup vs fp16 torch.matmul", ">=", target, "x",
+                            f"{_DO_BENCH}{graphs}; DecodeWeight.matmul(x, backend='cuda')"))
     for K, N in QMM_SHAPES:
         t.append(Target(f"qmm.act_order.{K}x{N}", "quant_matmul", f"act-order, batch 1, K×N={K}×{N}, int4 g128",
                         "act-order time / sorted-group time", "<=", 1.1, "x",
@@ -665,7 +667,7 @@ def step_quant_matmul(run: Run) -> str:
             if not r["impl"].startswith("maca_kernels") or r.get("speedup") is None:
                 continue
             base = next(b for b in rows if b["impl"] == "torch fp16 matmul" and b["M"] == r["M"])
-            cuda = r["impl"] == "maca_kernels CUDA mma GEMV"
+            cuda = r["impl"] in (bq.MMA_IMPL, bq.MMA_TRITON_IMPL)
             key = f"qmm.{'cuda.' if cuda else ''}m{r['M']}.int{bits}.{K}x{N}"
             if key in TARGET_KEYS:
                 bwf = f", {100 * r['bw_fraction']:.0f}% of copy bandwidth" if r.get("bw_fraction") else ""
@@ -691,7 +693,7 @@ def step_quant_matmul(run: Run) -> str:
         Ms = (1, *QMM_BATCHED_INT4)
         cases += [
             Case(f"quant_matmul {K}x{N} int4 M={Ms}",
-                 [f"qmm.m{M}.int4.{K}x{N}" for M in Ms] + [f"qmm.cuda.m{M}.int4.{K}x{N}" for M in Ms if M <= 16],
+                 [f"qmm.m{M}.int4.{K}x{N}" for M in Ms] + [f"qmm.cuda.m{M}.int4.{K}x{N}" for M in Ms],
                  lambda K=K, N=N, Ms=Ms: speedups(K, N, 4, Ms)),
             Case(f"quant_matmul {K}x{N} int3 M=1", [f"qmm.m1.int3.{K}x{N}", f"qmm.cuda.m1.int3.{K}x{N}"],
                  lambda K=K, N=N: speedups(K, N, 3, (1,))),

@@ -12,10 +12,10 @@ The JSON summary (name, arch, registers, spills, shared bytes, specialisation, G
 lands in pytest's base temp dir as compile_tier.json (``/tmp/pytest-of-$USER/pytest-current/``), and
 also at $MACA_COMPILE_TIER_JSON when set.
 
-Every autotune config of every schedule is compiled for sm_90 (sm_80: the SPLIT_K = 1 configs): 920
-(name, arch) variants, 528 distinct compiles (the second layer shape specialises identically). Measured
-on the shared 2-core CPU machine: 4.5 min cold (empty triton cache, other jobs running), ~5 s warm
-(triton's cache plus a per-compile-key result cache beside it).
+Every autotune config of every schedule is compiled for sm_90 (sm_80: the SPLIT_K = 1 configs): 1128
+(name, arch) variants, 632 distinct compiles (the second layer shape specialises identically). Measured
+on the shared 2-core CPU machine: 4.5 min cold for 528 of them (empty triton cache, other jobs running; the
+104 on the mma layout add ~1 min), ~5 s warm (triton's cache plus a per-compile-key result cache beside it).
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ EXPECTED = [
     ("qmm_large", "wgmma", "mma_sync", True),
     ("qmm_small", "mma_sync", "mma_sync", True),  # 16-row tiles are below wgmma's 64
     ("qmm_gemv", None, None, False),  # CUDA-core dot per column
+    ("qmm_mma_large", "wgmma", "mma_sync", True),  # the same schedules on the CUDA GEMV's layout
+    ("qmm_mma_small", "mma_sync", "mma_sync", True),
+    ("qmm_mma_gemv", None, None, False),
 ]
 
 def test_every_variant_compiled(compiled):

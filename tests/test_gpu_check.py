@@ -22,7 +22,7 @@ EXPECTED = (
     + [f"gptq.{s}.{m}" for s in ("4096x4096", "14336x4096") for m in ("speedup", "loss")]
     + [f"qmm.m1.int{b}.{s}" for b in (4, 3, 2) for s in SHAPES]
     + [f"qmm.cuda.m1.int{b}.{s}" for b in (4, 3, 2) for s in SHAPES]  # the opt-in CUDA GEMV, same targets
-    + [f"qmm.cuda.m16.int4.{s}" for s in SHAPES]
+    + [f"qmm.cuda.m{m}.int4.{s}" for m in (16, 128, 2048) for s in SHAPES]  # above 16: Triton on its layout
     + [f"qmm.m{m}.int4.{s}" for m in (16, 128, 2048) for s in SHAPES]
     + [f"qmm.act_order.{s}" for s in SHAPES]
     + [f"qmm.cuda.act_order.{s}" for s in SHAPES]

@@ -8,7 +8,7 @@ import contextvars
 import torch
 from torch import nn
 
-from ..ops.quant_matmul.cuda_kernel import MAX_M as CUDA_GEMV_MAX_M
+from .._triton_utils import INTERPRETING
 from ..ops.quant_matmul.decode_layout import decode_matmul, decode_matmul_cuda, permute_rows, to_decode_weight
 from ..ops.quant_matmul.validate import check_g_idx_range, validate_quant_matmul
 
@@ -25,7 +25,8 @@ class QuantLinear(nn.Module):
     ``perm``, not with ``g_idx``), and write new weights through the three entry points above.
 
     ``enable_cuda_gemv()`` opts in to the CUDA tensor-core GEMV (``csrc/quant_matmul/gemv_mma.cu``) for
-    batches of 1–16 fp16 / bf16 rows on a GPU; larger batches, fp32 and CPU inputs keep the default path."""
+    batches of 1–16 fp16 / bf16 rows on a GPU. The layer then keeps its weight in that kernel's layout only
+    (larger batches run the Triton kernels on it; ``state_dict()`` still writes the checkpoint layout)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
@@ -48,7 +49,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("perm", None, persistent=False)  # act-order: input feature of each row of qweight
         self.register_buffer("kernel_g_idx", None, persistent=False)  # only for groups of unequal size
         self._kernel_group_size = group_size
-        # The opt-in CUDA GEMV's layout (enable_cuda_gemv): non-persistent, rebuilt when the weights arrive.
+        # The opt-in CUDA GEMV's layout (enable_cuda_gemv): non-persistent, rebuilt when the weights arrive. While
+        # it is on, qweight is an empty placeholder: the layout holds the codes, and state_dict() repacks them.
         for name in ("mma_words", "mma_hwords", "mma_scales", "mma_zeros", "mma_perm"):
             self.register_buffer(name, None, persistent=False)
 
@@ -120,11 +122,15 @@ class QuantLinear(nn.Module):
         self.perm, self.kernel_g_idx, self._kernel_group_size = d.perm, d.g_idx, d.group_size
 
     def enable_cuda_gemv(self, enabled: bool = True) -> QuantLinear:
-        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–16 fp16 / bf16 rows: builds its layout
-        from the current weights (about the packed weight's size again, kept beside it; rebuilt whenever
-        the weights arrive). ValueError if that kernel has no variant for these bits, groups and sizes
+        """Opt in to (or out of) the CUDA tensor-core GEMV for batches of 1–16 fp16 / bf16 rows. Converts the
+        weight to that kernel's layout and keeps it only there: larger batches run the Triton kernels on the
+        same layout, ``state_dict()`` repacks the checkpoint layout, and ``enable_cuda_gemv(False)`` restores it
+        (needed for CPU inputs, which the C++ kernel serves from the checkpoint layout). The layout is rebuilt
+        whenever the weights arrive. ValueError if the kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 32 and 64 too at int4). Returns self."""
-        self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None  # never stale
+        if self.cuda_gemv:  # back to the checkpoint layout's codes first (never a stale layout)
+            self.qweight = self._group_order_qweight(self.mma_words.device)
+            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
         if not enabled:
             return self
         d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.kernel_g_idx, self.bits,
@@ -135,7 +141,19 @@ class QuantLinear(nn.Module):
                                                                              m.scales.view(torch.int16), m.zeros)
         # the layout is built from qweight, already in group order: the kernel gathers x with the layer's perm
         self.mma_perm = None if self.perm is None else self.perm.to(torch.int32)
+        self.qweight = self.qweight.new_empty(0, self.out_features)  # one packed copy: the layout's
         return self
+
+    def _group_order_qweight(self, device) -> torch.Tensor:
+        """The decode layout's qweight (rows of K in group order) repacked from the mma layout, built on
+        ``device`` (the layout is moved there first: its unpacked codes are 8 bytes per weight)."""
+        from ..formats.gptq import pack_gptq
+        from ..ops.quant_matmul.mma_layout import unpack_mma
+
+        m = self._mma()
+        m = type(m)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in
+                      (m.words, m.hwords, m.scales, m.zeros, m.bits, m.group_size, m.K, m.N)))
+        return pack_gptq(unpack_mma(m)[0], self.bits)
 
     @property
     def cuda_gemv(self) -> bool:
@@ -166,15 +184,18 @@ class QuantLinear(nn.Module):
         checkpoint's row order, which the ``qweight`` buffer does not hold (it holds the kernels' order)."""
         return dict(self.state_dict())
 
-    def _checkpoint_qweight(self) -> torch.Tensor:
-        if self.perm is None:
-            return self.qweight
-        return permute_rows(self.qweight, torch.argsort(self.perm), self.bits)
+    def _checkpoint_qweight(self, device=None) -> torch.Tensor:
+        """qweight in the checkpoint's row order, on ``device`` (default: the layer's)."""
+        qweight = self._group_order_qweight(device or self.qweight.device) if self.cuda_gemv else self.qweight
+        if self.perm is not None:
+            qweight = permute_rows(qweight, torch.argsort(self.perm.to(qweight.device)), self.bits)
+        return qweight if device is None else qweight.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        cuda_dtype = x.dtype in (torch.float16, torch.bfloat16)
-        if self.mma_words is not None and x.is_cuda and cuda_dtype and 1 <= rows <= CUDA_GEMV_MAX_M:
+        if self.cuda_gemv:
+            if not x.is_cuda and not INTERPRETING:
+                raise ValueError(f"this layer keeps its weight in the CUDA GEMV's layout (enable_cuda_gemv()); x on "
+                                 f"{x.device} needs the checkpoint layout back: layer.enable_cuda_gemv(False)")
             y = decode_matmul_cuda(x, self._mma())
         else:
             y = decode_matmul(x, self.qweight, self.scales, self.qzeros, self.perm, self.kernel_g_idx, self.bits,
@@ -183,9 +204,8 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.perm is not None:
-            qweight, device = self._checkpoint_qweight(), _CHECKPOINT_QWEIGHT_DEVICE.get()
-            destination[prefix + "qweight"] = qweight if device is None else qweight.to(device)
+        if self.perm is not None or self.cuda_gemv:
+            destination[prefix + "qweight"] = self._checkpoint_qweight(_CHECKPOINT_QWEIGHT_DEVICE.get())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         if not any(prefix + k in state_dict for k in ("qweight", "qzeros", "scales", "g_idx")):
@@ -194,16 +214,18 @@ class QuantLinear(nn.Module):
             return
         self._check_incoming_g_idx(state_dict, prefix)  # before anything changes: a bad g_idx leaves the layer
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        if self.perm is not None:  # back to the checkpoint layout first: the state dict may not hold qweight
-            ckpt = self._checkpoint_qweight()
-            if assign:
+        cuda_gemv = self.cuda_gemv
+        if self.perm is not None or cuda_gemv:  # back to the checkpoint layout first: the state dict may not
+            ckpt = self._checkpoint_qweight()  # hold qweight
+            if assign or cuda_gemv:  # (the placeholder has no room for it)
                 self.qweight = ckpt
             else:
                 self.qweight.copy_(ckpt)
             self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size
+            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self._to_decode_layout(rebind=assign)  # a new g_idx or qweight: convert again (never in the caller's)
-        if self.cuda_gemv:
+        if cuda_gemv:
             self.enable_cuda_gemv()
 
     def _check_incoming_g_idx(self, state_dict, prefix) -> None:

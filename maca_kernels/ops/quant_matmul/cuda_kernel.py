@@ -11,7 +11,8 @@ Status: the layout and the lane-level decoding are verified on the CPU against f
 (tests/ops/quant_matmul/mma_emulator.py), the SASS is counted and the NVRTC build checked by the compile
 tier; the kernel itself runs only on a GPU (tests/ops/quant_matmul/test_quant_matmul_gpu.py,
 ``make gpu-check``). Until a GPU run has confirmed it, it is opt-in: ``DecodeWeight.matmul(x,
-backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``, ``maca_kernels.enable_cuda_gemv(model)``.
+backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``, ``maca_kernels.enable_cuda_gemv(model)``; batches
+above ``MAX_M`` rows run the Triton kernels on the same layout (``triton_kernel.launch_mma_matmul``).
 """
 
 from __future__ import annotations

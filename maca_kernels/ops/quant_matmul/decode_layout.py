@@ -15,7 +15,8 @@ A ``g_idx`` whose groups are not all the same size (hand-made checkpoints) is st
 and keeps a sorted ``g_idx`` for the kernels' gather path.
 
 ``to_decode_weight(..., mma=True)`` also builds the layout of the CUDA tensor-core GEMV (``mma_layout.py``,
-int2/int3/int4, batch ≤ 16, fp16 or bf16 x), run by ``matmul(x, backend="cuda")``.
+int2/int3/int4, fp16 or bf16 x), run by ``matmul(x, backend="cuda")``: the CUDA GEMV up to 16 rows, the
+Triton kernels on the same layout above.
 """
 
 from __future__ import annotations
@@ -114,13 +115,26 @@ def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size
 
 
 def decode_matmul_cuda(x, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
-    """The CUDA GEMV on the mma layout of a decode-layout weight: x ``[..., K]`` with at most 16 rows, in input
-    order (the kernel gathers it by ``mma.perm``)."""
-    from .cuda_kernel import gemv_mma
+    """``x [..., K] @ dequant(W)ᵀ`` on the mma layout of a decode-layout weight, x in input order (gathered by
+    ``mma.perm``): the CUDA GEMV for 1–16 rows of a CUDA x, the Triton kernels on the same layout otherwise
+    (CUDA x, or CPU x under TRITON_INTERPRET=1), so a layer needs no other copy of its weight."""
+    from ..._triton_utils import check_triton_device
+    from .cuda_kernel import MAX_M, gemv_mma
+    from .triton_kernel import launch_mma_matmul
 
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != mma.K:
         raise ValueError(f"x must be a tensor [..., K] with K = {mma.K}, got {getattr(x, 'shape', type(x).__name__)}")
-    return gemv_mma(x.reshape(-1, mma.K), mma, deterministic).reshape(*x.shape[:-1], mma.N)
+    x2 = x.reshape(-1, mma.K)
+    if x.is_cuda and 1 <= x2.shape[0] <= MAX_M:
+        y = gemv_mma(x2, mma, deterministic)
+    else:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"x must be float16 or bfloat16 for the mma layout's kernels, got {x.dtype}")
+        check_triton_device(x, "quant_matmul (mma layout)")
+        if x.device != mma.words.device:
+            raise ValueError(f"the weight is on {mma.words.device} but x is on {x.device}")
+        y = launch_mma_matmul(x2, mma, deterministic=deterministic)
+    return y.reshape(*x.shape[:-1], mma.N)
 
 
 def permute_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:

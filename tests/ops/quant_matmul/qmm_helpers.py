@@ -35,3 +35,11 @@ def cuda_gemv_checkpoint(bits: int, group_size: int, act_order: bool):
     """The GPU test's checkpoint for one case (act-order only where there are groups)."""
     return random_checkpoint(CUDA_GEMV_N, CUDA_GEMV_K, bits, group_size, act_order and group_size != -1,
                              seed=bits + CUDA_GEMV_K + act_order)
+
+
+# The GPU test of the Triton kernels on the mma layout (bits, group, x dtype, rows), same shapes: every schedule
+# once (int4 g128, both dtypes) and 17 rows for one case per bit width. Each (bits, group, dtype, schedule) is a
+# fresh autotuned compile, and make gpu-check gives the whole GPU tier a time budget.
+MMA_TRITON_RUNS = [(4, 128, torch.float16, 1), (4, 128, torch.bfloat16, 17), (4, 128, torch.float16, 64),
+                   (4, 128, torch.bfloat16, 300), (4, 32, torch.float16, 17), (3, 128, torch.float16, 17),
+                   (2, -1, torch.float16, 17)]

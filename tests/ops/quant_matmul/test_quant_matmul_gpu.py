@@ -7,7 +7,14 @@ import functools
 import pytest
 import torch
 from helpers import needs_gpu
-from qmm_helpers import CUDA_GEMV_CASES, CUDA_GEMV_K, CUDA_GEMV_N, cuda_gemv_checkpoint, random_checkpoint
+from qmm_helpers import (
+    CUDA_GEMV_CASES,
+    CUDA_GEMV_K,
+    CUDA_GEMV_N,
+    MMA_TRITON_RUNS,
+    cuda_gemv_checkpoint,
+    random_checkpoint,
+)
 
 import maca_kernels as mk
 
@@ -125,6 +132,25 @@ def test_cuda_gemv_matches_float64(bits, group_size):
                 assert rel(once, x.double() @ W.cuda().T) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
 
 
+@pytest.mark.parametrize("bits,group_size,dtype,M", MMA_TRITON_RUNS)
+def test_triton_on_the_mma_layout_matches_float64(bits, group_size, dtype, M):
+    """The Triton schedules on the mma layout: what a QuantLinear with the CUDA GEMV on runs above 16 rows
+    (and the GEMV schedule, for x the CUDA kernel does not take). Cases shared with the CPU twin."""
+    from maca_kernels.ops.quant_matmul.triton_kernel import launch_mma_matmul
+
+    K, N = CUDA_GEMV_K, CUDA_GEMV_N
+    for act_order in (False, True):
+        W, qw, sc, qz, g_idx = cuda_gemv_checkpoint(bits, group_size, act_order)
+        d = mk.to_decode_weight(qw.cuda(), sc.cuda(), qz.cuda(), None if g_idx is None else g_idx.cuda(), bits,
+                                group_size, mma=True)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        want = x.double() @ W.cuda().T
+        y = launch_mma_matmul(x, d.mma) if M == 1 else d.matmul(x, backend="cuda")
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert rel(y, want) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
+        assert rel(launch_mma_matmul(x, d.mma, deterministic=True), want) <= TOL[dtype]
+
+
 def test_cuda_gemv_real_size_and_cuda_graph():
     W, qw, sc, qz = _checkpoint_on_gpu(4096, 4096, 4)
     d = mk.to_decode_weight(qw, sc, qz, None, 4, 128, mma=True)
@@ -148,7 +174,8 @@ def test_quant_linear_cuda_gemv():
     W, qw, sc, qz, g_idx = random_checkpoint(1120, 2048, 3, 128, True, seed=21)
     layer = mk.QuantLinear.from_checkpoint({"qweight": qw, "scales": sc, "qzeros": qz, "g_idx": g_idx}, 3, 128)
     layer = layer.cuda().enable_cuda_gemv()
-    for M in (1, 4, 12, 17):  # 17 rows: the default path
+    assert layer.qweight.numel() == 0  # one packed copy on the GPU: the layout's
+    for M in (1, 4, 12, 17, 130):  # above 16 rows: the Triton kernels on the same layout
         x = torch.randn(M, 2048, device="cuda", dtype=torch.float16)
         assert rel(layer(x), x.double() @ W.cuda().T) <= TOL[torch.float16]
 
