@@ -102,3 +102,22 @@ def test_quant_linear_with_the_cuda_gemv_compiles():
     x = randn(20, 256, dtype=torch.float16, seed=21)
     out = torch.compile(layer, fullgraph=True)(x)
     assert torch.equal(out, layer(x)) and rel(out, x.double() @ W.T) <= 2e-3
+
+
+@pytest.mark.parametrize("bits,N,group_size", [(4, 37, 64), (3, 45, 128), (2, 23, -1)])
+def test_odd_column_counts(bits, N, group_size):
+    """N odd (the layout pads columns to 64; only checkpoints need N·bits/32 whole): packed directly."""
+    from maca_kernels.ops.quant_matmul.mma_layout import pack_mma
+    from maca_kernels.ops.quant_matmul.triton_kernel import launch_mma_matmul
+
+    K = 384
+    G = 1 if group_size == -1 else K // group_size
+    g = torch.Generator().manual_seed(N)
+    codes, zeros = torch.randint(0, 2**bits, (N, K), generator=g), torch.randint(0, 2**bits, (N, G), generator=g)
+    scales = (torch.rand(N, G, generator=g) * 0.02 + 0.001).half()
+    gi = torch.arange(K) // (K // G)
+    W = (codes - zeros[:, gi]).double() * scales.double()[:, gi]
+    w = pack_mma(codes, zeros, scales, bits, group_size)
+    for M in (1, 9, 70):
+        x = randn(M, K, dtype=torch.float16, seed=M)
+        assert rel(launch_mma_matmul(x, w), x.double() @ W.T) <= 2e-3
