@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 
 import torch
 from torch import nn
 
 from .._triton_utils import INTERPRETING
-from ..ops.quant_matmul.decode_layout import decode_matmul, decode_matmul_cuda, permute_rows, to_decode_weight
+from ..ops.quant_matmul.cuda_kernel import available as _cuda_gemv_available
+from ..ops.quant_matmul.decode_layout import (
+    _REPACK_COLS,
+    decode_matmul,
+    decode_matmul_cuda,
+    permute_rows,
+    to_decode_weight,
+)
 from ..ops.quant_matmul.validate import check_g_idx_range, validate_quant_matmul
 
 
@@ -142,18 +150,25 @@ class QuantLinear(nn.Module):
         # the layout is built from qweight, already in group order: the kernel gathers x with the layer's perm
         self.mma_perm = None if self.perm is None else self.perm.to(torch.int32)
         self.qweight = self.qweight.new_empty(0, self.out_features)  # one packed copy: the layout's
+        if self.qweight.is_cuda and not _cuda_gemv_available():
+            warnings.warn("the CUDA GEMV cannot compile here (it needs torch.cuda._compile_kernel, NVRTC and "
+                          "CUDA_HOME): batches of 1–16 rows run the Triton kernels on its layout instead", stacklevel=2)
         return self
 
     def _group_order_qweight(self, device) -> torch.Tensor:
-        """The decode layout's qweight (rows of K in group order) repacked from the mma layout, built on
-        ``device`` (the layout is moved there first: its unpacked codes are 8 bytes per weight)."""
+        """The decode layout's qweight (rows of K in group order) repacked from the mma layout on ``device``,
+        _REPACK_COLS columns at a time (their unpacked codes are 8 bytes per weight, twice)."""
         from ..formats.gptq import pack_gptq
-        from ..ops.quant_matmul.mma_layout import unpack_mma
+        from ..ops.quant_matmul.mma_layout import column_block, unpack_mma
 
-        m = self._mma()
-        m = type(m)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in
-                      (m.words, m.hwords, m.scales, m.zeros, m.bits, m.group_size, m.K, m.N)))
-        return pack_gptq(unpack_mma(m)[0], self.bits)
+        m, N = self._mma(), self.out_features
+        out = torch.empty(self.in_features * self.bits // 32, N, dtype=torch.int32, device=device)
+        for n0 in range(0, N, _REPACK_COLS):
+            b = column_block(m, n0, min(n0 + _REPACK_COLS, m.scales.shape[1]))
+            b = type(b)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in
+                          (b.words, b.hwords, b.scales, b.zeros, b.bits, b.group_size, b.K, b.N)))
+            out[:, n0: n0 + b.N] = pack_gptq(unpack_mma(b)[0], self.bits)
+        return out
 
     @property
     def cuda_gemv(self) -> bool:
@@ -215,7 +230,12 @@ class QuantLinear(nn.Module):
         self._check_incoming_g_idx(state_dict, prefix)  # before anything changes: a bad g_idx leaves the layer
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
         cuda_gemv = self.cuda_gemv
-        if self.perm is not None or cuda_gemv:  # back to the checkpoint layout first: the state dict may not
+        if cuda_gemv and _fits(state_dict.get(prefix + "qweight"), self.in_features * self.bits // 32,
+                               self.out_features):
+            self.qweight = torch.empty_like(state_dict[prefix + "qweight"], device=self.mma_words.device)
+            self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size  # (overwritten)
+            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
+        elif self.perm is not None or cuda_gemv:  # back to the checkpoint layout first: the state dict may not
             ckpt = self._checkpoint_qweight()  # hold qweight
             if assign or cuda_gemv:  # (the placeholder has no room for it)
                 self.qweight = ckpt
@@ -226,7 +246,13 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self._to_decode_layout(rebind=assign)  # a new g_idx or qweight: convert again (never in the caller's)
         if cuda_gemv:
-            self.enable_cuda_gemv()
+            try:
+                self.enable_cuda_gemv()
+            except ValueError as exc:  # reported with the other modules' errors: the rest of a model still loads
+                error_msgs = args[3] if len(args) > 3 else kwargs.get("error_msgs")
+                if error_msgs is None:
+                    raise
+                error_msgs.append(f"{prefix or 'QuantLinear '}: the CUDA GEMV is now off: {exc}")
 
     def _check_incoming_g_idx(self, state_dict, prefix) -> None:
         g_idx = state_dict.get(prefix + "g_idx")
@@ -241,6 +267,11 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _fits(t, rows: int, cols: int) -> bool:
+    """An incoming checkpoint qweight that the default loading copies in whole (int32, the layer's shape)."""
+    return isinstance(t, torch.Tensor) and not t.is_meta and t.dtype == torch.int32 and tuple(t.shape) == (rows, cols)
 
 
 _CHECKPOINT_QWEIGHT_DEVICE: contextvars.ContextVar[torch.device | str | None] = contextvars.ContextVar(

@@ -117,15 +117,16 @@ def decode_matmul(x, qweight, scales, qzeros, perm, g_idx, bits: int, group_size
 def decode_matmul_cuda(x, mma: mma_layout.MmaWeight, deterministic: bool = False) -> torch.Tensor:
     """``x [..., K] @ dequant(W)ᵀ`` on the mma layout of a decode-layout weight, x in input order (gathered by
     ``mma.perm``): the CUDA GEMV for 1–16 rows of a CUDA x, the Triton kernels on the same layout otherwise
-    (CUDA x, or CPU x under TRITON_INTERPRET=1), so a layer needs no other copy of its weight."""
+    (more rows, a machine where the CUDA GEMV cannot compile, or CPU x under TRITON_INTERPRET=1), so a layer
+    needs no other copy of its weight."""
     from ..._triton_utils import check_triton_device
-    from .cuda_kernel import MAX_M, gemv_mma
+    from .cuda_kernel import MAX_M, available, gemv_mma
     from .triton_kernel import launch_mma_matmul
 
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != mma.K:
         raise ValueError(f"x must be a tensor [..., K] with K = {mma.K}, got {getattr(x, 'shape', type(x).__name__)}")
     x2 = x.reshape(-1, mma.K)
-    if x.is_cuda and 1 <= x2.shape[0] <= MAX_M:
+    if x.is_cuda and 1 <= x2.shape[0] <= MAX_M and available():
         y = gemv_mma(x2, mma, deterministic)
     else:
         if x.dtype not in (torch.float16, torch.bfloat16):

@@ -146,6 +146,19 @@ def pack_mma(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bit
     return MmaWeight(_store(words, 4), hwords, s, z, bits, group, K, N)
 
 
+def column_block(w: MmaWeight, n0: int, n1: int) -> MmaWeight:
+    """Columns ``n0 … n1`` of ``w`` (multiples of 16, ``n1`` at most the padded width) as views: a layout of
+    its own without spare loads or act-order ``perm`` (for :func:`unpack_mma` a block at a time)."""
+    n_pad = w.scales.shape[1]
+    if n0 % 16 or n1 % 16 or not 0 <= n0 < n1 <= n_pad:
+        raise ValueError(f"column block [{n0}, {n1}) must be whole 16-column tiles within [0, {n_pad})")
+    per_tile = w.K // WORD_K[w.bits] * 32  # words of one 16-column tile
+    words = w.words[n0 // 16 * per_tile: n1 // 16 * per_tile]
+    hwords = w.hwords[n0 // 16 * (w.K // 2): n1 // 16 * (w.K // 2)] if w.bits == 3 else w.hwords
+    return MmaWeight(words, hwords, w.scales[:, n0:n1], w.zeros[:, n0:n1], w.bits, w.group_size, w.K,
+                     max(0, min(w.N, n1) - n0))
+
+
 def unpack_mma(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_mma`: (codes int32 [N, K], zeros int32 [N, G], scales fp16 [N, G])."""
     n_pad = w.scales.shape[1]

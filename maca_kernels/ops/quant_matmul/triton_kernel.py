@@ -278,8 +278,9 @@ INTERPRETER_CONFIGS = {
 }
 FULL_CONFIGS = {"gemv": GEMV_CONFIGS, "small": SMALL_M_CONFIGS, "large": LARGE_M_CONFIGS}
 # The mma layout (mma_layout.py) decodes whole 128-bit loads per K-tile: BLOCK_K a multiple of 64 (int4) or
-# 128 (int3 / int2). Its GEMV and small-M schedules serve what the CUDA GEMV cannot (fp32 x, no NVRTC) and
-# batches 17–64; int4 groups of 32 take the per-element scale path (GROUP < BLOCK_K).
+# 128 (int3 / int2). Its small-M and large-M schedules serve batches above the CUDA GEMV's 16 rows; its GEMV
+# and small-M schedules also serve 1–16 rows where the CUDA GEMV cannot compile (no NVRTC or CUDA_HOME).
+# int4 groups of 32 take the per-element scale path (GROUP < BLOCK_K).
 MMA_CONFIGS = {
     "gemv": [(1, 64, 128, s, 4, 2) for s in (1, 4, 8)] + [(1, 128, 64, s, 4, 2) for s in (1, 4, 8)],
     "small": [(16, bn, bk, s, 4, 3) for bn, bk in ((64, 128), (128, 128), (128, 64)) for s in (1, 2, 4)],
