@@ -12,10 +12,10 @@ The JSON summary (name, arch, registers, spills, shared bytes, specialisation, G
 lands in pytest's base temp dir as compile_tier.json (``/tmp/pytest-of-$USER/pytest-current/``), and
 also at $MACA_COMPILE_TIER_JSON when set.
 
-Every autotune config of every schedule is compiled for sm_90 (sm_80: the SPLIT_K = 1 configs): 1128
-(name, arch) variants, 632 distinct compiles (the second layer shape specialises identically). Measured
+Every autotune config of every schedule is compiled for sm_90 (sm_80: the SPLIT_K = 1 configs): 1116
+(name, arch) variants, 626 distinct compiles (the second layer shape specialises identically). Measured
 on the shared 2-core CPU machine: 4.5 min cold for 528 of them (empty triton cache, other jobs running; the
-104 on the mma layout add ~1 min), ~5 s warm (triton's cache plus a per-compile-key result cache beside it).
+98 on the mma layout add ~1 min), ~5 s warm (triton's cache plus a per-compile-key result cache beside it).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, K, stride_qw, BITS: tl.constexpr, B
 @triton.jit
 def _mma_rows(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """k offset (from the tile's first k) of each row of a tile decoded from the mma layout: the rows come
-    in the order the words unpack (see _unpack_mma_tile), x is read in the same order."""
+    in the order the words unpack (see _load_mma_tile), x is read in the same order."""
     r = tl.arange(0, BLOCK_K)
     e = r % 2
     rk = (r // 2) % 2
@@ -93,23 +93,38 @@ def _mma_cols(BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _unpack_mma_tile(w_ptr, hw_ptr, k0, n0, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """Codes [BLOCK_K, BLOCK_N] of the mma layout (mma_layout.py) at rows k0 + _mma_rows, columns n0 +
-    _mma_cols, loading each word once. k0 and n0 are multiples of the layout's load (VEC_K) and tile (16)."""
+def _mma_word_offsets(n0, N, K, HIGH: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Where a K-tile's words lie, computed once per CTA: (offsets [rows of words, BLOCK_N / 2] from the CTA's
+    first 16-column tile at k = 0, the 128-bit load ``c`` of each row of words, the columns' mask). Rows of
+    words are (c, j, t) at int4 and (c, jh, t, a) below (word j = 2 jh + a); ``HIGH``: int3's high-bit words,
+    rows (c, jh, t) (two words per 128 k, one per 64). Columns are (tile, g)."""
     VEC: tl.constexpr = 64 if BITS == 4 else 128
-    FIELDS: tl.constexpr = 4 if BITS == 4 else 8  # values per word and column
-    wk = tl.arange(0, BLOCK_K // FIELDS)  # words along k: (c, j, t) at int4, (c, jh, t, a) below
-    wn = tl.arange(0, BLOCK_N // 2)  # words along n: (tile, g)
-    if BITS == 4:
+    PER: tl.constexpr = 2 if HIGH else 4  # words per lane per load
+    ROWS: tl.constexpr = BLOCK_K // 16 if HIGH else BLOCK_K // (4 if BITS == 4 else 8)
+    wk = tl.arange(0, ROWS)
+    wn = tl.arange(0, BLOCK_N // 2)
+    if HIGH:
+        c, j, t = wk // 8, (wk // 4) % 2, wk % 4
+    elif BITS == 4:
         c, j, t = wk // 16, (wk // 4) % 4, wk % 4
     else:
         c, j, t = wk // 16, 2 * ((wk // 8) % 2) + wk % 2, (wk // 2) % 4
-    tile = n0 // 16 + wn // 8
     lane = 4 * (wn % 8)[None, :] + t[:, None]
-    load = (tile.to(tl.int64)[None, :] * (K // VEC) + (k0 // VEC + c)[:, None]) * 32 + lane  # [wk, wn]
-    mask = ((k0 // VEC + c) < K // VEC)[:, None] & (tile * 16 < N)[None, :]
-    words = tl.load(w_ptr + load * 4 + j[:, None], mask=mask, other=0, eviction_policy="evict_first")
+    off = ((wn // 8)[None, :] * (K // VEC) + c[:, None]) * (32 * PER) + lane * PER + j[:, None]
+    return off, c, (n0 + 16 * (wn // 8)) < N
+
+
+@triton.jit
+def _load_mma_tile(w_base, hw_base, w_off, w_c, hw_off, hw_c, n_ok, k0, K, BITS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] of the mma layout (mma_layout.py) at rows k0 + _mma_rows, columns n0 +
+    _mma_cols, loading each word once (offsets from _mma_word_offsets; k0 a multiple of the 128-bit load's k)."""
+    VEC: tl.constexpr = 64 if BITS == 4 else 128
+    FIELDS: tl.constexpr = 4 if BITS == 4 else 8  # values per word and column
+    c0 = k0 // VEC
+    words = tl.load(w_base + c0 * 128 + w_off, mask=((c0 + w_c) < K // VEC)[:, None] & n_ok[None, :], other=0,
+                    eviction_policy="evict_first")
     f = tl.arange(0, FIELDS)[:, None]  # (rk, e) at int4, (u, rk, e) below
     rn = tl.arange(0, 2)[None, :]
     if BITS == 4:
@@ -119,12 +134,8 @@ def _unpack_mma_tile(w_ptr, hw_ptr, k0, n0, N, K, BITS: tl.constexpr, BLOCK_K: t
     val = (words.to(tl.uint32, bitcast=True)[:, None, :, None] >> shift.to(tl.uint32)[None, :, None, :])
     val = val & (15 if BITS == 4 else 3)
     if BITS == 3:  # the high bits: word jh of load c holds words (jh, a = 0, 1)'s, fields (a, u, rk, e)
-        hk = tl.arange(0, BLOCK_K // 16)  # (c, jh, t)
-        hc, jh, ht = hk // 8, (hk // 4) % 2, hk % 4
-        hload = (tile.to(tl.int64)[None, :] * (K // 128) + (k0 // 128 + hc)[:, None]) * 32 + 4 * (wn % 8)[None, :] \
-            + ht[:, None]
-        hmask = ((k0 // 128 + hc) < K // 128)[:, None] & (tile * 16 < N)[None, :]
-        hw = tl.load(hw_ptr + hload * 2 + jh[:, None], mask=hmask, other=0, eviction_policy="evict_first")
+        hw = tl.load(hw_base + c0 * 64 + hw_off, mask=((c0 + hw_c) < K // VEC)[:, None] & n_ok[None, :], other=0,
+                     eviction_policy="evict_first")
         hf = tl.arange(0, 16)[:, None]
         hshift = (hf // 8) + 8 * ((hf // 4) % 2) + 4 * ((hf // 2) % 2) + 16 * (hf % 2) + 2 * rn
         high = (hw.to(tl.uint32, bitcast=True)[:, None, :, None] >> hshift.to(tl.uint32)[None, :, None, :]) & 1
@@ -186,6 +197,14 @@ def _quant_matmul_kernel(
     # zero-point fields of this tile's columns (packed along N like the weights along K)
     z_word = (offs_n // 32) * BITS + ((offs_n % 32) * BITS) // 32
     z_shift = (((offs_n % 32) * BITS) % 32).to(tl.uint32)
+    if MMA:  # where the words lie (the same in every K-tile, from the CTA's first 16-column tile on)
+        VEC: tl.constexpr = 64 if BITS == 4 else 128
+        first_tile = (pid_n * (BLOCK_N // 16)).to(tl.int64) * (K // VEC)
+        w_base = qw_ptr + first_tile * 128
+        hw_base = hw_ptr + first_tile * 64
+        w_off, w_c, n_ok = _mma_word_offsets(pid_n * BLOCK_N, N, K, False, BITS, BLOCK_K, BLOCK_N)
+        hw_off, hw_c, n_ok = _mma_word_offsets(pid_n * BLOCK_N, N, K, True, BITS, BLOCK_K, BLOCK_N)
+        rows = _mma_rows(BITS, BLOCK_K)
 
     if GEMV:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -193,8 +212,8 @@ def _quant_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if MMA:  # rows in the order the words unpack: x is read in that order too
-            offs_k = k0 + _mma_rows(BITS, BLOCK_K)
-            codes = _unpack_mma_tile(qw_ptr, hw_ptr, k0, pid_n * BLOCK_N, N, K, BITS, BLOCK_K, BLOCK_N)
+            offs_k = k0 + rows
+            codes = _load_mma_tile(w_base, hw_base, w_off, w_c, hw_off, hw_c, n_ok, k0, K, BITS, BLOCK_K, BLOCK_N)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             codes = _unpack_tile(qw_ptr, k0, offs_n, mask_n, K, stride_qw, BITS, BLOCK_K)
@@ -291,8 +310,10 @@ MMA_QUICK_CONFIGS = {  # MACA_KERNELS_TUNE=quick: a SPLIT_K = 1 config of each B
     "small": [(16, 64, 128, 2, 4, 3), (16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3)],
     "large": [(64, 128, 128, 1, 8, 3), (128, 128, 64, 1, 8, 3)],
 }
-# Tiles that spill on sm_90 at int4 (the compile tier): 16 x 128 x 128 holds 168 registers of codes and scales
+# Tiles that spill on sm_90 (the compile tier): at int4, 16 x 128 x 128 holds 168 registers of codes and scales;
+# with groups shorter than the K-tile (per-element scales), the GEMV's 128 x 64
 MMA_INT4_SPILLS = {(16, 128, 128)}
+MMA_PER_ELEMENT_SPILLS = {(1, 128, 64)}
 MMA_INTERPRETER_CONFIGS = {  # BLOCK_K 64: int4 with one group of an odd multiple of 64 rows
     "gemv": [(1, 32, bk, s, 4, 1) for bk in (128, 64) for s in (2, 1)],
     "small": [(16, 32, bk, s, 4, 1) for bk in (128, 64) for s in (2, 1)],
@@ -319,6 +340,8 @@ def fits(cfg: tuple, group: int, has_gidx: bool, atomic: bool, interpreting: boo
         return False
     if mma_bits:
         if has_gidx or (mma_bits == 4 and (bm, bn, bk) in MMA_INT4_SPILLS):
+            return False
+        if group < bk and (bm, bn, bk) in MMA_PER_ELEMENT_SPILLS:
             return False
         return bk % (64 if mma_bits == 4 else 128) == 0 and (group % bk == 0 or bk % group == 0)
     if has_gidx:
