@@ -148,7 +148,8 @@ def test_triton_on_the_mma_layout_matches_float64(bits, group_size, dtype, M):
         y = launch_mma_matmul(x, d.mma) if M == 1 else d.matmul(x, backend="cuda")
         assert y.dtype == dtype and y.shape == (M, N)
         assert rel(y, want) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
-        assert rel(launch_mma_matmul(x, d.mma, deterministic=True), want) <= TOL[dtype]
+        if M > 64:  # the large-M schedule never splits K: deterministic is the same compile
+            assert torch.equal(launch_mma_matmul(x, d.mma, deterministic=True), y)
 
 
 def test_cuda_gemv_real_size_and_cuda_graph():
