@@ -409,3 +409,19 @@ def test_interop_v2_tied_bias_sharded(tmp_path, bits):
     out = ckpt.save_quantized(model, tmp_path / "ck", max_shard_size="40KB")
     assert (out / ckpt.SAFE_WEIGHTS_INDEX_NAME).exists()
     _interop_check(model, out, f"b{bits}-asym-act-gptq_v2-tied-bias-sharded")
+
+
+def test_round_trip_with_the_cuda_gemv_on(tmp_path):
+    """A model whose layers keep only the CUDA GEMV's layout (mk.enable_cuda_gemv) saves the same checkpoint
+    bit for bit, and loads back into it."""
+    model = quantize_tiny(4, act_order=True, group_size=32)
+    first = ckpt.save_quantized(model, tmp_path / "before")
+    switched = mk.enable_cuda_gemv(model)
+    assert switched and all(model.get_submodule(n).qweight.numel() == 0 for n in switched)
+    second = ckpt.save_quantized(model, tmp_path / "after")
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    loaded = ckpt.load_quantized(second, dtype=torch.float32)
+    assert set(mk.enable_cuda_gemv(loaded)) == set(switched)
+    loaded.load_state_dict(model.state_dict())  # into layers that hold only the layout
+    mk.enable_cuda_gemv(loaded, False)
+    assert_same_buffers(quantize_tiny(4, act_order=True, group_size=32), loaded)
