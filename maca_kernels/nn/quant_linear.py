@@ -232,7 +232,8 @@ class QuantLinear(nn.Module):
         cuda_gemv = self.cuda_gemv
         if cuda_gemv and _fits(state_dict.get(prefix + "qweight"), self.in_features * self.bits // 32,
                                self.out_features):
-            self.qweight = torch.empty_like(state_dict[prefix + "qweight"], device=self.mma_words.device)
+            self.qweight = torch.empty(state_dict[prefix + "qweight"].shape, dtype=torch.int32,
+                                       device=self.mma_words.device)
             self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size  # (overwritten)
             self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
         elif self.perm is not None or cuda_gemv:  # back to the checkpoint layout first: the state dict may not
