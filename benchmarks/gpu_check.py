@@ -511,15 +511,19 @@ def step_tests(run: Run) -> str:
     elif run.dry:
         run.tests["status"] = "dry run"
         note = "on a CPU every GPU test skips"
-    else:
-        run.tests["status"] = "pass" if run.tests["failed"] + run.tests["errors"] == 0 and not note else "fail"
-        if run.tests["passed"] + run.tests["failed"] + run.tests["errors"] == 0:
-            run.tests["status"] = "fail"
-            note = note or "no GPU test ran (all skipped or none collected)"
+    elif run.tests["passed"] + run.tests["failed"] + run.tests["errors"] == 0:
+        run.tests["status"] = "fail"
+        note = note or "no GPU test ran (all skipped or none collected)"
+    elif run.tests["failed"] + run.tests["errors"]:
+        run.tests["status"] = "fail"
+    else:  # every test that ran passed; "partial" when the budget stopped the tier before its end
+        run.tests["status"] = "partial" if note else "pass"
     if note:
         run.tests["note"] = note
     run.steps[-1]["note"] = tests_line(run.tests)
-    return "ok" if run.tests["status"] == "pass" or run.dry else "failed"
+    if run.dry or run.tests["status"] == "pass":
+        return "ok"
+    return "partial" if run.tests["status"] == "partial" else "failed"
 
 
 def parse_junit(path: str) -> dict:

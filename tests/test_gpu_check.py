@@ -222,3 +222,32 @@ def test_case_past_budget_and_grace_is_interrupted(tmp_path, monkeypatch):
     assert gc.run_cases(run, "hessian", [gc.Case("hang", ["hessian.cross.time"], hang)], budget=1) == "partial"
     row = next(r for r in run.document()["targets"] if r["key"] == "hessian.cross.time")
     assert "interrupted" in row["reason"]
+
+
+@pytest.mark.parametrize("timed_out,failed,expected", [(True, 0, "partial"), (False, 0, "ok"), (True, 1, "failed"),
+                                                        (False, 1, "failed")])
+def test_tests_step_status(tmp_path, monkeypatch, timed_out, failed, expected):
+    """The GPU tier's step: a budget that stops passing tests is "partial" (not a failure); a failing test fails."""
+    run = gc.Run(out_dir=str(tmp_path), dry=False)
+    _fake_env(run)
+    run.steps.append({"name": "tests", "status": "running", "note": ""})
+
+    class FakeProc:
+        returncode = 1 if failed else 0
+        calls = 0
+
+        def communicate(self, timeout=None):
+            FakeProc.calls += 1
+            if timed_out and FakeProc.calls == 1:
+                raise subprocess.TimeoutExpired("pytest", timeout)
+            return "output", None
+
+        def send_signal(self, sig):
+            pass
+
+    monkeypatch.setattr(gc.subprocess, "Popen", lambda *a, **k: FakeProc())
+    monkeypatch.setattr(gc, "parse_junit", lambda path: {"passed": 5, "failed": failed, "errors": 0, "skipped": 2,
+                                                         "failures": ["t::x"] if failed else []})
+    assert gc.step_tests(run) == expected
+    assert run.tests["status"] == {"partial": "partial", "ok": "pass", "failed": "fail"}[expected]
+    assert ("budget" in run.tests.get("note", "")) == timed_out
