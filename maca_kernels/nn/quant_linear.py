@@ -12,9 +12,9 @@ from torch import nn
 from .._triton_utils import INTERPRETING
 from ..ops.quant_matmul.cuda_kernel import available as _cuda_gemv_available
 from ..ops.quant_matmul.decode_layout import (
-    _REPACK_COLS,
     decode_matmul,
     decode_matmul_cuda,
+    mma_qweight,
     permute_rows,
     to_decode_weight,
 )
@@ -137,7 +137,7 @@ class QuantLinear(nn.Module):
         whenever the weights arrive. ValueError if the kernel has no variant for these bits, groups and sizes
         (it runs int2/int3/int4 with one group or group size 128, 32 and 64 too at int4). Returns self."""
         if self.cuda_gemv:  # back to the checkpoint layout's codes first (never a stale layout)
-            self.qweight = self._group_order_qweight(self.mma_words.device)
+            self.qweight = mma_qweight(self._mma(), self.mma_words.device)
             self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
         if not enabled:
             return self
@@ -154,21 +154,6 @@ class QuantLinear(nn.Module):
             warnings.warn("the CUDA GEMV cannot compile here (it needs torch.cuda._compile_kernel, NVRTC and "
                           "CUDA_HOME): batches of 1–16 rows run the Triton kernels on its layout instead", stacklevel=2)
         return self
-
-    def _group_order_qweight(self, device) -> torch.Tensor:
-        """The decode layout's qweight (rows of K in group order) repacked from the mma layout on ``device``,
-        _REPACK_COLS columns at a time (their unpacked codes are 8 bytes per weight, twice)."""
-        from ..formats.gptq import pack_gptq
-        from ..ops.quant_matmul.mma_layout import column_block, unpack_mma
-
-        m, N = self._mma(), self.out_features
-        out = torch.empty(self.in_features * self.bits // 32, N, dtype=torch.int32, device=device)
-        for n0 in range(0, N, _REPACK_COLS):
-            b = column_block(m, n0, min(n0 + _REPACK_COLS, m.scales.shape[1]))
-            b = type(b)(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in
-                          (b.words, b.hwords, b.scales, b.zeros, b.bits, b.group_size, b.K, b.N)))
-            out[:, n0: n0 + b.N] = pack_gptq(unpack_mma(b)[0], self.bits)
-        return out
 
     @property
     def cuda_gemv(self) -> bool:
@@ -201,7 +186,7 @@ class QuantLinear(nn.Module):
 
     def _checkpoint_qweight(self, device=None) -> torch.Tensor:
         """qweight in the checkpoint's row order, on ``device`` (default: the layer's)."""
-        qweight = self._group_order_qweight(device or self.qweight.device) if self.cuda_gemv else self.qweight
+        qweight = mma_qweight(self._mma(), device or self.qweight.device) if self.cuda_gemv else self.qweight
         if self.perm is not None:
             qweight = permute_rows(qweight, torch.argsort(self.perm.to(qweight.device)), self.bits)
         return qweight if device is None else qweight.to(device)
@@ -230,18 +215,17 @@ class QuantLinear(nn.Module):
         self._check_incoming_g_idx(state_dict, prefix)  # before anything changes: a bad g_idx leaves the layer
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
         cuda_gemv = self.cuda_gemv
-        if cuda_gemv and _fits(state_dict.get(prefix + "qweight"), self.in_features * self.bits // 32,
-                               self.out_features):
-            self.qweight = torch.empty(state_dict[prefix + "qweight"].shape, dtype=torch.int32,
-                                       device=self.mma_words.device)
-            self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size  # (overwritten)
-            self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
-        elif self.perm is not None or cuda_gemv:  # back to the checkpoint layout first: the state dict may not
-            ckpt = self._checkpoint_qweight()  # hold qweight
-            if assign or cuda_gemv:  # (the placeholder has no room for it)
-                self.qweight = ckpt
-            else:
-                self.qweight.copy_(ckpt)
+        if self.perm is not None or cuda_gemv:  # back to the checkpoint layout first
+            if cuda_gemv and _fits(state_dict.get(prefix + "qweight"), self.in_features * self.bits // 32,
+                                   self.out_features):  # an incoming qweight replaces it whole: no repack
+                self.qweight = torch.empty(state_dict[prefix + "qweight"].shape, dtype=torch.int32,
+                                           device=self.mma_words.device)
+            else:  # the state dict may not hold qweight
+                ckpt = self._checkpoint_qweight()
+                if assign or cuda_gemv:  # (the placeholder has no room for it)
+                    self.qweight = ckpt
+                else:
+                    self.qweight.copy_(ckpt)
             self.perm, self.kernel_g_idx, self._kernel_group_size = None, None, self.group_size
             self.mma_words = self.mma_hwords = self.mma_scales = self.mma_zeros = self.mma_perm = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)

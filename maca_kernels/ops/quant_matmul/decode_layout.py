@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ...formats.gptq import _pack_dim0, _unpack_dim0, unpack_gptq, unpack_gptq_zeros
+from ...formats.gptq import _pack_dim0, _unpack_dim0, pack_gptq, unpack_gptq, unpack_gptq_zeros
 from . import mma_layout
 from .validate import validate_quant_matmul
 
@@ -136,6 +136,19 @@ def decode_matmul_cuda(x, mma: mma_layout.MmaWeight, deterministic: bool = False
             raise ValueError(f"the weight is on {mma.words.device} but x is on {x.device}")
         y = launch_mma_matmul(x2, mma, deterministic=deterministic)
     return y.reshape(*x.shape[:-1], mma.N)
+
+
+def mma_qweight(mma: mma_layout.MmaWeight, device) -> torch.Tensor:
+    """The GPTQ-packed ``qweight`` of the mma layout's rows (group order, as the decode layout holds them), built
+    on ``device`` _REPACK_COLS columns at a time (each block is moved there first: its unpacked codes are 8 bytes
+    per weight)."""
+    out = torch.empty(mma.K * mma.bits // 32, mma.N, dtype=torch.int32, device=device)
+    for n0 in range(0, mma.N, _REPACK_COLS):
+        b = mma_layout.column_block(mma, n0, min(n0 + _REPACK_COLS, mma.scales.shape[1]))
+        b = replace(b, words=b.words.to(device), hwords=b.hwords.to(device), scales=b.scales.to(device),
+                    zeros=b.zeros.to(device))
+        out[:, n0: n0 + b.N] = pack_gptq(mma_layout.unpack_mma(b)[0], mma.bits)
+    return out
 
 
 def permute_rows(qweight: torch.Tensor, perm: torch.Tensor, bits: int) -> torch.Tensor:

@@ -203,7 +203,7 @@ def _quant_matmul_kernel(
         w_base = qw_ptr + first_tile * 128
         hw_base = hw_ptr + first_tile * 64
         w_off, w_c, n_ok = _mma_word_offsets(pid_n * BLOCK_N, N, K, False, BITS, BLOCK_K, BLOCK_N)
-        hw_off, hw_c, n_ok = _mma_word_offsets(pid_n * BLOCK_N, N, K, True, BITS, BLOCK_K, BLOCK_N)
+        hw_off, hw_c, _ = _mma_word_offsets(pid_n * BLOCK_N, N, K, True, BITS, BLOCK_K, BLOCK_N)
         rows = _mma_rows(BITS, BLOCK_K)
 
     if GEMV:

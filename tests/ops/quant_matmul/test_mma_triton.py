@@ -127,8 +127,9 @@ def test_checkpoint_repacked_a_column_block_at_a_time(monkeypatch):
     """state_dict() and enable_cuda_gemv(False) repack from the layout in blocks of columns (bounded int64
     temporaries); a load that brings its own qweight skips the repack altogether."""
     import maca_kernels.nn.quant_linear as ql
+    from maca_kernels.ops.quant_matmul import decode_layout
 
-    monkeypatch.setattr(ql, "_REPACK_COLS", 64)  # N = 144: blocks of 64, 64 and 16 columns (padded to 192)
+    monkeypatch.setattr(decode_layout, "_REPACK_COLS", 64)  # N = 144: blocks of 64, 64 and 16 columns (padded to 192)
     for bits, act_order in ((4, True), (3, False)):
         W, qw, sc, qz, g_idx = random_checkpoint(160 if bits == 3 else 144, 256, bits, 128, act_order, seed=bits)
         tensors = {"qweight": qw, "scales": sc, "qzeros": qz} | ({"g_idx": g_idx} if act_order else {})
@@ -137,10 +138,10 @@ def test_checkpoint_repacked_a_column_block_at_a_time(monkeypatch):
         W2, qw2, sc2, qz2, g2 = random_checkpoint(qw.shape[1], 256, bits, 128, act_order, seed=bits + 9)
         incoming = layer.state_dict() | {"qweight": qw2, "scales": sc2, "qzeros": qz2} | (
             {"g_idx": g2} if act_order else {})
-        monkeypatch.setattr(ql.QuantLinear, "_group_order_qweight", None)  # must not be needed
+        monkeypatch.setattr(ql, "mma_qweight", None)  # must not be needed
         layer.load_state_dict(incoming)
         monkeypatch.undo()
-        monkeypatch.setattr(ql, "_REPACK_COLS", 64)
+        monkeypatch.setattr(decode_layout, "_REPACK_COLS", 64)
         assert layer.cuda_gemv and torch.equal(layer.state_dict()["qweight"], qw2)
         x = randn(20, 256, dtype=torch.float16, seed=bits)
         assert rel(layer(x), x.double() @ W2.T) <= 2e-3
