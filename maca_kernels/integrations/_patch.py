@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from importlib import metadata
 
@@ -20,12 +21,36 @@ class Patch:
         setattr(owner, name, value)
 
     def undo(self) -> None:
+        """Restore every attribute; one that fails does not stop the others (the first error is raised after)."""
+        error = None
         while self._saved:
             owner, name, old = self._saved.pop()
-            if old is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, old)
+            try:
+                if old is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, old)
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+
+@contextlib.contextmanager
+def scoped(enable, disable, abandon):
+    """``enable()`` inside, undone on exit. After a failure in the body, ``abandon()`` cleans up instead of
+    ``disable()``, and an error of its own becomes a note on the original exception, which propagates unchanged
+    (a cleanup error must not replace the real one, e.g. a missing extension)."""
+    enable()
+    try:
+        yield
+    except BaseException as exc:
+        try:
+            abandon()
+        except Exception as cleanup:
+            exc.add_note(f"(while restoring the tool after this error, another one: {cleanup!r})")
+        raise
+    disable()
 
 
 def check_version(dist: str, tested: tuple[str, ...]) -> str:

@@ -17,7 +17,6 @@ raises ``UnsupportedOption``. Patches are class attributes, put back on exit eve
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import weakref
@@ -26,7 +25,7 @@ import torch
 
 from ..ops.gptq import NotPositiveDefiniteError, gptq_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
-from ._patch import Patch, check_version, neutralized, sequence_lengths
+from ._patch import Patch, check_version, neutralized, scoped, sequence_lengths
 
 TESTED_VERSIONS = ("7.7",)
 WEIGHTINGS = ("token", "sequence")
@@ -75,14 +74,30 @@ def enable(weighting: str = "token", *, op_backend: str | None = None) -> None:
 
 
 def disable() -> None:
-    """Undo :func:`enable` (a no-op when not enabled). Tasks that accumulated with us but were not solved yet
-    get our Hessian (and GPTAQ's cross term) handed to the tool, so its own quantize can finish them."""
+    """Undo :func:`enable` (a no-op when not enabled). Tasks that accumulated with us but were not solved yet get our
+    Hessian (and GPTAQ's cross term) handed to the tool, so its own quantize can finish them. Every patch is put
+    back even when a hand-back fails."""
+    _disable(hand_back=True)
+
+
+def _abandon() -> None:
+    """:func:`disable` after a failed run: nothing will solve our partial sums, so they are dropped, not handed back."""
+    _disable(hand_back=False)
+
+
+def _disable(hand_back: bool) -> None:
     global _active
     with _lock:
-        if _active is not None:
-            act, _active = _active, None
+        act, _active = _active, None
+        if act is None:
+            return
+        try:
             for task in list(act["live"]):
-                _hand_back(task)
+                if hand_back:
+                    _hand_back(task)
+                else:
+                    task.__dict__.pop("_mk_state", None)
+        finally:
             act["patch"].undo()
 
 
@@ -92,7 +107,7 @@ def _hand_back(task) -> None:
         if st is None:
             return
         acc = st.merge(st.device or torch.device("cpu"))
-        if acc is None:
+        if acc is None or acc.n_samples == 0:  # nothing added (a first add that failed): the tool's task as it was
             return
         task.H = acc.finalize()
         if st.cross_term:
@@ -104,14 +119,10 @@ def is_enabled() -> bool:
     return _active is not None
 
 
-@contextlib.contextmanager
 def backend(weighting: str = "token", *, op_backend: str | None = None):
-    """``with backend(weighting="sequence"): model.quantize(...)`` — enabled inside, restored on exit."""
-    enable(weighting, op_backend=op_backend)
-    try:
-        yield
-    finally:
-        disable()
+    """``with backend(weighting="sequence"): model.quantize(...)`` — enabled inside, restored on exit. An exception
+    in the body propagates unchanged, with every patch undone and our partial sums dropped."""
+    return scoped(lambda: enable(weighting, op_backend=op_backend), disable, _abandon)
 
 
 # ---------------------------------------------------------------- which tasks we take over

@@ -20,7 +20,6 @@ every row is one sequence of L tokens: calibrate with ``batch_size=1`` (the defa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 
@@ -28,7 +27,7 @@ import torch
 
 from ..ops.gptq import NotPositiveDefiniteError, gptq_quantize
 from ..ops.hessian import accumulate_hessian as mk_accumulate_hessian
-from ._patch import Patch, check_version, neutralized, sequence_lengths
+from ._patch import Patch, check_version, neutralized, scoped, sequence_lengths
 
 TESTED_VERSIONS = ("0.14",)
 WEIGHTINGS = ("token", "sequence")
@@ -66,23 +65,19 @@ def disable() -> None:
     """Undo :func:`enable` (a no-op when not enabled)."""
     global _active
     with _lock:
-        if _active is not None:
-            _active["patch"].undo()
-            _active = None
+        act, _active = _active, None
+        if act is not None:
+            act["patch"].undo()
 
 
 def is_enabled() -> bool:
     return _active is not None
 
 
-@contextlib.contextmanager
 def backend(weighting: str = "token", *, op_backend: str | None = None):
-    """``with backend(weighting="sequence"): oneshot(...)`` — enabled inside, restored on exit."""
-    enable(weighting, op_backend=op_backend)
-    try:
-        yield
-    finally:
-        disable()
+    """``with backend(weighting="sequence"): oneshot(...)`` — enabled inside, restored on exit. An exception in the
+    body propagates unchanged, with every patch undone."""
+    return scoped(lambda: enable(weighting, op_backend=op_backend), disable, disable)
 
 
 def _accumulate_hessian(inp, module, hessian, num_samples):

@@ -17,10 +17,12 @@ pytest.importorskip("gptqmodel")
 
 from gptqmodel import BACKEND, GPTQModel, QuantizeConfig  # noqa: E402
 from gptqmodel.quantization.config import GPTAQConfig  # noqa: E402
+from gptqmodel.quantization.foem import FOEM  # noqa: E402
 from gptqmodel.quantization.gptaq import GPTAQ  # noqa: E402
 from gptqmodel.quantization.gptq import GPTQ  # noqa: E402
 
 import maca_kernels as mk  # noqa: E402
+from maca_kernels import _native  # noqa: E402
 from maca_kernels.integrations import _patch  # noqa: E402
 from maca_kernels.integrations import gptqmodel as mk_gptqmodel  # noqa: E402
 
@@ -202,6 +204,37 @@ def test_unsupported_option_raises_and_the_patch_is_undone(model_dir):
     assert "add_batch" in vars(GPTAQ) and vars(GPTAQ)["add_batch"].__module__.startswith("gptqmodel")
 
 
+def tool_attributes() -> dict:
+    """Every attribute of the classes the backend patches, as the raw objects in their ``vars()``."""
+    return {(cls.__name__, name): value for cls in (GPTQ, GPTAQ, FOEM) for name, value in vars(cls).items()}
+
+
+def test_a_backend_failure_mid_run_shows_the_original_error_and_restores_the_tool(model_dir, monkeypatch):
+    before = tool_attributes()
+    mk_gptqmodel.enable("sequence")
+    try:
+        patched = {k for k, v in tool_attributes().items() if before.get(k) is not v}
+    finally:
+        mk_gptqmodel.disable()
+    assert len(patched) >= 6  # GPTQ's add/materialize/adopt/quantize, GPTAQ's add/quantize, FOEM's refusal
+    _, expect = quantize(model_dir, act_group_aware=False)  # the tool's own run, before any failure
+    # the C++ extension missing: our first accumulation (inside the tool's forward hook) fails
+    monkeypatch.setattr(_native, "_C", None)
+    with pytest.raises(RuntimeError) as missing:
+        _native.require_native("accumulate_hessian")
+    with pytest.raises(BaseException) as err:
+        quantize(model_dir, weighting="sequence", act_group_aware=False)
+    assert type(err.value) is RuntimeError and str(err.value) == str(missing.value), "the original error, as is"
+    assert not getattr(err.value, "__notes__", None), "and the cleanup had nothing to add"
+    assert not mk_gptqmodel.is_enabled()
+    after = tool_attributes()
+    assert {k for k in patched if after.get(k) is not before.get(k)} == set(), "every patch undone"
+    assert after.keys() == before.keys()
+    # the user's next plain run is the tool's own (it never reaches our ops: the extension is still "missing")
+    _, got = quantize(model_dir, act_group_aware=False)
+    assert got == pytest.approx(expect, rel=1e-6) and len(got) == 14
+
+
 def test_enable_disable_are_scoped():
     mk_gptqmodel.enable("sequence")
     try:
@@ -254,6 +287,27 @@ def test_disable_hands_unsolved_tasks_back_to_the_tool():
     got = task.quantize()
     assert "_mk_state" not in vars(task)
     assert got[5] == pytest.approx(expect[5], rel=1e-4) and torch.allclose(got[0], expect[0], atol=1e-6)
+
+
+def test_disable_after_a_failed_first_add_leaves_the_task_to_the_tool(monkeypatch):
+    tool, X = standalone_task()
+    for x in X:
+        tool.add_batch(x[None], None)
+    expect = tool.quantize()
+    task, X = standalone_task()
+    before = tool_attributes()
+    mk_gptqmodel.enable("token")
+    try:
+        with monkeypatch.context() as m, pytest.raises(RuntimeError, match="C\\+\\+ extension"):
+            m.setattr(_native, "_C", None)
+            task.add_batch(X[0][None], None)
+    finally:
+        mk_gptqmodel.disable()  # nothing accumulated: nothing to hand back (and no error about it)
+    assert tool_attributes() == before and "_mk_state" not in vars(task)
+    for x in X:
+        task.add_batch(x[None], None)
+    got = task.quantize()
+    assert got[5] == expect[5] and torch.equal(got[0], expect[0])
 
 
 def test_a_non_finite_hessian_gets_the_tools_own_recovery():

@@ -21,6 +21,7 @@ from llmcompressor.modifiers.gptq import (
     base,  # noqa: E402
 )
 
+from maca_kernels import _native  # noqa: E402
 from maca_kernels.integrations import llmcompressor as mk_llmc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -147,6 +148,30 @@ def test_unsupported_option_raises_and_the_patch_is_undone(model_dir, monkeypatc
             weighting="token")
     assert base.quantize_weight is original and base.accumulate_hessian is not mk_llmc._accumulate_hessian
     assert not mk_llmc.is_enabled()
+
+
+def test_a_backend_failure_mid_run_shows_the_original_error_and_restores_the_tool(model_dir, monkeypatch):
+    before = dict(vars(base))
+    mk_llmc.enable("sequence")
+    try:
+        patched = {n for n, v in vars(base).items() if before.get(n) is not v}
+    finally:
+        mk_llmc.disable()
+    assert patched >= {"accumulate_hessian", "quantize_weight"}
+    _, expect = run(model_dir, recipe(), monkeypatch)  # the tool's own run, before any failure
+    # the C++ extension missing: our first accumulation (inside the tool's calibration hook) fails
+    monkeypatch.setattr(_native, "_C", None)
+    with pytest.raises(RuntimeError) as missing:
+        _native.require_native("accumulate_hessian")
+    with pytest.raises(BaseException) as err:
+        run(model_dir, recipe(), monkeypatch, weighting="sequence")
+    assert type(err.value) is RuntimeError and str(err.value) == str(missing.value), "the original error, as is"
+    assert not getattr(err.value, "__notes__", None), "and the cleanup had nothing to add"
+    assert not mk_llmc.is_enabled()
+    assert {n for n in patched if vars(base).get(n) is not before.get(n)} == set(), "every patch undone"
+    # the user's next plain run is the tool's own (it never reaches our ops: the extension is still "missing")
+    _, got = run(model_dir, recipe(), monkeypatch)
+    assert got.losses == pytest.approx(expect.losses, rel=1e-6) and len(got.losses) == 14
 
 
 def test_enable_disable_are_scoped():
