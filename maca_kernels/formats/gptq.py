@@ -38,6 +38,10 @@ _FP16_MAX = torch.finfo(torch.float16).max
 __all__ = [
     "CHECKPOINT_FORMATS",
     "SUPPORTED_BITS",
+    "check_bits",
+    "check_checkpoint_format",
+    "check_group_size",
+    "check_packable_len",
     "dequantize_gptq",
     "pack_gptq",
     "pack_gptq_zeros",
@@ -52,19 +56,28 @@ __all__ = [
 # validation helpers
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool):
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+def check_bits(bits, where: str = "") -> int:
+    """``bits`` as an int in SUPPORTED_BITS. bool and float are refused (``4.0 in SUPPORTED_BITS`` holds, but the
+    kernels take an int). ``where`` ends the message (e.g. " (layer q_proj)")."""
     try:
-        b = operator.index(bits)
+        b = None if isinstance(bits, bool) else operator.index(bits)
     except TypeError:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}") from None
+        b = None
     if b not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {b}")
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}{where}")
     return b
 
 
-def _check_checkpoint_format(checkpoint_format) -> str:
+def check_group_size(group_size, K: int, where: str = "") -> int:
+    """``group_size`` as an int: -1 (one group) or a positive divisor of ``K`` (in_features)."""
+    g = group_size
+    if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or (g > 0 and K % g == 0)):
+        raise ValueError(f"group_size must be -1 (one group) or a positive divisor of in_features = {K}, "
+                         f"got {group_size!r}{where}")
+    return g
+
+
+def check_checkpoint_format(checkpoint_format) -> str:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     return checkpoint_format
@@ -75,7 +88,7 @@ def _run_len(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
-def _check_packable_len(length: int, bits: int, name: str, what: str) -> None:
+def check_packable_len(length: int, bits: int, name: str, what: str) -> None:
     p = _run_len(bits)
     if length % p:
         layout = "32 values into 3 words" if bits == 3 else f"{p} values per int32 word"
@@ -181,9 +194,9 @@ def _unpack_dim0(words: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_gptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[N, K]`` (values in ``[0, 2^bits − 1]``) into GPTQ ``qweight`` int32
     ``[K·bits/32, N]``, packed along K. K must be a multiple of 32/bits (32 for 3-bit); N is free."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     _check_int_2d(codes, "codes", "[N, K] (out_features × in_features)")
-    _check_packable_len(codes.shape[1], bits, "K (codes.shape[1])", "the in_features dimension")
+    check_packable_len(codes.shape[1], bits, "K (codes.shape[1])", "the in_features dimension")
     c = codes.detach().to(torch.int64)
     _check_range(c, 0, (1 << bits) - 1, "codes", bits)
     return _pack_dim0(c.t(), bits).contiguous()
@@ -191,9 +204,9 @@ def pack_gptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_gptq(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """Inverse of :func:`pack_gptq`: ``qweight`` int32 ``[K·bits/32, N]`` → codes int32 ``[N, K]``."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     K = _check_dim(K, "K")
-    _check_packable_len(K, bits, "K", "the in_features dimension")
+    check_packable_len(K, bits, "K", "the in_features dimension")
     _check_int32_2d(qweight, "qweight", "[K·bits/32, N]")
     rows = K * bits // 32
     if qweight.shape[0] != rows:
@@ -212,10 +225,10 @@ def pack_gptq_zeros(zeros: torch.Tensor, bits: int, checkpoint_format: str = "gp
     """Pack zero points ``[N, G]`` (W's orientation) into GPTQ ``qzeros`` int32 ``[G, N·bits/32]``,
     packed along N. ``checkpoint_format="gptq"`` (v1) stores ``zero − 1`` and refuses ``zero == 0``;
     ``"gptq_v2"`` stores the true zero. N must be a multiple of 32/bits (32 for 3-bit)."""
-    bits = _check_bits(bits)
-    checkpoint_format = _check_checkpoint_format(checkpoint_format)
+    bits = check_bits(bits)
+    checkpoint_format = check_checkpoint_format(checkpoint_format)
     _check_int_2d(zeros, "zeros", "[N, G] (out_features × groups)")
-    _check_packable_len(zeros.shape[0], bits, "N (zeros.shape[0])", "the out_features dimension of qzeros")
+    check_packable_len(zeros.shape[0], bits, "N (zeros.shape[0])", "the out_features dimension of qzeros")
     z = zeros.detach().to(torch.int64)
     maxq = (1 << bits) - 1
     if checkpoint_format == "gptq":
@@ -236,10 +249,10 @@ def unpack_gptq_zeros(qzeros: torch.Tensor, bits: int, N: int, checkpoint_format
     """Inverse of :func:`pack_gptq_zeros`: ``qzeros`` int32 ``[G, N·bits/32]`` → zeros int32 ``[N, G]``.
     For v1 each field is unpacked first and 1 added per field (never across the word), so an
     all-ones v1 field reads back as ``2^bits``."""
-    bits = _check_bits(bits)
-    checkpoint_format = _check_checkpoint_format(checkpoint_format)
+    bits = check_bits(bits)
+    checkpoint_format = check_checkpoint_format(checkpoint_format)
     N = _check_dim(N, "N")
-    _check_packable_len(N, bits, "N", "the out_features dimension of qzeros")
+    check_packable_len(N, bits, "N", "the out_features dimension of qzeros")
     _check_int32_2d(qzeros, "qzeros", "[G, N·bits/32]")
     cols = N * bits // 32
     if qzeros.shape[1] != cols:
@@ -332,8 +345,8 @@ def dequantize_gptq(
     checkpoint tensors: ``qweight`` int32 ``[K·bits/32, N]``, ``scales`` ``[G, N]`` (fp16),
     ``qzeros`` int32 ``[G, N·bits/32]``, ``g_idx`` int ``[K]``. K is ``len(g_idx)``.
     The result is exact: (code − zero) is a small integer and scales are fp16."""
-    bits = _check_bits(bits)
-    checkpoint_format = _check_checkpoint_format(checkpoint_format)
+    bits = check_bits(bits)
+    checkpoint_format = check_checkpoint_format(checkpoint_format)
     _check_tensor(g_idx, "g_idx")
     if not _is_integer_dtype(g_idx.dtype):
         raise TypeError(f"g_idx must be an integer tensor, got dtype {g_idx.dtype}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._triton_utils import INTERPRETING
+from ..formats.gptq import check_bits, check_checkpoint_format, check_group_size, check_packable_len
 from ..ops.quant_matmul.cuda_kernel import available as _cuda_gemv_available
 from ..ops.quant_matmul.decode_layout import (
     decode_matmul,
@@ -39,11 +40,16 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, checkpoint_format: str = "gptq", device=None) -> None:
         super().__init__()
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits!r}")
+        # refused here, not at the first forward (or as a ZeroDivisionError)
+        bits = check_bits(bits)
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        check_packable_len(in_features, bits, "in_features", "the in_features dimension of qweight")
+        check_packable_len(out_features, bits, "out_features", "the out_features dimension of qzeros")
+        group_size = check_group_size(group_size, in_features)
+        check_checkpoint_format(checkpoint_format)
         G = 1 if group_size == -1 else in_features // group_size
-        if group_size != -1 and (group_size <= 0 or in_features % group_size):
-            raise ValueError(f"in_features = {in_features} must be divisible by group_size = {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.checkpoint_format = bits, group_size, checkpoint_format
         z = dict(dtype=torch.int32, device=device)
@@ -93,9 +99,10 @@ class QuantLinear(nn.Module):
             raise ValueError("bias given twice: both in tensors and as bias=")
         bias = tensors.get("bias") if bias is None else bias
         qweight, g_idx = tensors["qweight"], tensors.get("g_idx")
-        if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or bits not in (2, 3, 4, 8):
-            raise ValueError(f"qweight must be a 2-D tensor [K·bits/32, N] and bits one of (2, 3, 4, 8), got "
-                             f"{getattr(qweight, 'shape', type(qweight).__name__)} and bits={bits!r}")
+        bits = check_bits(bits)
+        if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D tensor [K·bits/32, N], got "
+                             f"{getattr(qweight, 'shape', type(qweight).__name__)}")
         K = qweight.shape[0] * 32 // bits
         x = torch.empty(0, K, device=qweight.device)  # quant_matmul's checks need only x's shape and device
         # the group split against scales (g_idx=None), then g_idx itself
@@ -120,6 +127,8 @@ class QuantLinear(nn.Module):
         """qweight (checkpoint layout) → decode layout; checks the g_idx range (the one place it is checked
         for CUDA weights: quant_matmul skips it there, a host sync). ``rebind``: the buffer may be a
         caller's tensor (``load_state_dict(..., assign=True)``): replace it instead of writing into it."""
+        if self.qweight.is_meta or self.g_idx.is_meta:
+            return  # no values to convert yet (e.g. load_state_dict(meta tensors, assign=True))
         d = to_decode_weight(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size,
                              self.checkpoint_format)  # k // group_size comes back as it is: no perm, no g_idx
         if d.qweight is not self.qweight:
@@ -208,6 +217,14 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = self._checkpoint_qweight(_CHECKPOINT_QWEIGHT_DEVICE.get())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        errors = self._incoming_errors(state_dict, prefix)
+        if errors:  # refused whole, before anything changes; torch raises it with the other modules' errors
+            msg = f"{'; '.join(errors)} (QuantLinear({self.extra_repr()}): nothing of it was loaded)"
+            error_msgs = _error_msgs(args, kwargs)
+            if error_msgs is None:
+                raise ValueError(msg)
+            error_msgs.append(msg)
+            return
         if not any(prefix + k in state_dict for k in ("qweight", "qzeros", "scales", "g_idx")):
             # nothing of the weight arrives (e.g. a bias, or a load aimed at other modules): keep the layout
             super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
@@ -216,10 +233,9 @@ class QuantLinear(nn.Module):
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
         cuda_gemv = self.cuda_gemv
         if self.perm is not None or cuda_gemv:  # back to the checkpoint layout first
-            if cuda_gemv and _fits(state_dict.get(prefix + "qweight"), self.in_features * self.bits // 32,
-                                   self.out_features):  # an incoming qweight replaces it whole: no repack
-                self.qweight = torch.empty(state_dict[prefix + "qweight"].shape, dtype=torch.int32,
-                                           device=self.mma_words.device)
+            incoming = state_dict.get(prefix + "qweight")  # int32, the layer's shape: checked above
+            if cuda_gemv and incoming is not None and not incoming.is_meta:  # it replaces qweight whole: no repack
+                self.qweight = torch.empty(incoming.shape, dtype=torch.int32, device=self.mma_words.device)
             else:  # the state dict may not hold qweight
                 ckpt = self._checkpoint_qweight()
                 if assign or cuda_gemv:  # (the placeholder has no room for it)
@@ -234,29 +250,44 @@ class QuantLinear(nn.Module):
             try:
                 self.enable_cuda_gemv()
             except ValueError as exc:  # reported with the other modules' errors: the rest of a model still loads
-                error_msgs = args[3] if len(args) > 3 else kwargs.get("error_msgs")
+                error_msgs = _error_msgs(args, kwargs)
                 if error_msgs is None:
                     raise
                 error_msgs.append(f"{prefix or 'QuantLinear '}: the CUDA GEMV is now off: {exc}")
 
+    def _incoming_errors(self, state_dict, prefix) -> list[str]:
+        """The dtypes and shapes load_quantized accepts, and only those: a cast would change the packed words (or
+        round the scales) and torch's own per-key shape check would load the tensors around a refused one."""
+        K, N, G, b = self.in_features, self.out_features, self.scales.shape[0], self.bits
+        want = {"qweight": (torch.int32, (K * b // 32, N)), "qzeros": (torch.int32, (G, N * b // 32)),
+                "scales": (torch.float16, (G, N)), "g_idx": (torch.int32, (K,)), "bias": (None, (N,))}
+        errors = []
+        for name, (dtype, shape) in want.items():
+            t, key = state_dict.get(prefix + name), prefix + name
+            if t is None or (name == "bias" and self.bias is None):
+                continue  # absent (strict loading reports it), or a bias this layer lacks (an unexpected key)
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{key} is a {type(t).__name__}, expected a tensor")
+                continue
+            if not (t.dtype.is_floating_point if dtype is None else t.dtype == dtype):
+                errors.append(f"{key} has dtype {t.dtype}, expected {dtype or 'a floating dtype'}")
+            if tuple(t.shape) != shape:
+                errors.append(f"{key} has shape {tuple(t.shape)}, expected {shape}")
+        return errors
+
     def _check_incoming_g_idx(self, state_dict, prefix) -> None:
-        g_idx = state_dict.get(prefix + "g_idx")
-        if not isinstance(g_idx, torch.Tensor) or g_idx.is_meta or g_idx.shape != (self.in_features,):
-            return  # absent, or a shape error that the default loading reports
-        scales = state_dict.get(prefix + "scales", self.scales)
-        G = scales.shape[0] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else self.scales.shape[0]
-        if g_idx.dtype.is_floating_point:
-            raise ValueError(f"{prefix}g_idx must be an integer tensor, got dtype {g_idx.dtype}")
-        check_g_idx_range(g_idx, G, f"{prefix}g_idx")
+        g_idx = state_dict.get(prefix + "g_idx")  # int32 [K] if present (_incoming_errors)
+        if g_idx is not None and not g_idx.is_meta:
+            check_g_idx_range(g_idx, self.scales.shape[0], f"{prefix}g_idx")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-def _fits(t, rows: int, cols: int) -> bool:
-    """An incoming checkpoint qweight that the default loading copies in whole (int32, the layer's shape)."""
-    return isinstance(t, torch.Tensor) and not t.is_meta and t.dtype == torch.int32 and tuple(t.shape) == (rows, cols)
+def _error_msgs(args, kwargs) -> list[str] | None:
+    """torch's error_msgs argument of _load_from_state_dict (after strict, missing_keys, unexpected_keys)."""
+    return args[3] if len(args) > 3 else kwargs.get("error_msgs")
 
 
 _CHECKPOINT_QWEIGHT_DEVICE: contextvars.ContextVar[torch.device | str | None] = contextvars.ContextVar(

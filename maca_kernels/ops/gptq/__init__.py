@@ -13,15 +13,18 @@ import contextlib
 import torch
 
 from .prepare import NotPositiveDefiniteError, check_inputs, ieee_fp32_matmul, prepare
+from .quantizer import check_scales
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
 
 BACKENDS = (None, "triton", "cpp", "reference")
 
 
-def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym, compute_loss) -> GPTQResult:
+def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sym, compute_loss,
+              name) -> GPTQResult:
     N, K = W.shape
     perm = prep.perm
+    check_scales(prep.static_scale if prep.static_scale is not None else dyn_scales, name)
     codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
     codes[:, perm] = codes_pos.to(torch.int32)
     g = group_size if group_size > 0 else K
@@ -84,6 +87,7 @@ def gptq_quantize(
     damp_steps = None if damp_steps is None else tuple(damp_steps)  # a generator would be used up by the check
     check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
                  scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
+    bits = int(bits)  # checked: an int or an integer-like (e.g. numpy's), as the extension wants it
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
@@ -112,7 +116,7 @@ def gptq_quantize(
             codes, scales, zeros = gptq_sweep_cpp(prep, bits, group_size, sym, mse)
         else:
             codes, scales, zeros = gptq_sweep_reference(prep, bits, group_size, sym, mse)
-        return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss)
+        return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss, name)
 
 
 __all__ = ["GPTQResult", "NotPositiveDefiniteError", "gptq_quantize"]

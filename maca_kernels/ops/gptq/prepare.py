@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ...formats.gptq import check_bits
 from .quantizer import find_params
 
-BITS = (2, 3, 4, 8)
 # Damping fractions tried after the requested one when H (+ damping) is not positive definite.
 DAMP_STEPS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -61,8 +61,7 @@ def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, sal
         raise ValueError(f"H must be a floating-point [K, K] = [{K}, {K}] tensor, got {got}{where}")
     if H.device != W.device:
         raise ValueError(f"H is on {H.device} but W is on {W.device}{where}")
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}{where}")
+    check_bits(bits, where)
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}{where}")
     if group_size > 0 and K % group_size:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import dequantize, find_params, quantize
+from ...formats.gptq import check_bits, check_group_size
+from .quantizer import check_scales, dequantize, find_params, quantize
 from .result import GPTQResult
 
 
@@ -16,17 +17,18 @@ def rtn_quantize(
     *,
     mse: bool = False,
     H: torch.Tensor | None = None,
+    name: str | None = None,
 ) -> GPTQResult:
     """Quantize ``W`` [N, K] group by group with the same quantizer as ``gptq_quantize`` (fp16 scales,
-    zeros never 0). ``loss`` is ``tr(ΔW H ΔWᵀ)`` when ``H`` is given, else NaN."""
+    zeros never 0). ``loss`` is ``tr(ΔW H ΔWᵀ)`` when ``H`` is given, else NaN. ``name`` labels errors
+    (e.g. the layer's name)."""
+    where = f" (layer {name})" if name else ""
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
-        raise ValueError(f"W must be a 2-D floating tensor [N, K], got {getattr(W, 'shape', type(W).__name__)}")
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits!r}")
+        raise ValueError(f"W must be a 2-D floating tensor [N, K], got {getattr(W, 'shape', type(W).__name__)}{where}")
+    bits = check_bits(bits, where)
     N, K = W.shape
+    group_size = check_group_size(group_size, K, where)
     g = K if group_size == -1 else group_size
-    if not isinstance(g, int) or g <= 0 or K % g:
-        raise ValueError(f"group_size = {group_size} must divide K = {K} (or be -1 for one group)")
     maxq = 2**bits - 1
     Wf = W.float()
     codes = torch.empty(N, K, dtype=torch.int32, device=W.device)
@@ -40,6 +42,7 @@ def rtn_quantize(
         codes[:, j * g : (j + 1) * g] = q.to(torch.int32)
         weight[:, j * g : (j + 1) * g] = dequantize(q, scale, zero)
         scales[:, j], zeros[:, j] = scale, zero.to(torch.int32)
+    check_scales(scales, name)
     loss = float("nan")
     if H is not None:
         dW = Wf - weight

@@ -29,8 +29,8 @@ def _rint(x):
 
 @triton.jit
 def _round_scale(s):
-    s = tl.minimum(tl.maximum(s, 5.960464477539063e-08), 65504.0)  # [2⁻²⁴, fp16 max]
-    return s.to(tl.float16).to(tl.float32)
+    s = s.to(tl.float16).to(tl.float32)  # as quantizer.round_scale: an underflow (0) as 2⁻²⁶, an overflow as 2¹⁶
+    return tl.where(s == 0.0, 1.4901161193847656e-08, tl.minimum(s, 65536.0))
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...formats.gptq import CHECKPOINT_FORMATS, SUPPORTED_BITS
+from ...formats.gptq import check_bits, check_checkpoint_format
 
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,11 +57,8 @@ def validate_quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, c
                           check_range: bool = False) -> QmmShape:
     """Checks x ``[..., K]`` against the GPTQ checkpoint tensors; returns the shapes and a normalised g_idx.
     The g_idx range is checked for CPU tensors, and for CUDA ones too with ``check_range``."""
-    bits = int_arg(bits, "bits")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    bits = check_bits(bits)
+    check_checkpoint_format(checkpoint_format)
     group_size = int_arg(group_size, "group_size")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor [..., K], got {type(x).__name__}")

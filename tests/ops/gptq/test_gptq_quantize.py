@@ -222,6 +222,15 @@ def test_bad_arguments(kwargs, exc, match):
         mk.gptq_quantize(W, H, **kwargs)
 
 
+@pytest.mark.parametrize("bits", [4.0, True, 5])
+def test_bits_must_be_a_supported_int(bits):
+    """4.0 == 4, but the kernels take an int: refused up front (it used to fail inside the extension)."""
+    W, H, _ = correlated_problem(8, 128, seed=7)
+    for call in (lambda: mk.gptq_quantize(W, H, bits=bits, name="fc"), lambda: mk.rtn_quantize(W, bits, 32)):
+        with pytest.raises(ValueError, match=rf"bits must be one of \(2, 3, 4, 8\), got {bits!r}"):
+            call()
+
+
 def test_bad_tensors():
     W, H, _ = correlated_problem(8, 128, seed=8)
     with pytest.raises(ValueError, match=r"H must be a floating-point \[K, K\]"):

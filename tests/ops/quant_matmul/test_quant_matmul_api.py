@@ -113,6 +113,7 @@ def test_quant_linear_compiles_on_cpu():
     "kwargs, match",
     [
         (dict(bits=5), "bits must be one of"),
+        (dict(bits=4.0), r"bits must be one of \(2, 3, 4, 8\), got 4.0"),
         (dict(checkpoint_format="awq"), "checkpoint_format must be one of"),
         (dict(group_size=48), "does not split K"),
         (dict(backend="cuda"), "backend must be one of"),
