@@ -8,9 +8,11 @@ quantized gate/up): each group's Hessian is accumulated once from a forward pass
 GPTAQ carries the full-precision stream alongside and feeds the cross term ``ΔXᵀX`` (``ΔX = X_fp − X``).
 
 Calibration sequences of one length run as one unpadded batch (``Calibration.by_length``), so padding
-never enters a Hessian. With ``resume_dir`` each finished layer is saved atomically (its quantized
-tensors and the next layer's inputs); a rerun with the same arguments continues there with bit-identical
-results, and one with other arguments refuses to.
+never enters a Hessian. The caller's model is only read until the end: each layer is quantized in a working
+copy and the QuantLinear modules go in together, so an exception leaves the model as it was. With
+``resume_dir`` each finished layer is committed (its quantized tensors and the next layer's inputs, see
+``resume.py``); a rerun with the same arguments and weights continues there with bit-identical results, and
+one with other arguments or weights refuses to.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .formats.gptq import check_bits
 from .nn import QuantLinear
 from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
 from .ops.hessian.accumulator import HessianAccumulator
+from .resume import ResumeDir, module_hash, tensors_hash
 
 METHODS = ("gptq", "gptaq", "rtn")
 
@@ -171,32 +173,18 @@ def _group_linears(layer, linears: dict[str, nn.Linear], batch: _Batch) -> list[
 
 
 # --------------------------------------------------------------------------------------------------
-# resumable state
+# resumable state (the files and their commit point: resume.py)
 # --------------------------------------------------------------------------------------------------
-def _fingerprint(model, id_batches, settings: dict) -> str:
+def _fingerprint(model, layers_name: str, id_batches, settings: dict) -> str:
+    """Settings, calibration tokens, config and every weight outside the decoder layers (each finished layer's
+    weights are checked on their own against the manifest)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for ids in id_batches:
         h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
     h.update(str(getattr(model, "config", "")).encode())
+    outside = {k: v for k, v in model.state_dict().items() if not k.startswith(layers_name + ".")}
+    h.update(tensors_hash(outside).encode())
     return h.hexdigest()[:16]
-
-
-def _atomic_save(state_dir: str, files: dict[str, dict[str, torch.Tensor]], progress: dict) -> None:
-    """Write tensors and progress.json into state_dir so that a crash leaves the previous state whole:
-    tensor files first (new names), progress.json last by rename."""
-    from safetensors.torch import save_file
-
-    os.makedirs(state_dir, exist_ok=True)
-    for name, tensors in files.items():
-        tmp = os.path.join(state_dir, f".{name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, os.path.join(state_dir, name))
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".progress")
-    with os.fdopen(fd, "w") as f:
-        json.dump(progress, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(state_dir, "progress.json"))
 
 
 def _stream_tensors(q_batches, fp_batches) -> dict[str, torch.Tensor]:
@@ -277,6 +265,8 @@ def quantize_model(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if weighting not in ("sequence", "token"):
         raise ValueError(f"weighting must be 'sequence' or 'token', got {weighting!r}")
+    bits = check_bits(bits)  # before any forward pass: a bad setting fails at once, not at the first solve
+    _refuse_quantized(model)
     layers_name, layers = decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -285,129 +275,183 @@ def quantize_model(
                     mse=mse, reg=reg)
     stats = QuantizeStats()
     t_start = time.perf_counter()
-    results: dict[str, GPTQResult] = {}
-    model.eval()
 
     id_batches = [] if method == "rtn" else _micro_batches(_lengths_groups(calib), max_batch_tokens)
     if method != "rtn" and not id_batches:
         raise ValueError("calib holds no sequences")
     settings = dict(method=method, weighting=weighting, base=base, overrides=overrides, alpha=alpha, **solve_kw)
-    fingerprint = _fingerprint(model, id_batches, settings)
-    done_layers, module_meta = 0, {}
-    if resume_dir is not None and os.path.exists(os.path.join(resume_dir, "progress.json")):
-        with open(os.path.join(resume_dir, "progress.json")) as f:
-            saved = json.load(f)
-        if saved["fingerprint"] != fingerprint:
-            diff = {k: (saved["settings"].get(k), v) for k, v in json.loads(json.dumps(settings, default=str)).items()
-                    if saved["settings"].get(k) != v}
-            raise ValueError(f"resume_dir {resume_dir} holds a run with other arguments "
-                             f"({diff or 'same settings; other calibration data or model'}): refusing to resume; "
-                             "use another folder or delete it")
-        done_layers, module_meta = saved["done_layers"], saved["modules"]
+    state = layer_hashes = manifest = None
+    if resume_dir is not None:
+        layer_hashes = [module_hash(layer) for layer in layers]
+        state = ResumeDir(resume_dir, _fingerprint(model, layers_name, id_batches, settings), settings)
+        manifest = state.read_manifest(layer_hashes)
 
-    with torch.no_grad():
-        q_batches = fp_batches = None
-        if method != "rtn":
-            if done_layers:
-                from safetensors.torch import load_file
-
-                streams = load_file(os.path.join(resume_dir, "streams.safetensors"), device=str(device))
-                kw = _capture_first_inputs(model, layers, id_batches, device)
-                q_batches = [_Batch(streams[f"q.{i}"], b.kwargs) for i, b in enumerate(kw)]
-                if method == "gptaq":
-                    fp_batches = [_Batch(streams[f"fp.{i}"], b.kwargs) for i, b in enumerate(kw)]
-            else:
-                t0 = time.perf_counter()
-                q_batches = _capture_first_inputs(model, layers, id_batches, device)
-                if method == "gptaq":
-                    fp_batches = list(q_batches)  # the streams part after layer 0 (layers make new tensors)
-                stats.forward_s += time.perf_counter() - t0
-        if done_layers:
-            from safetensors.torch import load_file
-
-            for i in range(done_layers):
-                t = load_file(os.path.join(resume_dir, f"layer_{i:04d}.safetensors"))
-                prefix = f"{layers_name}.{i}."
-                meta = {k: v for k, v in module_meta.items() if k.startswith(prefix)}
-                for name, r in _results_from_tensors(t, meta).items():
-                    results[name] = r
-                    model.get_submodule(name).weight.data.copy_(r.weight.to(model.get_submodule(name).weight.dtype))
-            stats.modules.update(module_meta)
-            _say(log, f"resuming after layer {done_layers - 1} of {len(layers)} ({resume_dir})")
-
-        bar = _progress(range(done_layers, len(layers)), progress, len(layers), done_layers)
-        group_cache: dict[tuple, list[list[str]]] = {}
-        for i in bar:
-            layer = layers[i].to(device)
-            fp_layer = None
-            if method == "gptaq":
-                fp_layer = copy.deepcopy(layer)
-            linears = _linears(layer)
-            prefix = f"{layers_name}.{i}."
-            layer_results: dict[str, GPTQResult] = {}
-            if method == "rtn":
-                groups = [[n] for n in linears]
-            else:  # decoder layers repeat one structure: find the groups once per set of module names
-                shape_key = tuple(linears)
-                if shape_key not in group_cache:
-                    group_cache[shape_key] = _group_linears(layer, linears, q_batches[0])
-                groups = group_cache[shape_key]
-            for group in groups:
-                H = dxxt = None
-                if method != "rtn":
-                    H, dxxt = _group_hessian(layer, fp_layer, linears[group[0]],
-                                             _linears(fp_layer)[group[0]] if fp_layer is not None else None,
-                                             q_batches, fp_batches, weighting, stats, device)
-                for name in group:
-                    full = prefix + name
-                    s = _module_settings(full, base, overrides)
-                    t0 = time.perf_counter()
-                    W = linears[name].weight.data
-                    if method == "rtn":
-                        r = rtn_quantize(W, s["bits"], s["group_size"], sym, mse=mse)
-                    else:
-                        r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=alpha, name=full,
-                                          **solve_kw)
-                    dt = time.perf_counter() - t0
-                    stats.solve_s += dt
-                    W.copy_(r.weight.to(W.dtype))  # later groups and layers see the quantized weights
-                    layer_results[full] = _cpu_result(r)
-                    stats.modules[full] = dict(loss=r.loss, damp=r.damp, bits=s["bits"], group_size=s["group_size"],
-                                               sym=sym, seconds=round(dt, 4))
-                    if callback is not None:
-                        callback(full, H, r)
-                    _say(log, f"{full}: {s['bits']}-bit g{s['group_size']}, loss {r.loss:.4g}, damp {r.damp:.3g}, "
-                              f"{dt:.2f} s")
-            if method != "rtn":
-                t0 = time.perf_counter()
-                q_batches = [_Batch(_first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in q_batches]
-                if fp_layer is not None:
-                    fp_batches = [_Batch(_first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in fp_batches]
-                stats.forward_s += time.perf_counter() - t0
-            layers[i] = layer.to(home)
-            results.update(layer_results)
-            if resume_dir is not None:
-                progress_state = dict(fingerprint=fingerprint, settings=json.loads(json.dumps(settings, default=str)),
-                                      done_layers=i + 1, modules=stats.modules)
-                files = {f"layer_{i:04d}.safetensors": _result_tensors(layer_results)}
-                if method != "rtn":
-                    files["streams.safetensors"] = _stream_tensors(q_batches, fp_batches)
-                _atomic_save(resume_dir, files, progress_state)
-
-    t0 = time.perf_counter()
-    for name, r in results.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        bias = None if old.bias is None else old.bias.detach().to(torch.float16)
-        setattr(parent, child, QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format).to(home))
-    stats.pack_s += time.perf_counter() - t0
+    # The caller's model is only read until every layer is done: each layer is quantized in a working copy, and
+    # the QuantLinear modules go in at the end. An exception or Ctrl-C leaves the model as it was.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides,
+                                       solve_kw, alpha, device, state, manifest, layer_hashes, stats, progress, log,
+                                       callback)
+        t0 = time.perf_counter()
+        qcfg = _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting,
+                             calib, overrides, damp, mse)
+        _install(model, results, checkpoint_format, home, qcfg)
+        stats.pack_s += time.perf_counter() - t0
+    except BaseException:
+        model.train(was_training)
+        raise
     stats.peak_memory_mb = _peak_memory_mb(device)
-    model.config.quantization_config = _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format,
-                                                     method, weighting, calib, overrides, damp, mse)
     model.quantize_stats = stats
     _say(log, stats.summary() + f" (wall {time.perf_counter() - t_start:.1f} s)")
     return model
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if quantized:
+        raise ValueError(f"the model is already quantized ({len(quantized)} QuantLinear modules, e.g. "
+                         f"{quantized[0]!r}): quantize_model takes a model with float weights")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise ValueError("model.config.quantization_config is set: the model is already quantized; quantize_model "
+                         "takes a model with float weights")
+
+
+def _resumed_layer(state: ResumeDir, manifest: dict, layers_name: str, i: int, linears: dict) -> dict:
+    """Layer i's results from the resume folder, checked against the layer's modules."""
+    fname = f"layer_{i:04d}.safetensors"
+    prefix = f"{layers_name}.{i}."
+    meta = {k: v for k, v in manifest["modules"].items() if k.startswith(prefix)}
+    if sorted(meta) != sorted(prefix + n for n in linears):
+        raise state._error("progress.json", f"names modules {sorted(meta)} for layer {i}, the model has "
+                                            f"{sorted(prefix + n for n in linears)}")
+    tensors = state.load(fname)
+    want = {}
+    for name, m in meta.items():
+        if not isinstance(m, dict) or any(k not in m for k in ("loss", "damp", "bits", "group_size", "sym")):
+            raise state._error("progress.json", f"has incomplete settings for {name}")
+        N, K = linears[name[len(prefix):]].weight.shape
+        G = 1 if m["group_size"] == -1 else K // m["group_size"]
+        want.update({f"{name}.codes": (N, K), f"{name}.scales": (N, G), f"{name}.zeros": (N, G),
+                     f"{name}.g_idx": (K,)})
+    state.check(fname, tensors, want)
+    return _results_from_tensors(tensors, meta)
+
+
+def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, solve_kw, alpha,
+                     device, state, manifest, layer_hashes, stats, progress, log, callback) -> dict[str, GPTQResult]:
+    results: dict[str, GPTQResult] = {}
+    done_layers = manifest["done_layers"] if manifest else 0
+    for i in range(done_layers):
+        results.update(_resumed_layer(state, manifest, layers_name, i, _linears(layers[i])))
+    if done_layers:
+        stats.modules.update(manifest["modules"])
+        _say(log, f"resuming after layer {done_layers - 1} of {len(layers)} ({state.path})")
+
+    q_batches = fp_batches = None
+    if method != "rtn" and done_layers < len(layers):
+        t0 = time.perf_counter()
+        first = _capture_first_inputs(model, layers, id_batches, device)
+        stats.forward_s += time.perf_counter() - t0
+        if done_layers:  # the inputs of the next layer, with the keyword arguments captured afresh
+            fname = f"streams_{done_layers - 1:04d}.safetensors"
+            streams = state.load(fname, device)
+            kinds = ("q", "fp") if method == "gptaq" else ("q",)
+            state.check(fname, streams, {f"{k}.{j}": b.hidden.shape for k in kinds for j, b in enumerate(first)})
+            q_batches = [_Batch(streams[f"q.{j}"], b.kwargs) for j, b in enumerate(first)]
+            if method == "gptaq":
+                fp_batches = [_Batch(streams[f"fp.{j}"], b.kwargs) for j, b in enumerate(first)]
+        else:
+            q_batches = first
+            if method == "gptaq":
+                fp_batches = list(q_batches)  # the streams part after layer 0 (layers make new tensors)
+
+    bar = _progress(range(done_layers, len(layers)), progress, len(layers), done_layers)
+    group_cache: dict[tuple, list[list[str]]] = {}
+    for i in bar:
+        layer = copy.deepcopy(layers[i]).to(device)  # the working copy: the caller's layer stays as it is
+        fp_layer = copy.deepcopy(layer) if method == "gptaq" else None
+        linears = _linears(layer)
+        prefix = f"{layers_name}.{i}."
+        layer_results: dict[str, GPTQResult] = {}
+        if method == "rtn":
+            groups = [[n] for n in linears]
+        else:  # decoder layers repeat one structure: find the groups once per set of module names
+            shape_key = tuple(linears)
+            if shape_key not in group_cache:
+                group_cache[shape_key] = _group_linears(layer, linears, q_batches[0])
+            groups = group_cache[shape_key]
+        for group in groups:
+            H = dxxt = None
+            if method != "rtn":
+                H, dxxt = _group_hessian(layer, fp_layer, linears[group[0]],
+                                         _linears(fp_layer)[group[0]] if fp_layer is not None else None,
+                                         q_batches, fp_batches, weighting, stats, device)
+            for name in group:
+                full = prefix + name
+                s = _module_settings(full, base, overrides)
+                t0 = time.perf_counter()
+                W = linears[name].weight.data
+                if method == "rtn":
+                    r = rtn_quantize(W, s["bits"], s["group_size"], solve_kw["sym"], mse=solve_kw["mse"], name=full)
+                else:
+                    r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=alpha, name=full,
+                                      **solve_kw)
+                dt = time.perf_counter() - t0
+                stats.solve_s += dt
+                W.copy_(r.weight.to(W.dtype))  # later groups (in this copy) and layers see the quantized weights
+                layer_results[full] = _cpu_result(r)
+                stats.modules[full] = dict(loss=r.loss, damp=r.damp, bits=s["bits"], group_size=s["group_size"],
+                                           sym=solve_kw["sym"], seconds=round(dt, 4))
+                if callback is not None:
+                    callback(full, H, r)
+                _say(log, f"{full}: {s['bits']}-bit g{s['group_size']}, loss {r.loss:.4g}, damp {r.damp:.3g}, "
+                          f"{dt:.2f} s")
+        if method != "rtn":
+            t0 = time.perf_counter()
+            q_batches = [_Batch(_first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in q_batches]
+            if fp_layer is not None:
+                fp_batches = [_Batch(_first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in fp_batches]
+            stats.forward_s += time.perf_counter() - t0
+        del layer, fp_layer
+        results.update(layer_results)
+        if state is not None:
+            streams = None if method == "rtn" else _stream_tensors(q_batches, fp_batches)
+            state.commit(i, _result_tensors(layer_results), streams, layer_hashes, stats.modules)
+    return results
+
+
+def _install(model: nn.Module, results: dict[str, GPTQResult], checkpoint_format: str, home, qcfg: dict) -> None:
+    """Replace each quantized Linear by its QuantLinear and set the config; all or nothing."""
+    new = {}
+    for name, r in results.items():
+        old = model.get_submodule(name)
+        bias = None if old.bias is None else old.bias.detach().to(torch.float16)
+        new[name] = QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format).to(home)
+    swapped: list[tuple[str, nn.Module]] = []
+    had_cfg = "quantization_config" in vars(model.config)
+    try:
+        for name, q in new.items():
+            swapped.append((name, _swap(model, name, q)))
+        model.config.quantization_config = qcfg
+    except BaseException:
+        for name, old in reversed(swapped):
+            _swap(model, name, old)
+        if had_cfg:
+            model.config.quantization_config = None  # _refuse_quantized saw None there
+        else:
+            vars(model.config).pop("quantization_config", None)
+        raise
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 def _group_hessian(layer, fp_layer, module, fp_module, q_batches, fp_batches, weighting, stats, device):
