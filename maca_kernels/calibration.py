@@ -243,14 +243,25 @@ def load_token_ids(source=None, tokenizer=None, *, text: str | None = None, colu
     return ids
 
 
-def _read_source(source, column: str) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"source={path[:80]!r} is not a file (pass raw text as text=...)")
-        opener = gzip.open if path.endswith(".gz") else open
+def read_text(path) -> str:
+    """A plain or ``.gz`` UTF-8 text file; ValueError naming the file if it is not one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source={path[:80]!r} is not a file (pass raw text as text=...)")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
         with opener(path, "rt", encoding="utf-8") as f:
             return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.object[e.start]:#04x} at offset {e.start} of "
+                         "the decoded stream)") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .gz file ({e})") from None
+
+
+def _read_source(source, column: str) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return read_text(source)
     # Duck-typed so `datasets` stays optional: a Dataset exposes column_names and ds[column] -> list[str].
     names = getattr(source, "column_names", None)
     if names is None:

@@ -17,8 +17,11 @@ layout that transformers (+ optimum + gptqmodel), GPTQModel and vLLM read:
   weights are stored once (the transformers convention).
 
 Writes are atomic: everything goes to a hidden temporary sibling folder, every file and the folder
-are fsynced, and only then is the folder moved into place (an existing folder is swapped out at the
-very end and deleted after). An interruption leaves the previous folder untouched.
+are fsynced, and only then is the folder moved into place (an existing checkpoint is exchanged with it
+in one ``renameat2`` at the very end). An interruption leaves the previous folder untouched, and the
+next save removes the temporary folder it left. Nothing that save_quantized did not write is ever
+deleted: it writes only into a new or empty folder, or over a checkpoint it wrote before (listed in
+``maca_kernels_files.json``) when asked to (``overwrite=True``); other entries in that folder are kept.
 """
 
 from __future__ import annotations
@@ -31,19 +34,21 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .formats.gptq import CHECKPOINT_FORMATS as _FORMATS
-from .formats.gptq import SUPPORTED_BITS as _SUPPORTED_BITS
+from .formats.gptq import check_bits
 from .nn.quant_linear import QuantLinear, checkpoint_qweights_on
 
-__all__ = ["load_quantized", "quantization_config", "save_quantized"]
+__all__ = ["check_out_dir", "load_quantized", "quantization_config", "save_quantized"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+OWN_FILES = "maca_kernels_files.json"  # the entries save_quantized wrote: only those are ever replaced
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -81,8 +86,7 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool, c
     (no GAR ordering: transformers' default would otherwise claim True). ``meta.quantizer`` lists the
     producer as ``"maca_kernels:<version>"`` (GPTQModel's ``tool:version`` convention).
     """
-    if isinstance(bits, bool) or bits not in _SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {_SUPPORTED_BITS}, got {bits!r}")
+    bits = check_bits(bits)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1, got {group_size!r}")
     if checkpoint_format not in _FORMATS:
@@ -131,9 +135,7 @@ def _read_qcfg(qcfg) -> tuple[int, int, str, bool]:
     method = str(qcfg.get("quant_method", "gptq")).lower()
     if method != "gptq":
         raise ValueError(f"quantization_config.quant_method must be 'gptq', got {method!r}")
-    bits = qcfg.get("bits")
-    if isinstance(bits, bool) or bits not in _SUPPORTED_BITS:
-        raise ValueError(f"quantization_config.bits must be one of {_SUPPORTED_BITS}, got {bits!r}")
+    bits = check_bits(qcfg.get("bits"), " (quantization_config.bits)")
     group_size = qcfg.get("group_size", 128)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"quantization_config.group_size must be a positive int or -1, got {group_size!r}")
@@ -275,9 +277,147 @@ def _check_model_against_config(qmods: dict[str, QuantLinear], qcfg: dict) -> No
                          f"{'' if lm_head_quantized else 'not '}a QuantLinear")
 
 
-def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2GB") -> Path:
+def _own_files(folder: Path) -> set[str] | None:
+    """The entries save_quantized wrote into ``folder`` (its manifest), or None if it wrote none there."""
+    try:
+        m = json.loads((folder / OWN_FILES).read_text())
+        files = m["files"]
+        if m.get("written_by") != "maca_kernels" or not all(isinstance(f, str) for f in files):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(files) | {OWN_FILES}
+
+
+def check_out_dir(out_dir, overwrite: bool = False) -> Path:
+    """Where ``save_quantized`` may write: a new or empty folder, or with ``overwrite`` a checkpoint it wrote
+    before. Anything else raises FileExistsError and nothing is touched. Call it before long work (the CLI does)."""
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out_dir {str(out)!r} exists and is not a folder")
+    entries = sorted(os.listdir(out)) if out.is_dir() else []
+    if not entries:
+        return out
+    if _own_files(out) is None:
+        raise FileExistsError(f"out_dir {str(out)!r} is not empty and holds no checkpoint written by save_quantized "
+                              f"({entries[:5]}{' …' if len(entries) > 5 else ''}): refusing to write there; choose a "
+                              "new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"out_dir {str(out)!r} holds a checkpoint: pass overwrite=True (CLI: --overwrite) to "
+                              "replace it")
+    return out
+
+
+_TEMP = r"\.{name}\.(tmp|old)-(\d+)-[0-9a-f]{{12}}"
+
+
+_ACTIVE: set[Path] = set()  # this process's temp folders in use (others of this pid were left by an interruption)
+
+
+def _temp_name(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """What a killed save left beside ``out``: its hidden temp folders (a whole checkpoint each). A killed
+    replacement that had moved the previous checkpoint aside (no renameat2) gets it back first."""
+    pattern = re.compile(_TEMP.format(name=re.escape(out.name)))
+    stale = [p for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name))
+             and (not _alive(int(m.group(2))) or (int(m.group(2)) == os.getpid() and p not in _ACTIVE))]
+    for p in stale:
+        if not out.exists() and ".old-" in p.name:
+            os.rename(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _link_into(src: Path, dst: Path) -> None:
+    """Hard links (symlinks copied, folders recreated): ``dst`` shares the user's data without copying it."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        shutil.copystat(src, dst)
+        for child in src.iterdir():
+            _link_into(child, dst / child.name)
+    else:
+        os.link(src, dst)
+
+
+def _keep_foreign(out: Path, tmp: Path) -> set[str]:
+    """Link the entries of the existing ``out`` that save_quantized did not write into the new folder ``tmp``."""
+    own = _own_files(out) or set()
+    foreign = sorted(set(os.listdir(out)) - own)
+    for name in foreign:
+        if (tmp / name).exists():
+            raise FileExistsError(f"{out / name} was not written by save_quantized and the new checkpoint has a file "
+                                  "of that name: move it away first")
+        try:
+            _link_into(out / name, tmp / name)
+        except OSError as e:
+            raise FileExistsError(f"cannot keep {out / name} (not written by save_quantized) in the replaced "
+                                  f"checkpoint ({e}): move it away first") from None
+    return set(foreign)
+
+
+def _discard_old(old: Path, out: Path, linked: set[str]) -> None:
+    """Remove the replaced checkpoint: its own files, and what was linked into the new one. Anything else (it
+    appeared after the links were made) is moved into ``out`` or, on a name clash, left where it is."""
+    own = _own_files(old) or set()
+    for p in old.iterdir():
+        if p.name in own or p.name in linked:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif not os.path.lexists(out / p.name):
+            os.rename(p, out / p.name)
+    try:
+        old.rmdir()
+    except OSError:
+        warnings.warn(f"left {old}: it holds entries that save_quantized did not write and {out} already has",
+                      stacklevel=3)
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``out`` (absent, empty, or a checkpoint of ours whose foreign
+    entries are kept): one atomic exchange where the OS has it."""
+    if not out.exists():
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        return
+    try:
+        linked = _keep_foreign(out, tmp)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new files and links only: out is untouched
+        raise
+    if _exchange(tmp, out):  # tmp now holds the old folder
+        old = tmp
+    else:
+        old = _temp_name(out, "old")
+        _ACTIVE.add(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    try:
+        _discard_old(old, out, linked)
+    finally:
+        _ACTIVE.discard(old)
+
+
+def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2GB", overwrite: bool = False) -> Path:
     """Write ``model`` (a transformers causal LM holding QuantLinear modules) to ``out_dir`` as a GPTQ
-    safetensors checkpoint; atomic (see the module docstring). Returns the folder's path."""
+    safetensors checkpoint; atomic (see the module docstring). ``out_dir`` must be new, empty, or (with
+    ``overwrite=True``) a checkpoint written here before: then only the files it wrote are replaced, and
+    anything else in the folder is kept. Returns the folder's path."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise TypeError("model must be a transformers PreTrainedModel (it needs .config)")
@@ -288,15 +428,15 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         else:
             _read_qcfg(None)
     max_bytes = _parse_size(max_shard_size)
+    out_dir = check_out_dir(out_dir, overwrite)
     tensors, qmods = _collect(model)
     _check_model_against_config(qmods, qcfg)
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {str(out_dir)!r} exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    _remove_stale_temps(out_dir)
+    tmp = _temp_name(out_dir, "tmp")
     tmp.mkdir()
+    _ACTIVE.add(tmp)
     try:
         cfg = copy.deepcopy(config)
         cfg.quantization_config = copy.deepcopy(qcfg)
@@ -315,27 +455,29 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_shards(tensors, tmp, max_bytes)
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / OWN_FILES).write_text(json.dumps({"written_by": "maca_kernels", "files": written}, indent=1) + "\n")
+        mode = 0o666 & ~_umask()  # safetensors creates its files 0600: give them the mode the other files have
         for p in tmp.iterdir():
             if p.is_file():
+                os.chmod(p, mode)
                 _fsync_file(p)
         _fsync_dir(tmp)
-        if out_dir.exists():
-            if _exchange(tmp, out_dir):  # tmp now holds the old folder
-                _fsync_dir(out_dir.parent)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_dir
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _ACTIVE.discard(tmp)
         raise
+    try:
+        _commit(tmp, out_dir)
+    finally:
+        _ACTIVE.discard(tmp)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

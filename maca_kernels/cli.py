@@ -23,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a Hugging Face causal LM and write a GPTQ checkpoint")
     q.add_argument("--model", required=True, help="a model folder, or 'demo' for the embedded SmolLM2-135M")
-    q.add_argument("--out", required=True, help="output folder (GPTQ checkpoint)")
+    q.add_argument("--out", required=True, help="output folder (GPTQ checkpoint): new or empty, or a checkpoint "
+                   "written here before with --overwrite")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint in --out (only its own files; anything else there is kept)")
     q.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     q.add_argument("--group-size", type=int, default=128, help="columns per group, -1 for one group per row")
     q.add_argument("--method", default="gptq", choices=("gptq", "gptaq", "rtn"))
@@ -62,14 +65,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(path: str):
+def _load_tokenizer(path: str, required: bool):
+    """The folder's tokenizer; None where it has none and none is needed (RTN reads no text)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises several types, with messages of several lines
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        reason = (_one_line(exc) if any(os.path.exists(os.path.join(path, f)) for f in files)
+                  else f"none of {', '.join(files)}")
+        if required:
+            raise UsageError(f"--model {path}: no usable tokenizer in the folder ({reason})") from None
+        print(f"maca-kernels: note: no usable tokenizer in {path}; the checkpoint is written without one",
+              file=sys.stderr)
+        return None
+
+
+def _check_model_path(path: str) -> None:
+    if path != "demo" and not os.path.isdir(path):
+        raise UsageError(f"--model {path}: no such folder")
+
+
+def _load_model(path: str, need_tokenizer: bool = True):
     """(model, tokenizer) from a folder (a GPTQ checkpoint of ours or a plain model) or 'demo'."""
     if path == "demo":
         from . import embedded
 
         return embedded.load_model()
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: no such folder")
+    _check_model_path(path)
     import json
 
     cfg_path = os.path.join(path, "config.json")
@@ -77,10 +102,7 @@ def _load_model(path: str):
         raise UsageError(f"--model {path}: no config.json (not a Hugging Face model folder)")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _load_tokenizer(path, need_tokenizer)
     if "quantization_config" in cfg:
         import torch
 
@@ -97,7 +119,8 @@ def _load_model(path: str):
     return model.eval(), tokenizer
 
 
-def _text_ids(path: str | None, tokenizer, default_demo: bool):
+def _read_text(path: str | None, default_demo: bool) -> str:
+    """The text of --text (read before the model loads: a bad file fails at once), or the demo's."""
     from . import calibration
 
     if path is None:
@@ -105,22 +128,52 @@ def _text_ids(path: str | None, tokenizer, default_demo: bool):
             raise UsageError("--text is required (a plain or .gz text file)")
         from . import embedded
 
-        return calibration.load_token_ids(text=embedded.jargon_text(), tokenizer=tokenizer)
+        return embedded.jargon_text()
+    _check_text(path)
+    return calibration.read_text(path)
+
+
+def _check_text(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"--text {path}: is a folder, expected a text file (plain or .gz)")
     if not os.path.isfile(path):
         raise UsageError(f"--text {path}: no such file")
-    return calibration.load_token_ids(path, tokenizer)
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device (expected e.g. cpu, cuda, cuda:1)") from None
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise UsageError(f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__})")
+    if dev.index is not None and hasattr(backend, "device_count") and dev.index >= backend.device_count():
+        raise UsageError(f"--device {device}: this machine has {backend.device_count()} {dev.type} device(s)")
 
 
 def _quantize(a) -> None:
     import torch
 
     from . import calibration
-    from .checkpoint import save_quantized
+    from .checkpoint import check_out_dir, save_quantized
     from .pipeline import decoder_layers, quantize_model
 
     if a.group_size != -1 and a.group_size <= 0:
         raise UsageError(f"--group-size must be a positive divisor of the hidden sizes or -1, got {a.group_size}")
-    model, tokenizer = _load_model(a.model)
+    # everything that can be checked before the model loads and the run starts
+    try:
+        check_out_dir(a.out, a.overwrite)
+    except FileExistsError as exc:
+        raise UsageError(f"--out: {exc}") from None
+    _check_device(a.device)
+    _check_model_path(a.model)
+    text = None if a.method == "rtn" else _read_text(a.text, a.model == "demo")
+    model, tokenizer = _load_model(a.model, need_tokenizer=a.method != "rtn")
     try:
         _, layers = decoder_layers(model)
     except ValueError as exc:
@@ -130,7 +183,7 @@ def _quantize(a) -> None:
             raise UsageError(f"--group-size {a.group_size} does not divide in_features = {m.in_features} of {name}")
     calib = None
     if a.method != "rtn":
-        ids = _text_ids(a.text, tokenizer, a.model == "demo")
+        ids = calibration.load_token_ids(text=text, tokenizer=tokenizer)
         calib_ids, _ = calibration.holdout_split(ids, eval_fraction=0.1)
         max_pos = getattr(model.config, "max_position_embeddings", None)
         if a.calib == "maca":
@@ -142,15 +195,18 @@ def _quantize(a) -> None:
     quantize_model(model, calib, a.bits, a.group_size, method=a.method,
                    weighting="sequence" if a.calib == "maca" else "token", sym=a.sym, act_order=a.act_order,
                    device=a.device, resume_dir=a.resume)
-    out = save_quantized(model, a.out, tokenizer=tokenizer)
+    out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
     print(f"wrote {out}")
 
 
 def _eval(a) -> None:
+    from . import calibration
     from .evaluate import perplexity
 
+    _check_model_path(a.model)
+    text = _read_text(a.text, False)
     model, tokenizer = _load_model(a.model)
-    ids = _text_ids(a.text, tokenizer, False)
+    ids = calibration.load_token_ids(text=text, tokenizer=tokenizer)
     for L in a.lengths:
         print(f"perplexity @{L}: {perplexity(model, ids, L, max_tokens=a.max_tokens, progress=True):.3f}")
 
@@ -181,6 +237,10 @@ def _study(a) -> None:
         run_study(a.out, max_runs=a.max_runs)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 COMMANDS = {"quantize": _quantize, "eval": _eval, "bench": _bench, "demo": _demo, "study": _study}
 
 
@@ -188,17 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # bad flags: argparse prints usage and exits with 2
     try:
         COMMANDS[args.command](args)
-    except UsageError as exc:
-        print(f"maca-kernels {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as exc:  # inputs the library refused (text too short, ...)
-        print(f"maca-kernels {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as exc:  # inputs refused (text too short, ...)
+        print(f"maca-kernels {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"maca-kernels {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a failed run: one line, the type and the reason
-        print(f"maca-kernels {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"maca-kernels {args.command}: failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

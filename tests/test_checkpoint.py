@@ -117,7 +117,8 @@ def test_round_trip(tmp_path, setting):
     ids = tokens()
     want = logits(model, ids)
     out = ckpt.save_quantized(model, tmp_path / "ck")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "maca_kernels_files.json",
+                                                   "model.safetensors"]
     no_pickle(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == model.config.quantization_config
@@ -212,7 +213,7 @@ def test_atomic_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with pytest.raises(OSError, match="simulated"):
-        ckpt.save_quantized(new, out, max_shard_size="30KB")
+        ckpt.save_quantized(new, out, max_shard_size="30KB", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old folder intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp folder left
 
@@ -224,13 +225,13 @@ def test_atomic_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(new.generation_config), "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_quantized(new, out)
+        ckpt.save_quantized(new, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     monkeypatch.undo()
 
     # a successful save replaces the folder, again leaving nothing beside it
-    ckpt.save_quantized(new, out)
+    ckpt.save_quantized(new, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 2
     ids = tokens(3)
@@ -242,7 +243,7 @@ def test_atomic_replace_without_renameat2(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
     a, b = quantize_tiny(4, True, False, seed=0), quantize_tiny(8, False, False, seed=1)
     out = ckpt.save_quantized(a, tmp_path / "ck")
-    ckpt.save_quantized(b, out)
+    ckpt.save_quantized(b, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     ids = tokens(5)
     assert torch.equal(logits(ckpt.load_quantized(out, dtype=torch.float32), ids), logits(b, ids))

@@ -65,3 +65,49 @@ def test_quantize_then_eval(capsys, tmp_path, model_dir):
     assert (out / "config.json").exists()
     code, err = run(capsys, "eval", "--model", str(out), "--text", str(text), "--lengths", "64", "--max-tokens", "512")
     assert code == 0, err
+
+
+def test_inputs_checked_before_the_run(capsys, tmp_path, model_dir, monkeypatch):
+    """Bad --out, --device and --text fail at once with one line and exit 2, before any quantization."""
+    path, text = model_dir
+    ran = []
+    monkeypatch.setattr("maca_kernels.pipeline.quantize_model", lambda *a, **k: ran.append(1))
+    q = ["quantize", "--model", str(path), "--group-size", "32"]
+    (tmp_path / "file").write_text("x")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.md").write_text("mine")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes([0xD2, 0xFF, 0x00]) * 50)
+    cases = [
+        ([*q, "--out", str(tmp_path / "file"), "--text", str(text)], "exists and is not a folder"),
+        ([*q, "--out", str(project), "--text", str(text)], "not empty and holds no checkpoint"),
+        ([*q, "--out", str(tmp_path / "o"), "--text", str(text), "--device", "bogus"], "--device bogus: not a device"),
+        ([*q, "--out", str(tmp_path / "o"), "--text", str(text), "--device", "meta:7"], "--device meta:7"),
+        ([*q, "--out", str(tmp_path / "o"), "--text", str(tmp_path)], "is a folder, expected a text file"),
+        ([*q, "--out", str(tmp_path / "o"), "--text", str(binary)], f"{binary}: not a UTF-8 text file"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append(([*q, "--out", str(tmp_path / "o"), "--text", str(text), "--device", "cuda"],
+                      "no cuda device is available"))
+    for argv, message in cases:
+        code, err = run(capsys, *argv)
+        assert code == EXIT_USAGE and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not ran and (project / "notes.md").read_text() == "mine"
+
+
+def test_folder_without_tokenizer(capsys, tmp_path):
+    path = tmp_path / "tiny"
+    tiny_model(seed=0).save_pretrained(path)
+    text = tmp_path / "text.txt"
+    text.write_text("some text " * 100)
+    q = ["quantize", "--model", str(path), "--group-size", "32"]
+    code, err = run(capsys, *q, "--out", str(tmp_path / "a"), "--text", str(text))
+    assert code == EXIT_USAGE and "no usable tokenizer" in err and len(err.splitlines()) == 1, err
+    code, err = run(capsys, *q, "--out", str(tmp_path / "b"), "--method", "rtn")  # RTN reads no text
+    assert code == 0, err
+    assert "no usable tokenizer" in err and (tmp_path / "b" / "model.safetensors").exists()
+    code, err = run(capsys, *q, "--out", str(tmp_path / "b"), "--method", "rtn", "--bits", "3")
+    assert code == EXIT_USAGE and "--overwrite" in err
+    code, err = run(capsys, *q, "--out", str(tmp_path / "b"), "--method", "rtn", "--bits", "3", "--overwrite")
+    assert code == 0, err
