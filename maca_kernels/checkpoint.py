@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 import warnings
 from pathlib import Path
@@ -291,15 +292,26 @@ def _own_files(folder: Path) -> set[str] | None:
 
 def check_out_dir(out_dir, overwrite: bool = False) -> Path:
     """Where ``save_quantized`` may write: a new or empty folder, or with ``overwrite`` a checkpoint it wrote
-    before. Anything else raises FileExistsError and nothing is touched. Call it before long work (the CLI does)."""
-    out = Path(os.path.abspath(out_dir))
+    before. Anything else raises FileExistsError and nothing of the user's is touched (a checkpoint that an
+    interrupted save had moved aside is put back first). Call it before long work (the CLI does). Returns the
+    folder's real path (a symlink is followed: the checkpoint goes where it points)."""
+    out = Path(os.path.realpath(out_dir))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out == cwd or out in cwd.parents:
+        raise FileExistsError(f"out_dir {str(out)!r} is the working directory or holds it: the save replaces the "
+                              "folder whole, which would pull it from under this process; choose another folder")
+    if out.parent.is_dir():
+        _remove_stale_temps(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out_dir {str(out)!r} exists and is not a folder")
     entries = sorted(os.listdir(out)) if out.is_dir() else []
     if not entries:
         return out
     if _own_files(out) is None:
-        raise FileExistsError(f"out_dir {str(out)!r} is not empty and holds no checkpoint written by save_quantized "
+        what = ("a checkpoint that lists no files written by save_quantized (no maca_kernels_files.json: another "
+                "tool's, or an earlier version's)" if (out / "config.json").exists() else "no checkpoint written by "
+                "save_quantized")
+        raise FileExistsError(f"out_dir {str(out)!r} is not empty and holds {what} "
                               f"({entries[:5]}{' …' if len(entries) > 5 else ''}): refusing to write there; choose a "
                               "new or empty folder")
     if not overwrite:
@@ -308,7 +320,7 @@ def check_out_dir(out_dir, overwrite: bool = False) -> Path:
     return out
 
 
-_TEMP = r"\.{name}\.(tmp|old)-(\d+)-[0-9a-f]{{12}}"
+_TEMP = r"\.{name}\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{{12}}"  # no pid: left by an earlier version
 
 
 _ACTIVE: set[Path] = set()  # this process's temp folders in use (others of this pid were left by an interruption)
@@ -328,17 +340,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stale(m: re.Match, p: Path) -> bool:
+    if m.group(2) is None:
+        return True
+    pid = int(m.group(2))
+    return not _alive(pid) or (pid == os.getpid() and p not in _ACTIVE)
+
+
 def _remove_stale_temps(out: Path) -> None:
-    """What a killed save left beside ``out``: its hidden temp folders (a whole checkpoint each). A killed
-    replacement that had moved the previous checkpoint aside (no renameat2) gets it back first."""
+    """What a killed save left beside ``out``: its hidden temp folders (a whole checkpoint each; the user's files
+    in them are hard links of those in ``out``). A replacement killed between its two renames (no renameat2)
+    left ``out`` missing or empty: the previous checkpoint is put back instead."""
     pattern = re.compile(_TEMP.format(name=re.escape(out.name)))
-    stale = [p for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name))
-             and (not _alive(int(m.group(2))) or (int(m.group(2)) == os.getpid() and p not in _ACTIVE))]
+    stale = sorted((p for p in out.parent.iterdir() if (m := pattern.fullmatch(p.name)) and _stale(m, p)),
+                   key=lambda p: ".old-" not in p.name)  # the moved-aside checkpoint first
     for p in stale:
-        if not out.exists() and ".old-" in p.name:
-            os.rename(p, out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
+        if ".old-" in p.name:
+            if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+                if out.exists():
+                    out.rmdir()
+                os.rename(p, out)
+                continue
+            if _own_files(out) is None:  # out holds something else now: keep the old checkpoint where it is
+                warnings.warn(f"kept {p}: a checkpoint an interrupted save moved aside ({out} holds other files)",
+                              stacklevel=3)
+                continue
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _link_into(src: Path, dst: Path) -> None:
@@ -395,6 +422,7 @@ def _commit(tmp: Path, out: Path) -> None:
         return
     try:
         linked = _keep_foreign(out, tmp)
+        shutil.copystat(out, tmp)  # the folder keeps its mode
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the new files and links only: out is untouched
@@ -405,7 +433,13 @@ def _commit(tmp: Path, out: Path) -> None:
         old = _temp_name(out, "old")
         _ACTIVE.add(old)
         os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            _ACTIVE.discard(old)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _fsync_dir(out.parent)
     try:
         _discard_old(old, out, linked)
@@ -428,12 +462,11 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         else:
             _read_qcfg(None)
     max_bytes = _parse_size(max_shard_size)
-    out_dir = check_out_dir(out_dir, overwrite)
     tensors, qmods = _collect(model)
     _check_model_against_config(qmods, qcfg)
 
+    out_dir = check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_dir)
     tmp = _temp_name(out_dir, "tmp")
     tmp.mkdir()
     _ACTIVE.add(tmp)
@@ -457,7 +490,7 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         _write_shards(tensors, tmp, max_bytes)
         written = sorted(p.name for p in tmp.iterdir())
         (tmp / OWN_FILES).write_text(json.dumps({"written_by": "maca_kernels", "files": written}, indent=1) + "\n")
-        mode = 0o666 & ~_umask()  # safetensors creates its files 0600: give them the mode the other files have
+        mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)  # safetensors creates its files 0600
         for p in tmp.iterdir():
             if p.is_file():
                 os.chmod(p, mode)
@@ -472,12 +505,6 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     finally:
         _ACTIVE.discard(tmp)
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------

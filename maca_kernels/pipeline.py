@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .formats.gptq import check_bits
+from .formats.gptq import check_bits, check_checkpoint_format
 from .nn import QuantLinear
 from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
@@ -180,7 +180,8 @@ def _fingerprint(model, layers_name: str, id_batches, settings: dict) -> str:
     weights are checked on their own against the manifest)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for ids in id_batches:
-        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.to(torch.int64).contiguous().numpy())
     h.update(str(getattr(model, "config", "")).encode())
     outside = {k: v for k, v in model.state_dict().items() if not k.startswith(layers_name + ".")}
     h.update(tensors_hash(outside).encode())
@@ -265,7 +266,11 @@ def quantize_model(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if weighting not in ("sequence", "token"):
         raise ValueError(f"weighting must be 'sequence' or 'token', got {weighting!r}")
-    bits = check_bits(bits)  # before any forward pass: a bad setting fails at once, not at the first solve
+    # before any forward pass: a bad setting fails at once, not at the first solve or after the last
+    bits = check_bits(bits)
+    check_checkpoint_format(checkpoint_format)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}")
     _refuse_quantized(model)
     layers_name, layers = decoder_layers(model)
     home = next(model.parameters()).device
@@ -279,7 +284,9 @@ def quantize_model(
     id_batches = [] if method == "rtn" else _micro_batches(_lengths_groups(calib), max_batch_tokens)
     if method != "rtn" and not id_batches:
         raise ValueError("calib holds no sequences")
-    settings = dict(method=method, weighting=weighting, base=base, overrides=overrides, alpha=alpha, **solve_kw)
+    # what decides the bits: the batching sets the Hessian's summation order, the device the arithmetic
+    settings = dict(method=method, weighting=weighting, base=base, overrides=overrides, alpha=alpha, **solve_kw,
+                    max_batch_tokens=max_batch_tokens, device=device.type)
     state = layer_hashes = manifest = None
     if resume_dir is not None:
         layer_hashes = [module_hash(layer) for layer in layers]
@@ -330,14 +337,19 @@ def _resumed_layer(state: ResumeDir, manifest: dict, layers_name: str, i: int, l
     tensors = state.load(fname)
     want = {}
     for name, m in meta.items():
-        if not isinstance(m, dict) or any(k not in m for k in ("loss", "damp", "bits", "group_size", "sym")):
-            raise state._error("progress.json", f"has incomplete settings for {name}")
         N, K = linears[name[len(prefix):]].weight.shape
+        keys = ("loss", "damp", "bits", "group_size", "sym")
+        if any(k not in m for k in keys) or not _valid_group(m["group_size"], K):
+            raise state._error("progress.json", f"has incomplete or invalid settings for {name}")
         G = 1 if m["group_size"] == -1 else K // m["group_size"]
         want.update({f"{name}.codes": (N, K), f"{name}.scales": (N, G), f"{name}.zeros": (N, G),
                      f"{name}.g_idx": (K,)})
     state.check(fname, tensors, want)
     return _results_from_tensors(tensors, meta)
+
+
+def _valid_group(g, K: int) -> bool:
+    return isinstance(g, int) and not isinstance(g, bool) and (g == -1 or (g > 0 and K % g == 0))
 
 
 def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, solve_kw, alpha,
@@ -371,56 +383,62 @@ def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, 
     bar = _progress(range(done_layers, len(layers)), progress, len(layers), done_layers)
     group_cache: dict[tuple, list[list[str]]] = {}
     for i in bar:
-        layer = copy.deepcopy(layers[i]).to(device)  # the working copy: the caller's layer stays as it is
-        fp_layer = copy.deepcopy(layer) if method == "gptaq" else None
-        linears = _linears(layer)
-        prefix = f"{layers_name}.{i}."
-        layer_results: dict[str, GPTQResult] = {}
-        if method == "rtn":
-            groups = [[n] for n in linears]
-        else:  # decoder layers repeat one structure: find the groups once per set of module names
-            shape_key = tuple(linears)
-            if shape_key not in group_cache:
-                group_cache[shape_key] = _group_linears(layer, linears, q_batches[0])
-            groups = group_cache[shape_key]
-        for group in groups:
-            H = dxxt = None
-            if method != "rtn":
-                H, dxxt = _group_hessian(layer, fp_layer, linears[group[0]],
-                                         _linears(fp_layer)[group[0]] if fp_layer is not None else None,
-                                         q_batches, fp_batches, weighting, stats, device)
-            for name in group:
-                full = prefix + name
-                s = _module_settings(full, base, overrides)
-                t0 = time.perf_counter()
-                W = linears[name].weight.data
-                if method == "rtn":
-                    r = rtn_quantize(W, s["bits"], s["group_size"], solve_kw["sym"], mse=solve_kw["mse"], name=full)
-                else:
-                    r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=alpha, name=full,
-                                      **solve_kw)
-                dt = time.perf_counter() - t0
-                stats.solve_s += dt
-                W.copy_(r.weight.to(W.dtype))  # later groups (in this copy) and layers see the quantized weights
-                layer_results[full] = _cpu_result(r)
-                stats.modules[full] = dict(loss=r.loss, damp=r.damp, bits=s["bits"], group_size=s["group_size"],
-                                           sym=solve_kw["sym"], seconds=round(dt, 4))
-                if callback is not None:
-                    callback(full, H, r)
-                _say(log, f"{full}: {s['bits']}-bit g{s['group_size']}, loss {r.loss:.4g}, damp {r.damp:.3g}, "
-                          f"{dt:.2f} s")
-        if method != "rtn":
-            t0 = time.perf_counter()
-            q_batches = [_Batch(_first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in q_batches]
-            if fp_layer is not None:
-                fp_batches = [_Batch(_first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in fp_batches]
-            stats.forward_s += time.perf_counter() - t0
-        del layer, fp_layer
+        layer_results, q_batches, fp_batches = _quantize_layer(
+            layers[i], f"{layers_name}.{i}.", q_batches, fp_batches, group_cache, method, weighting, base, overrides,
+            solve_kw, alpha, device, stats, log, callback)
         results.update(layer_results)
         if state is not None:
             streams = None if method == "rtn" else _stream_tensors(q_batches, fp_batches)
             state.commit(i, _result_tensors(layer_results), streams, layer_hashes, stats.modules)
     return results
+
+
+def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group_cache, method, weighting, base,
+                    overrides, solve_kw, alpha, device, stats, log, callback):
+    """One decoder layer, quantized in a working copy (the caller's layer stays as it is; the copy is freed on
+    return). Returns its results and the next layer's inputs."""
+    layer = copy.deepcopy(source).to(device)
+    fp_layer = copy.deepcopy(layer) if method == "gptaq" else None
+    linears = _linears(layer)
+    layer_results: dict[str, GPTQResult] = {}
+    if method == "rtn":
+        groups = [[n] for n in linears]
+    else:  # decoder layers repeat one structure: find the groups once per set of module names
+        shape_key = tuple(linears)
+        if shape_key not in group_cache:
+            group_cache[shape_key] = _group_linears(layer, linears, q_batches[0])
+        groups = group_cache[shape_key]
+    for group in groups:
+        H = dxxt = None
+        if method != "rtn":
+            H, dxxt = _group_hessian(layer, fp_layer, linears[group[0]],
+                                     _linears(fp_layer)[group[0]] if fp_layer is not None else None,
+                                     q_batches, fp_batches, weighting, stats, device)
+        for name in group:
+            full = prefix + name
+            s = _module_settings(full, base, overrides)
+            t0 = time.perf_counter()
+            W = linears[name].weight.data
+            if method == "rtn":
+                r = rtn_quantize(W, s["bits"], s["group_size"], solve_kw["sym"], mse=solve_kw["mse"], name=full)
+            else:
+                r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=alpha, name=full, **solve_kw)
+            dt = time.perf_counter() - t0
+            stats.solve_s += dt
+            W.copy_(r.weight.to(W.dtype))  # later groups (in this copy) and layers see the quantized weights
+            layer_results[full] = _cpu_result(r)
+            stats.modules[full] = dict(loss=r.loss, damp=r.damp, bits=s["bits"], group_size=s["group_size"],
+                                       sym=solve_kw["sym"], seconds=round(dt, 4))
+            if callback is not None:
+                callback(full, H, r)
+            _say(log, f"{full}: {s['bits']}-bit g{s['group_size']}, loss {r.loss:.4g}, damp {r.damp:.3g}, {dt:.2f} s")
+    if method != "rtn":
+        t0 = time.perf_counter()
+        q_batches = [_Batch(_first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in q_batches]
+        if fp_layer is not None:
+            fp_batches = [_Batch(_first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in fp_batches]
+        stats.forward_s += time.perf_counter() - t0
+    return layer_results, q_batches, fp_batches
 
 
 def _install(model: nn.Module, results: dict[str, GPTQResult], checkpoint_format: str, home, qcfg: dict) -> None:

@@ -38,7 +38,7 @@ def tensors_hash(named: dict[str, torch.Tensor]) -> str:
     for name in sorted(named):
         t = named[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 
@@ -64,6 +64,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_MANIFEST_TYPES = {"format": int, "fingerprint": str, "settings": dict, "done_layers": int, "modules": dict,
+                   "files": dict, "layer_hashes": list}
+
+
+def _check_manifest(m) -> None:
+    """Every key with the type this module writes (ValueError otherwise): what follows can index it safely."""
+    if not isinstance(m, dict):
+        raise ValueError(f"expected a JSON object, got {type(m).__name__}")
+    for k, t in _MANIFEST_TYPES.items():
+        if k not in m:
+            raise ValueError(f"missing key {k!r}")
+        if not isinstance(m[k], t) or isinstance(m[k], bool):
+            raise ValueError(f"{k!r} is a {type(m[k]).__name__}, expected a {t.__name__}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in m["files"].items()):
+        raise ValueError("'files' must map file names to sha256 strings")
+    if not all(isinstance(h, str) for h in m["layer_hashes"]):
+        raise ValueError("'layer_hashes' must hold strings")
+    if not all(isinstance(v, dict) for v in m["modules"].values()):
+        raise ValueError("'modules' must map module names to their settings")
+
+
 class ResumeDir:
     """Reads and commits the state in ``path`` for the run identified by ``fingerprint``."""
 
@@ -73,6 +94,9 @@ class ResumeDir:
             raise ResumeError(f"resume_dir {self.path} exists and is not a folder")
         if os.path.isdir(self.path):
             foreign = sorted(n for n in os.listdir(self.path) if not _OURS.fullmatch(n))
+            if "streams.safetensors" in foreign:
+                raise ResumeError(f"resume_dir {self.path} was written by an earlier version of maca_kernels (one "
+                                  "streams.safetensors): delete the folder to restart from the first layer")
             if foreign:
                 raise ResumeError(f"resume_dir {self.path} holds files quantize_model did not write ({foreign[:5]}): "
                                   "use an empty or new folder")
@@ -92,9 +116,7 @@ class ResumeDir:
         try:
             with open(p) as f:
                 m = json.load(f)
-            keys = ("format", "fingerprint", "settings", "done_layers", "modules", "files", "layer_hashes")
-            if not isinstance(m, dict) or any(k not in m for k in keys):
-                raise ValueError(f"missing keys {[k for k in keys if not isinstance(m, dict) or k not in m]}")
+            _check_manifest(m)
         except (OSError, ValueError) as e:
             raise self._error(MANIFEST, f"is unreadable or incomplete ({e})") from None
         if m["format"] != FORMAT:

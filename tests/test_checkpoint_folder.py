@@ -52,8 +52,9 @@ def test_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="not empty and holds no checkpoint"):
         ckpt.save_quantized(model, project, overwrite=True)
     monkeypatch.chdir(project)
-    with pytest.raises(FileExistsError, match="not empty"):
-        ckpt.save_quantized(model, ".")
+    for where in (".", "..", str(project)):  # the working directory is never replaced, empty or not
+        with pytest.raises(FileExistsError, match="is the working directory or holds it"):
+            ckpt.save_quantized(model, where, overwrite=True)
     assert_kept(project, mine)
     assert sorted(os.listdir(project)) == ["notes.md", "src"] and sorted(os.listdir(tmp_path)) == ["project"]
     (tmp_path / "file").write_text("x")
@@ -81,6 +82,19 @@ def test_overwrite_replaces_only_its_own_files(tmp_path):
     assert (out / "model.safetensors.index.json").read_text() == "{}"
 
 
+def test_symlinked_folder_gets_the_checkpoint_where_it_points(tmp_path):
+    target, link = tmp_path / "disk" / "ck", tmp_path / "ck-link"
+    target.mkdir(parents=True)
+    link.symlink_to(target)
+    model = quantized(4)
+    assert ckpt.save_quantized(model, link) == target
+    mine = user_files(target)
+    ckpt.save_quantized(quantized(3), link, overwrite=True)
+    assert link.is_symlink() and (link / "model.safetensors").exists()
+    assert_kept(target, mine)
+    assert sorted(os.listdir(tmp_path)) == ["ck-link", "disk"] and sorted(os.listdir(tmp_path / "disk")) == ["ck"]
+
+
 def test_files_share_one_mode(tmp_path):
     out = ckpt.save_quantized(quantized(4), tmp_path / "ck")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
@@ -88,7 +102,8 @@ def test_files_share_one_mode(tmp_path):
 
 
 # Saves over an existing checkpoint, SIGKILLed before the n-th step of the replacement (or right after the
-# exchange of the folders): writing, linking the user's files, fsyncs, the exchange, removing the old folder.
+# exchange of the folders): writing, linking the user's files, fsyncs, the exchange or the two renames that
+# stand in for it where renameat2 is missing, removing the old folder.
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
@@ -96,48 +111,59 @@ import maca_kernels.checkpoint as ckpt
 from tiny_models import tiny_model
 from maca_kernels.pipeline import quantize_model
 
-calls, kill_at = [0], int(sys.argv[2])
-def step():
-    calls[0] += 1
-    if calls[0] == kill_at:
+steps, kill_at = [], int(sys.argv[2])
+def step(label):
+    steps.append(label)
+    if len(steps) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 def dying(real, after=False):
     def f(*a, **k):
-        step()
+        step(real.__name__)
         out = real(*a, **k)
         if after:
-            step()
+            step(real.__name__ + " done")
         return out
     return f
+if sys.argv[3] == "no-renameat2":
+    ckpt._exchange = lambda a, b: False
 for name in ("_write_shards", "_keep_foreign", "_fsync_dir", "_discard_old"):
     setattr(ckpt, name, dying(getattr(ckpt, name)))
 ckpt._exchange = dying(ckpt._exchange, after=True)
+os.rename = dying(os.rename)
 model = quantize_model(tiny_model(seed=0), None, bits=3, group_size=32, method="rtn", progress=False, log=None)
 ckpt.save_quantized(model, sys.argv[1], overwrite=True)
-print("calls", calls[0])
+print("steps", ",".join(steps))
 """
 
 
-def _save_killed(tmp_path, out, kill_at):
+def _save_killed(tmp_path, out, kill_at, exchange):
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT.format(here=str(Path(__file__).parent / "pipeline")))
-    return subprocess.run([sys.executable, str(script), str(out), str(kill_at)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, str(script), str(out), str(kill_at), exchange], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_kill_during_replacement_keeps_a_whole_checkpoint(tmp_path):
+@pytest.mark.parametrize("exchange", ["renameat2", "no-renameat2"])
+def test_kill_during_replacement_keeps_a_whole_checkpoint(tmp_path, monkeypatch, exchange):
+    if exchange == "no-renameat2":
+        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
     old, new = quantized(4), quantized(3)
     want = {"old": logits(old), "new": logits(new)}
     out = tmp_path / "ck"
-    done = _save_killed(tmp_path, out, 10**6)  # count the steps of a save into a new folder
+    ckpt.save_quantized(old, out)
+    mine = user_files(out)
+    done = _save_killed(tmp_path, out, 10**6, exchange)  # count the steps of a replacement
     assert done.returncode == 0, done.stderr
-    n_points = int(done.stdout.split("calls ")[1]) + 3  # a replacement adds linking, the exchange, the discard
+    steps = done.stdout.split("steps ")[1].strip().split(",")
+    # without renameat2 only the renames differ from the other path (and the discard after them)
+    points = [i + 1 for i, s in enumerate(steps) if exchange == "renameat2" or s in ("rename", "_discard_old")]
     seen = set()
-    for kill_at in range(1, n_points + 1):
+    for kill_at in points:
         ckpt.save_quantized(old, out, overwrite=True)
-        mine = user_files(out)
-        p = _save_killed(tmp_path, out, kill_at)
+        p = _save_killed(tmp_path, out, kill_at, exchange)
         assert p.returncode == -signal.SIGKILL, (kill_at, p.stdout, p.stderr)
+        with pytest.raises(FileExistsError, match="overwrite=True"):  # a checkpoint the kill moved aside is put back,
+            ckpt.save_quantized(new, out)  # and it is replaced only when asked
         got = logits(ckpt.load_quantized(out, dtype=torch.float32))
         which = "old" if torch.equal(got, want["old"]) else "new"
         assert torch.equal(got, want[which]), kill_at
@@ -146,7 +172,8 @@ def test_kill_during_replacement_keeps_a_whole_checkpoint(tmp_path):
         ckpt.save_quantized(old, out, overwrite=True)  # the next save removes the killed save's temp folder
         assert sorted(os.listdir(tmp_path)) == ["ck", "kill.py"], kill_at
         assert_kept(out, mine)
-        for name in mine:  # the next round starts from the checkpoint alone
-            (out / name).unlink()
-        (out / "src").rmdir()
     assert seen == {"old", "new"}
+    # an earlier version's temp folder (no pid in its name) is removed too
+    (tmp_path / ".ck.tmp-0123456789ab").mkdir()
+    ckpt.save_quantized(new, out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ck", "kill.py"]

@@ -41,7 +41,7 @@ namespace maca {
 namespace {
 
 constexpr int kRowTile = 32;  // rows per task: one tile column is 4 AVX registers
-constexpr float kScaleUnderflow = 1.4901161193847656e-08f;  // 2^-26: a scale fp16 rounds to 0 (never a valid one)
+constexpr float kFp16MinSubnormal = 5.9604644775390625e-08f;  // 2^-24
 constexpr float kScaleOverflow = 65536.0f;  // 2^16: a scale past fp16's max (never a valid one: check_scales)
 
 // fp32 -> fp16 -> fp32, round to nearest even (software path: common/fp16.h).
@@ -55,9 +55,8 @@ inline float fp16_round(float x) {
 #endif
 }
 
-// quantizer.round_scale: through fp16; an underflow (0) as 2^-26, an overflow (inf) as 2^16.
-inline float round_scale_with(float r) { return r == 0.0f ? kScaleUnderflow : std::min(r, kScaleOverflow); }
-inline float round_scale(float s) { return round_scale_with(fp16_round(s)); }
+// quantizer.round_scale: at least 2^-24, through fp16, an overflow (inf) as 2^16.
+inline float round_scale(float s) { return std::min(fp16_round(std::max(s, kFp16MinSubnormal)), kScaleOverflow); }
 
 // quantizer.scale_zero for one row.
 inline void scale_zero(float xmin, float xmax, int maxq, bool sym, float& scale, float& zero) {
@@ -263,7 +262,8 @@ void gptq_block_sweep(const GptqBlockArgs& args) {
 
 void gptq_round_scale(float* x, int64_t n, bool software) {
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = round_scale_with(software ? fp16_round_sw(x[i]) : fp16_round(x[i]));
+    const float c = std::max(x[i], kFp16MinSubnormal);
+    x[i] = std::min(software ? fp16_round_sw(c) : fp16_round(c), kScaleOverflow);
   }
 }
 

@@ -9,7 +9,7 @@
 // time); the lazy update of the later columns is left to the caller (one GEMM per term).
 //
 // Arithmetic follows maca_kernels/ops/gptq/quantizer.py operation by operation: IEEE fp32 division,
-// round-half-to-even, scales rounded to fp16 (nearest-even; an underflow as 2^-26, an overflow as 2^16), and no
+// round-half-to-even, scales at least 2^-24 rounded to fp16 (nearest-even; an overflow as 2^16), and no
 // contraction of a*b - c into an FMA (this file is compiled with -ffp-contract=off).
 //
 // Plain C++17 + OpenMP: no torch and no Python headers. The Python launcher validates every argument;
@@ -74,8 +74,8 @@ struct GptqBlockArgs {
 // make it read or write out of bounds.
 void gptq_block_sweep(const GptqBlockArgs& args);
 
-// fp32 -> fp16 -> fp32 with round-to-nearest-even, an underflow (0) given as 2^-26 and an overflow as
-// 2^16 (the quantizer's scale rounding), in place over n values. software: use the portable
+// fp32 -> fp16 -> fp32 with round-to-nearest-even, the value raised to 2^-24 first and an overflow
+// given as 2^16 (the quantizer's scale rounding), in place over n values. software: use the portable
 // conversion even when F16C is compiled in (lets the tests check the fallback against torch).
 void gptq_round_scale(float* x, int64_t n, bool software);
 

@@ -48,7 +48,11 @@ def scoped(enable, disable, abandon):
         try:
             abandon()
         except Exception as cleanup:
-            exc.add_note(f"(while restoring the tool after this error, another one: {cleanup!r})")
+            note = f"(while restoring the tool after this error, another one: {cleanup!r})"
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(note)
+            else:
+                warnings.warn(note, stacklevel=3)
         raise
     disable()
 

@@ -182,9 +182,13 @@ def _truncate(path: Path) -> None:
 DAMAGE = {
     "manifest truncated": (lambda d: _truncate(d / "progress.json"), "progress.json is unreadable"),
     "manifest key missing": (lambda d: _edit_manifest(d, lambda m: m.pop("files")), "progress.json is unreadable"),
+    "manifest wrong type": (lambda d: _edit_manifest(d, lambda m: m.__setitem__("files", [])),
+                            "'files' is a list, expected a dict"),
+    "group size wrong type": (lambda d: _edit_manifest(d, lambda m: m["modules"]["model.layers.0.mlp.up_proj"]
+                                                       .__setitem__("group_size", "32")), "invalid settings"),
     "manifest old format": (lambda d: _edit_manifest(d, lambda m: m.__setitem__("format", 1)), "has format 1"),
     "module settings": (lambda d: _edit_manifest(d, lambda m: m["modules"]["model.layers.0.mlp.up_proj"].pop("bits")),
-                        "incomplete settings"),
+                        "incomplete or invalid settings"),
     "streams truncated": (lambda d: _truncate(d / "streams_0000.safetensors"),
                           "streams_0000.safetensors does not match"),
     "layer missing": (lambda d: (d / "layer_0000.safetensors").unlink(), "layer_0000.safetensors is missing"),
@@ -194,6 +198,7 @@ DAMAGE = {
                                                                         torch.zeros(3, 5, dtype=torch.int32))),
                     r"'model.layers.0.mlp.up_proj.codes' of shape \(3, 5\)"),
     "foreign file": (lambda d: (d / "notes.md").write_text("mine"), "did not write"),
+    "earlier version": (lambda d: (d / "streams.safetensors").write_bytes(b"x"), "earlier version"),
 }
 
 
@@ -207,3 +212,27 @@ def test_damaged_resume_folder_names_the_file(tmp_path, damage):
     assert str(folder) in str(e.value)
     if damage != "foreign file":
         assert "delete the folder" in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+def test_one_working_copy_at_a_time(monkeypatch, method):
+    """Each layer's working copy is freed before the next is made: peak memory stays at one layer (plus GPTAQ's
+    float copy), whatever the depth."""
+    import weakref
+
+    import maca_kernels.pipeline as pl
+
+    alive, real_linears, real_layer = [], pl._linears, pl._quantize_layer
+
+    def linears(layer):
+        out = real_linears(layer)
+        alive.extend(weakref.ref(m) for m in out.values())
+        return out
+
+    def quantize_layer(source, *a, **k):
+        assert not [r for r in alive if r() is not None and r() not in set(real_linears(source).values())]
+        return real_layer(source, *a, **k)
+
+    monkeypatch.setattr(pl, "_linears", linears)
+    monkeypatch.setattr(pl, "_quantize_layer", quantize_layer)
+    run(method=method, model=tiny_model(seed=0, layers=3))

@@ -85,6 +85,8 @@ def gptq_quantize(
     ``NotPositiveDefiniteError``).
     """
     damp_steps = None if damp_steps is None else tuple(damp_steps)  # a generator would be used up by the check
+    if not isinstance(sym, bool):
+        raise ValueError(f"sym must be a bool, got {sym!r}{f' (layer {name})' if name else ''}")
     check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
                  scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
     bits = int(bits)  # checked: an int or an integer-like (e.g. numpy's), as the extension wants it

@@ -62,7 +62,7 @@ def check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, sal
     if H.device != W.device:
         raise ValueError(f"H is on {H.device} but W is on {W.device}{where}")
     check_bits(bits, where)
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}{where}")
     if group_size > 0 and K % group_size:
         raise ValueError(f"K = {K} (in_features) must be divisible by group_size = {group_size}{where}")

@@ -3,9 +3,9 @@
 Conventions every implementation follows exactly:
 - the range always contains 0 (``xmin ≤ 0 ≤ xmax``); an all-zero row gets ``[-1, 1]``;
 - scales are rounded to fp16-representable values (the checkpoint stores fp16 scales, so the
-  exported model dequantizes to exactly the weights the solver chose); one that fp16 cannot hold
-  becomes 2⁻²⁶ (it rounds to 0) or 2¹⁶ (past the max), values no fp16 scale has, and ``check_scales``
-  refuses the result (the kernels never divide by 0 or inf);
+  exported model dequantizes to exactly the weights the solver chose), at least 2⁻²⁴; one past fp16's
+  max becomes 2¹⁶ (never a valid fp16 scale), and ``check_scales`` refuses the result (the kernels never
+  divide by 0 or inf);
 - asymmetric zeros are ``round(−xmin/scale)`` but never 0: a v1 ("gptq") checkpoint cannot hold a
   zero of 0, so such a row takes ``scale = xmax/(maxq − 1)``, ``zero = 1``;
 - symmetric zeros are ``(maxq + 1)/2``;
@@ -17,31 +17,32 @@ from __future__ import annotations
 import torch
 
 FP16_MIN_SUBNORMAL = 2.0**-24
+FP16_MIN_NORMAL = 2.0**-14
 FP16_MAX = 65504.0
-SCALE_UNDERFLOW = 2.0**-26  # what a scale that fp16 rounds to 0 becomes (never a valid fp16 scale)
 SCALE_OVERFLOW = 2.0**16  # what a scale that rounds past fp16's max becomes (never a valid fp16 scale)
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    s = scale.to(torch.float16).to(torch.float32)
-    return torch.where(s == 0, SCALE_UNDERFLOW, s.clamp(max=SCALE_OVERFLOW))
+    return scale.clamp(min=FP16_MIN_SUBNORMAL).to(torch.float16).to(torch.float32).clamp(max=SCALE_OVERFLOW)
 
 
 def check_scales(scales: torch.Tensor, name: str | None = None) -> None:
-    """Every scale one that the GPTQ checkpoint's fp16 holds exactly (subnormals included: the result's weight is
-    what the checkpoint dequantizes to). One that fp16 rounds to 0 or past its max (round_scale's two sentinels)
-    is refused, naming the layer. Checked once on every backend's result."""
-    bad = ~((scales >= FP16_MIN_SUBNORMAL) & (scales <= FP16_MAX))
-    if not bool(bad.any()):
+    """Refuse what the GPTQ checkpoint's fp16 scales cannot hold, naming the layer: a scale past fp16's max (an
+    overflow), or a layer without one normal scale (below 2⁻¹⁴ everywhere: e.g. W × 1e-9 would round to zeros).
+    A group of a normal layer whose scale is subnormal or clamped to 2⁻²⁴ (a nearly dead channel) is kept: its
+    error is at most 2⁻²⁵ absolute, below the rounding of the layer's own scales. Checked on every backend."""
+    over = scales > FP16_MAX
+    if bool(over.any()):
+        r, g = (int(i) for i in over.nonzero()[0])
+        problem = f"row {r}, group {g} needs a scale above fp16's max {FP16_MAX:.0f}"
+    elif scales.numel() and float(scales.max()) < FP16_MIN_NORMAL:
+        problem = (f"its largest scale {float(scales.max()):.3g} is below fp16's smallest normal "
+                   f"{FP16_MIN_NORMAL:.3g} (weights too small)")
+    else:
         return
-    r, g = (int(i) for i in bad.nonzero()[0])
-    s = float(scales[r, g])
     where = f"layer {name}: " if name else ""
-    edge = (f"below fp16's smallest subnormal {FP16_MIN_SUBNORMAL:.3g}" if s < FP16_MIN_SUBNORMAL
-            else f"above fp16's max {FP16_MAX:.0f}")
-    raise ValueError(f"{where}row {r}, group {g} needs a scale {edge}, which the GPTQ checkpoint's fp16 scales "
-                     "cannot hold: rescale the weight (e.g. move a power of two into a neighbouring layer) or leave "
-                     "this layer unquantized")
+    raise ValueError(f"{where}{problem}, which the GPTQ checkpoint's fp16 scales cannot hold: rescale the weight "
+                     "(e.g. move a power of two into a neighbouring layer) or leave this layer unquantized")
 
 
 def scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,8 @@ def rtn_quantize(
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.dtype.is_floating_point:
         raise ValueError(f"W must be a 2-D floating tensor [N, K], got {getattr(W, 'shape', type(W).__name__)}{where}")
     bits = check_bits(bits, where)
+    if not isinstance(sym, bool):
+        raise ValueError(f"sym must be a bool, got {sym!r}{where}")
     N, K = W.shape
     group_size = check_group_size(group_size, K, where)
     g = K if group_size == -1 else group_size

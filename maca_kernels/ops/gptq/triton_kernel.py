@@ -29,8 +29,8 @@ def _rint(x):
 
 @triton.jit
 def _round_scale(s):
-    s = s.to(tl.float16).to(tl.float32)  # as quantizer.round_scale: an underflow (0) as 2⁻²⁶, an overflow as 2¹⁶
-    return tl.where(s == 0.0, 1.4901161193847656e-08, tl.minimum(s, 65536.0))
+    s = tl.maximum(s, 5.960464477539063e-08).to(tl.float16).to(tl.float32)  # at least 2⁻²⁴
+    return tl.minimum(s, 65536.0)  # an fp16 overflow (inf) as 2¹⁶, as quantizer.round_scale
 
 
 @triton.jit

@@ -229,6 +229,11 @@ def test_bits_must_be_a_supported_int(bits):
     for call in (lambda: mk.gptq_quantize(W, H, bits=bits, name="fc"), lambda: mk.rtn_quantize(W, bits, 32)):
         with pytest.raises(ValueError, match=rf"bits must be one of \(2, 3, 4, 8\), got {bits!r}"):
             call()
+    with pytest.raises(ValueError, match="group_size must be"):  # True == 1 is not a group size either
+        mk.gptq_quantize(W, H, bits=4, group_size=True)
+    for call in (lambda: mk.gptq_quantize(W, H, bits=4, sym="no"), lambda: mk.rtn_quantize(W, 4, 32, sym="no")):
+        with pytest.raises(ValueError, match="sym must be a bool, got 'no'"):
+            call()
 
 
 def test_bad_tensors():

@@ -1,6 +1,6 @@
-"""Scales the GPTQ checkpoint's fp16 cannot hold (it rounds them to 0, below half its smallest subnormal 2⁻²⁴,
-or past its max 65504) are refused with the layer's name, on every backend and in RTN; the edges themselves and
-subnormal scales are stored exactly."""
+"""Scales the GPTQ checkpoint's fp16 cannot hold (past its max 65504, or a layer without one normal scale, ≥ 2⁻¹⁴)
+are refused with the layer's name, on every backend and in RTN; the edges themselves are exact, and a nearly dead
+group in a normal layer is kept (its scale clamped to 2⁻²⁴, as before)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def quantize(method, W, H, backend, name):
 
 
 @pytest.mark.parametrize("method, backend", METHODS)
-@pytest.mark.parametrize("inside, outside", [(2.0**-24, 2.0**-25), (3 * 2.0**-20, 2.0**-25), (65504.0, 65520.0)],
-                         ids=["smallest-subnormal", "subnormal", "max"])
+@pytest.mark.parametrize("inside, outside", [(2.0**-14, 2.0**-14 - 2.0**-24), (65504.0, 65520.0)],
+                         ids=["smallest-normal", "max"])
 def test_scale_edges(method, backend, inside, outside):
     W, H = problem(inside, seed=1)
     q = quantize(method, W, H, backend, "model.layers.0.mlp.up_proj")
@@ -44,11 +44,11 @@ def test_scale_edges(method, backend, inside, outside):
     ck = q.to_gptq()
     assert torch.equal(mk.dequantize_gptq(ck["qweight"], ck["scales"], ck["qzeros"], ck["g_idx"], 4), q.weight)
     W, H = problem(outside, seed=2)
-    with pytest.raises(ValueError, match="layer model.layers.0.mlp.up_proj: row 0, group 0 needs a scale .* fp16"):
+    with pytest.raises(ValueError, match="layer model.layers.0.mlp.up_proj: .* fp16's (max|smallest normal)"):
         quantize(method, W, H, backend, "model.layers.0.mlp.up_proj")
 
 
-@pytest.mark.parametrize("factor, match", [(1e-9, "below fp16's smallest subnormal"), (1e30, "above fp16's max")])
+@pytest.mark.parametrize("factor, match", [(1e-9, "below fp16's smallest normal"), (1e30, "above fp16's max")])
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_issue_examples_are_refused(method, factor, match):
     g = torch.Generator().manual_seed(3)
@@ -64,3 +64,20 @@ def test_all_zero_groups_still_quantize():
     W[0] = 0
     for q in (mk.gptq_quantize(W, H, bits=4, group_size=G), mk.rtn_quantize(W, 4, G)):
         assert torch.all(q.weight[0] == 0) and torch.all(q.weight[:, :G] == 0)
+
+
+@pytest.mark.parametrize("method, backend", METHODS)
+def test_nearly_dead_group_in_a_normal_layer_is_kept(method, backend):
+    """One group of 1e-6-sized weights at 8 bits needs a scale below 2⁻²⁴: clamped there (error ≤ 2⁻²⁵), not refused."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(N, K, generator=g) * 0.02
+    W[5, :G] = torch.randn(G, generator=g) * 1e-6
+    H = torch.eye(K)
+    if method == "rtn":
+        q = mk.rtn_quantize(W, 8, G, name="fc")
+    else:
+        Wd, Hd = (W.cuda(), H.cuda()) if backend == "triton" and CUDA else (W, H)
+        q = mk.gptq_quantize(Wd, Hd, bits=8, group_size=G, backend=backend, name="fc")
+    assert float(q.scales[5, 0]) == 2.0**-24
+    assert (q.weight[5, :G].cpu() - W[5, :G]).abs().max() <= 2.0**-25
+    assert (q.weight.cpu() - W).abs().max() <= q.scales.max() / 2 + 1e-9
