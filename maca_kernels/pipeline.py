@@ -257,7 +257,9 @@ def quantize_model(
     ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``overrides`` maps a
     module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``device``: where
     each layer runs while it is quantized (the model may stay on the CPU). ``resume_dir``: a folder for
-    the per-layer state; a rerun with the same arguments resumes after the last finished layer.
+    the per-layer state (``resume.py``); a rerun with the same arguments and weights resumes after the last
+    committed layer, bit-identical to an uninterrupted run; other arguments or weights, or a damaged folder,
+    are refused (``ResumeError``). An exception leaves ``model`` as it was.
     ``callback(name, H, result)`` runs after each module's solve (e.g. to keep Hessians for analysis;
     ``H`` is the mean Hessian ``2/N·Σ`` the solve used, None for RTN). lm_head and the embeddings stay
     unquantized.
