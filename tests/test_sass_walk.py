@@ -226,3 +226,18 @@ def test_executed_figures_regression(gemv, variant):
         f = figures(f"maca_gemv_mma_{variant}", shape)
         got = (min(f.per_chunk), max(f.per_chunk), f.cta)
         assert got == pytest.approx((lo, hi, cta), rel=0.03), (shape, got)
+
+
+def test_a_branch_is_described_once_per_walk():
+    """The walk builds each branch's description once and asks the plan with the same one on every pass."""
+    fn = Function(LOOP)
+    seen = []
+
+    def override(b):
+        seen.append(b)
+        return None
+
+    tr = walk(fn, Plan([Budget("HMMA", 2 * 5)], override))
+    assert tr.count() == 3 + 6 * 5 + 2
+    backs = [b for b in seen if b.kind == "back"]
+    assert len(backs) == 5 and all(b is backs[0] for b in backs)
