@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true")
     q.add_argument("--device", default=None, help="where each layer runs while quantized (e.g. cuda)")
     q.add_argument("--resume", default=None, help="folder for per-layer state; a rerun continues there")
+    q.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
+                   help="parameters or modules to leave in float (e.g. experts: fused MoE experts are not quantized "
+                        "yet); any other floating matrix that is not a quantized Linear is refused")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text at several evaluation lengths")
     e.add_argument("--model", required=True, help="a quantized checkpoint folder, a model folder, or 'demo'")
@@ -194,7 +197,7 @@ def _quantize(a) -> None:
                                       max_positions=max_pos)
     quantize_model(model, calib, a.bits, a.group_size, method=a.method,
                    weighting="sequence" if a.calib == "maca" else "token", sym=a.sym, act_order=a.act_order,
-                   device=a.device, resume_dir=a.resume)
+                   device=a.device, resume_dir=a.resume, keep_float=a.keep_float)
     out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
     print(f"wrote {out}")
 

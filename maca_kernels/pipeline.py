@@ -22,13 +22,14 @@ import hashlib
 import json
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .formats.gptq import check_bits, check_checkpoint_format
+from .layer_policy import check_layers, quantized_linears
 from .nn import QuantLinear
 from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
@@ -80,8 +81,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"unsupported architecture {arch}: no ModuleList of {n} decoder layers found")
 
 
-def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+def _linears(layer: nn.Module, keep_float: Sequence[str] = (), prefix: str = "") -> dict[str, nn.Linear]:
+    """The linear modules quantized (layer_policy.py: not routers, not what keep_float names)."""
+    return quantized_linears(layer, keep_float, prefix)
 
 
 def _lengths_groups(calib) -> list[torch.Tensor]:
@@ -241,6 +243,7 @@ def quantize_model(
     alpha: float = 0.25,
     reg: float | None = None,
     overrides: dict[str, dict] | None = None,
+    keep_float: Sequence[str] = (),
     checkpoint_format: str = "gptq",
     device: str | torch.device | None = None,
     max_batch_tokens: int = 16384,
@@ -255,7 +258,10 @@ def quantize_model(
     ``calib``: a ``Calibration`` (``maca_kernels.calibration``), a LongTensor [n, L] or a list of 1-D token
     tensors. ``method`` "gptq" | "gptaq" | "rtn" (RTN needs no calibration: pass ``calib=None``).
     ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``overrides`` maps a
-    module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``device``: where
+    module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``keep_float`` names
+    parameters or modules to leave in float (patterns as ``overrides``); every other floating matrix of a
+    decoder layer must be a quantized ``nn.Linear`` or a router, else ``UncoveredParameterError`` is raised
+    before any work (``layer_policy.py``: fused MoE experts are not quantized yet). ``device``: where
     each layer runs while it is quantized (the model may stay on the CPU). ``resume_dir``: a folder for
     the per-layer state (``resume.py``); a rerun with the same arguments and weights resumes after the last
     committed layer, bit-identical to an uninterrupted run; other arguments or weights, or a damaged folder,
@@ -274,7 +280,11 @@ def quantize_model(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}")
     _refuse_quantized(model)
+    if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
+        raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
+    keep_float = tuple(keep_float)
     layers_name, layers = decoder_layers(model)
+    check_layers(layers_name, layers, keep_float)  # no floating matrix left in float silently (layer_policy.py)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     base = dict(bits=bits, group_size=group_size)
@@ -288,7 +298,7 @@ def quantize_model(
         raise ValueError("calib holds no sequences")
     # what decides the bits: the batching sets the Hessian's summation order, the device the arithmetic
     settings = dict(method=method, weighting=weighting, base=base, overrides=overrides, alpha=alpha, **solve_kw,
-                    max_batch_tokens=max_batch_tokens, device=device.type)
+                    max_batch_tokens=max_batch_tokens, device=device.type, keep_float=sorted(keep_float))
     state = layer_hashes = manifest = None
     if resume_dir is not None:
         layer_hashes = [module_hash(layer) for layer in layers]
@@ -302,11 +312,11 @@ def quantize_model(
     try:
         with torch.no_grad():
             results = _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides,
-                                       solve_kw, alpha, device, state, manifest, layer_hashes, stats, progress, log,
-                                       callback)
+                                       keep_float, solve_kw, alpha, device, state, manifest, layer_hashes, stats,
+                                       progress, log, callback)
         t0 = time.perf_counter()
         qcfg = _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting,
-                             calib, overrides, damp, mse)
+                             calib, overrides, keep_float, damp, mse)
         _install(model, results, checkpoint_format, home, qcfg)
         stats.pack_s += time.perf_counter() - t0
     except BaseException:
@@ -354,12 +364,14 @@ def _valid_group(g, K: int) -> bool:
     return isinstance(g, int) and not isinstance(g, bool) and (g == -1 or (g > 0 and K % g == 0))
 
 
-def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, solve_kw, alpha,
-                     device, state, manifest, layer_hashes, stats, progress, log, callback) -> dict[str, GPTQResult]:
+def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, keep_float, solve_kw,
+                     alpha, device, state, manifest, layer_hashes, stats, progress, log,
+                     callback) -> dict[str, GPTQResult]:
     results: dict[str, GPTQResult] = {}
     done_layers = manifest["done_layers"] if manifest else 0
     for i in range(done_layers):
-        results.update(_resumed_layer(state, manifest, layers_name, i, _linears(layers[i])))
+        linears = _linears(layers[i], keep_float, f"{layers_name}.{i}.")
+        results.update(_resumed_layer(state, manifest, layers_name, i, linears))
     if done_layers:
         stats.modules.update(manifest["modules"])
         _say(log, f"resuming after layer {done_layers - 1} of {len(layers)} ({state.path})")
@@ -387,7 +399,7 @@ def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, 
     for i in bar:
         layer_results, q_batches, fp_batches = _quantize_layer(
             layers[i], f"{layers_name}.{i}.", q_batches, fp_batches, group_cache, method, weighting, base, overrides,
-            solve_kw, alpha, device, stats, log, callback)
+            keep_float, solve_kw, alpha, device, stats, log, callback)
         results.update(layer_results)
         if state is not None:
             streams = None if method == "rtn" else _stream_tensors(q_batches, fp_batches)
@@ -396,12 +408,12 @@ def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, 
 
 
 def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group_cache, method, weighting, base,
-                    overrides, solve_kw, alpha, device, stats, log, callback):
+                    overrides, keep_float, solve_kw, alpha, device, stats, log, callback):
     """One decoder layer, quantized in a working copy (the caller's layer stays as it is; the copy is freed on
     return). Returns its results and the next layer's inputs."""
     layer = copy.deepcopy(source).to(device)
     fp_layer = copy.deepcopy(layer) if method == "gptaq" else None
-    linears = _linears(layer)
+    linears = _linears(layer, keep_float, prefix)
     layer_results: dict[str, GPTQResult] = {}
     if method == "rtn":
         groups = [[n] for n in linears]
@@ -414,7 +426,7 @@ def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group
         H = dxxt = None
         if method != "rtn":
             H, dxxt = _group_hessian(layer, fp_layer, linears[group[0]],
-                                     _linears(fp_layer)[group[0]] if fp_layer is not None else None,
+                                     _linears(fp_layer, keep_float, prefix)[group[0]] if fp_layer is not None else None,
                                      q_batches, fp_batches, weighting, stats, device)
         for name in group:
             full = prefix + name
@@ -516,13 +528,15 @@ def _cpu_result(r: GPTQResult) -> GPTQResult:
 
 
 def _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting, calib,
-                  overrides, damp, mse) -> dict:
+                  overrides, keep_float, damp, mse) -> dict:
     from .checkpoint import quantization_config
 
     meta = {"method": method, "weighting": weighting,
             "calibration": calib.describe() if hasattr(calib, "describe") else None}
     if overrides:
         meta["overrides"] = overrides
+    if keep_float:
+        meta["keep_float"] = list(keep_float)
     return quantization_config(bits, group_size, sym, act_order, checkpoint_format, meta, static_groups=static_groups,
                                damp_percent=damp, mse=mse)
 
