@@ -42,8 +42,8 @@ def check_scales(scales: torch.Tensor, name: str | None = None) -> None:
         return
     where = f"layer {name}: " if name else ""
     raise ValueError(f"{where}{problem}, which the GPTQ checkpoint's fp16 scales cannot hold: rescale the weight "
-                     "(e.g. move a power of two into a neighbouring layer) or keep this layer in float (quantize_model's "
-                     "keep_float)")
+                     "(e.g. move a power of two into a neighbouring layer) or keep this layer in float "
+                     "(quantize_model's keep_float)")
 
 
 def scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
