@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._fsync import fsync_dir as _fsync_dir
+from ._fsync import fsync_file as _fsync_file
 from .formats.gptq import CHECKPOINT_FORMATS as _FORMATS
 from .formats.gptq import check_bits
 from .nn.quant_linear import QuantLinear, checkpoint_qweights_on
@@ -208,20 +210,6 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Quant
             raise ValueError(f"tensor {name!r} is on the meta device: materialise the model before saving")
         tensors[name] = t
     return tensors, qmods
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -97,7 +97,6 @@ def _load_model(path: str, need_tokenizer: bool = True):
         from . import embedded
 
         return embedded.load_model()
-    _check_model_path(path)
     import json
 
     cfg_path = os.path.join(path, "config.json")

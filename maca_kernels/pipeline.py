@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .formats.gptq import check_bits, check_checkpoint_format
-from .layer_policy import check_layers, quantized_linears
+from .formats.gptq import check_bits, check_checkpoint_format, check_group_size
+from .layer_policy import check_layers, matches, quantized_linears
 from .nn import QuantLinear
 from .ops.gptq import GPTQResult, gptq_quantize
 from .ops.gptq.rtn import rtn_quantize
@@ -221,7 +221,7 @@ def _results_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[
 def _module_settings(name: str, base: dict, overrides: dict | None) -> dict:
     s = dict(base)
     for pattern, over in (overrides or {}).items():
-        if name == pattern or name.endswith("." + pattern) or pattern in name.split("."):
+        if matches(name, [pattern]):
             s.update(over)
     return s
 
@@ -350,18 +350,17 @@ def _resumed_layer(state: ResumeDir, manifest: dict, layers_name: str, i: int, l
     want = {}
     for name, m in meta.items():
         N, K = linears[name[len(prefix):]].weight.shape
-        keys = ("loss", "damp", "bits", "group_size", "sym")
-        if any(k not in m for k in keys) or not _valid_group(m["group_size"], K):
-            raise state._error("progress.json", f"has incomplete or invalid settings for {name}")
+        try:
+            if any(k not in m for k in ("loss", "damp", "bits", "group_size", "sym")):
+                raise ValueError("missing keys")
+            check_group_size(m["group_size"], K)
+        except ValueError:
+            raise state._error("progress.json", f"has incomplete or invalid settings for {name}") from None
         G = 1 if m["group_size"] == -1 else K // m["group_size"]
         want.update({f"{name}.codes": (N, K), f"{name}.scales": (N, G), f"{name}.zeros": (N, G),
                      f"{name}.g_idx": (K,)})
     state.check(fname, tensors, want)
     return _results_from_tensors(tensors, meta)
-
-
-def _valid_group(g, K: int) -> bool:
-    return isinstance(g, int) and not isinstance(g, bool) and (g == -1 or (g > 0 and K % g == 0))
 
 
 def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, keep_float, solve_kw,

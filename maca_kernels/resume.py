@@ -23,6 +23,8 @@ import tempfile
 import torch
 from torch import nn
 
+from ._fsync import fsync_dir
+
 MANIFEST = "progress.json"
 FORMAT = 2
 _OURS = re.compile(r"(progress\.json|(layer|streams)_\d{4}\.safetensors|\..*\.tmp.*)")
@@ -46,22 +48,16 @@ def module_hash(module: nn.Module) -> str:
     return tensors_hash(dict(module.state_dict()))
 
 
-def file_sha256(path: str) -> str:
+def _sha256(f) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
 
 
 _MANIFEST_TYPES = {"format": int, "fingerprint": str, "settings": dict, "done_layers": int, "modules": dict,
@@ -128,7 +124,7 @@ class ResumeDir:
                               f"({diff or 'same settings; other calibration data or model weights'}): refusing to "
                               "resume; use another folder or delete it")
         done = m["done_layers"]
-        if not isinstance(done, int) or not 0 <= done <= len(m["layer_hashes"]):
+        if not 0 <= done <= len(m["layer_hashes"]):
             raise self._error(MANIFEST, f"has done_layers = {done!r} for {len(m['layer_hashes'])} layer hashes")
         if layer_hashes is not None:
             if done > len(layer_hashes):
@@ -171,10 +167,11 @@ class ResumeDir:
 
         tmp = os.path.join(self.path, f".{fname}.tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "rb") as f:  # one read: the hash, then the fsync of the same file
+            digest = _sha256(f)
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.path, fname))
-        return file_sha256(os.path.join(self.path, fname))
+        return digest
 
     def commit(self, layer: int, layer_tensors: dict[str, torch.Tensor], streams: dict[str, torch.Tensor] | None,
                layer_hashes: list[str], modules: dict) -> None:
@@ -189,14 +186,14 @@ class ResumeDir:
         manifest = dict(format=FORMAT, fingerprint=self.fingerprint,
                         settings=json.loads(json.dumps(self.settings, default=str)), done_layers=layer + 1,
                         modules=modules, layer_hashes=layer_hashes[: layer + 1], files=files)
-        _fsync_dir(self.path)  # the files' names are durable before the manifest names them
+        fsync_dir(self.path)  # the files' names are durable before the manifest names them
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{MANIFEST}.tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.path, MANIFEST))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.manifest = manifest
         for name in os.listdir(self.path):  # only our own names (the folder holds nothing else)
             if name != MANIFEST and name not in files and _OURS.fullmatch(name):
