@@ -39,6 +39,9 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
+// The inline-PTX helpers. MACA_HOST_EMULATION (tests/ops/quant_matmul/cuda_host.h) replaces them, and the CUDA
+// built-ins, with C++ that runs every lane of a CTA as a host thread: the kernel's own code, checked on the CPU.
+#ifndef MACA_HOST_EMULATION
 #define MACA_DEVICE __device__ __forceinline__
 
 MACA_DEVICE u32 lop_or(u32 w, u32 mask, u32 magic) {  // (w & mask) | magic in one LOP3
@@ -110,6 +113,7 @@ MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
   asm("prmt.b32 %0, %1, 0, 0x1010;" : "=r"(d) : "r"(h));
   return d;
 }
+#endif  // MACA_HOST_EMULATION
 
 constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
 constexpr u32 kMagicBf16 = 0x43004300u;  // 128.0 in both bf16 halves (7-bit mantissa: fields stay below bit 7)

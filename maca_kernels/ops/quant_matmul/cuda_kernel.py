@@ -110,9 +110,20 @@ def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, sca
                              or perm.stride(0) != 1):
         raise ValueError(f"gemv_mma: perm must be a contiguous int32 [K] = [{K}] on {x.device}, got {perm.dtype} "
                          f"{tuple(perm.shape)} on {perm.device}")
-    n_ctas = scales.shape[1] // CTA_N
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     kernel, resident = _compiled(bits, w.kernel_group, x.dtype == torch.bfloat16, M, x.device)
+    grid, args, y = launch_plan(x, w, n_sms, resident, deterministic)
+    with torch.cuda.device(x.device):  # x may live on another GPU than the current one
+        kernel(grid=grid, block=(128, 1, 1), args=args, stream=torch.cuda.current_stream(x.device))
+    return y
+
+
+def launch_plan(x: torch.Tensor, w: MmaWeight, n_sms: int, resident: int, deterministic: bool
+                ) -> tuple[tuple[int, int, int], list, torch.Tensor]:
+    """(grid, the kernel's arguments, y) of one launch for checked ``x`` [M, K] (the host emulation of the
+    tests runs the same plan on the CPU)."""
+    M, K, N = x.shape[0], w.K, w.N
+    n_ctas = w.scales.shape[1] // CTA_N
     k_split = k_split_for(w, n_ctas, n_sms, resident, deterministic)
     splits = -(-K // k_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # written once, by the kernel: no zero fill
@@ -121,12 +132,10 @@ def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, sca
     # kept between calls would be shared by streams and graphs, and a capture records its zero fill unrun
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     counters = torch.zeros(n_ctas, dtype=torch.int32, device=x.device) if splits > 1 else y
-    with torch.cuda.device(x.device):  # x may live on another GPU than the current one
-        kernel(grid=(n_ctas, splits, 1), block=(128, 1, 1),
-               args=[x, x.stride(0), words if perm is None else perm, int(perm is not None), words,
-                     hwords if hwords.numel() else words, scales, zeros, y, N, partial, counters, M, N, K, k_split],
-               stream=torch.cuda.current_stream(x.device))
-    return y
+    perm = w.perm
+    args = [x, x.stride(0), w.words if perm is None else perm, int(perm is not None), w.words,
+            w.hwords if w.hwords.numel() else w.words, w.scales, w.zeros, y, N, partial, counters, M, N, K, k_split]
+    return (n_ctas, splits, 1), args, y
 
 
 @_gemv_mma_op.register_fake

@@ -1,0 +1,70 @@
+"""The CUDA GEMV's own source run on the CPU (host_gemv.py: g++ with cuda_host.h, every thread of a CTA a host
+thread, mma.sync a barrier of the warp): every kernel of gemv_mma.cu, launched by the launcher's plan, against
+float64 on fresh random inputs; outputs start as NaN. The arithmetic the GPU adds (the fp32 accumulation of the
+mma's and of the groups, the final rounding to x's type) is all that may differ."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import randn
+from qmm_helpers import CUDA_GEMV_K, CUDA_GEMV_N, cuda_gemv_checkpoint, random_checkpoint
+
+import maca_kernels as mk
+from maca_kernels.ops.quant_matmul import cuda_kernel
+from maca_kernels.ops.quant_matmul.mma_layout import KERNEL_GROUPS
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+
+
+def host():
+    import host_gemv
+
+    return host_gemv
+
+
+def check(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> None:
+    """y within half an ulp of x's type of the float64 product, plus the fp32 accumulation's error."""
+    want = x.double() @ W.T
+    assert not torch.isnan(y).any(), "an output the kernel never wrote"
+    ulp = torch.finfo(x.dtype).eps * want.abs()
+    bound = 0.5 * ulp + 2e-6 * (x.double().abs() @ W.abs().T)
+    err = (y.double() - want).abs()
+    assert (err <= bound).all(), f"max error {float(err.max()):.3g}, {int((err > bound).sum())} outside the bound"
+
+
+VARIANTS = [(bits, group, dtype) for bits in (4, 3, 2) for group in (*KERNEL_GROUPS[bits], -1)
+            for dtype in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", VARIANTS,
+                         ids=[f"b{b}-g{g}-{str(d)[6:]}" for b, g, d in VARIANTS])
+def test_every_kernel_matches_float64(bits, group_size, dtype):
+    """N = 160 (a partial CTA of columns), K = 1152 (a short last chunk, not whole trips of the load ring), act
+    order where there are groups; M on both kernels (1-8, 9-16); one range of K and a split (4 SMs)."""
+    N, K = 160, 1152
+    for act_order in (False, True) if group_size != -1 else (False,):
+        W, qw, sc, qz, gi = random_checkpoint(N, K, bits, group_size, act_order, seed=bits + K + act_order)
+        d = mk.to_decode_weight(qw, sc, qz, gi, bits, group_size, "gptq", mma=True)
+        for M in (1, 6, 9, 16):
+            x = randn(M, K, dtype=dtype, seed=M + bits)
+            for n_sms, deterministic in ((1, True), (4, False)):
+                check(host().run(x, d.mma, n_sms=n_sms, deterministic=deterministic), x, W)
+
+
+def test_split_k_ranges_add_up_in_a_fixed_order():
+    """The GPU test's shape (K = 17 x 128: the last range is shorter) split over every count the launcher can
+    choose: the bits do not depend on the order CTAs arrive in, only on the split."""
+    W, qw, sc, qz, gi = cuda_gemv_checkpoint(4, 128, False)
+    d = mk.to_decode_weight(qw, sc, qz, gi, 4, 128, "gptq", mma=True)
+    x = randn(2, CUDA_GEMV_K, dtype=torch.float16, seed=3)
+    splits = set()
+    for n_sms in (1, 3, 9, 132):
+        y = host().run(x, d.mma, n_sms=n_sms)
+        check(y, x, W)
+        _, args, _ = cuda_kernel.launch_plan(x, d.mma, n_sms, 4, False)
+        splits.add(-(-CUDA_GEMV_K // args[-1]))
+        assert y.shape == (2, CUDA_GEMV_N)
+    assert len(splits) >= 3, splits
