@@ -61,14 +61,14 @@ WALKED = {
 
 @dataclass(frozen=True)
 class Launch:
-    """What cuda_kernel._gemv_mma_op launches for this kernel and shape (CTAs per SM: registers)."""
+    """What cuda_kernel.launch_plan launches for this kernel and shape: one CTA per 16 columns, ``slices`` warps
+    each summing ``k_slice`` of K (the last what is left)."""
 
     bits: int
     group: int
     M: int
     K: int
     N: int
-    resident: int
 
     @property
     def vec_k(self) -> int:
@@ -76,126 +76,101 @@ class Launch:
 
         return VEC_K[self.bits]
 
-    @property
-    def n_ctas(self) -> int:
-        return -(-self.N // 64)
-
-    @property
-    def k_split(self) -> int:
-        from maca_kernels.ops.quant_matmul.cuda_kernel import k_split_for
+    @functools.cached_property
+    def slicing(self) -> tuple[int, int]:
+        from maca_kernels.ops.quant_matmul.cuda_kernel import slicing
         from maca_kernels.ops.quant_matmul.mma_layout import MmaWeight
 
         w = MmaWeight(None, None, None, None, self.bits, self.group or self.K, self.K, self.N)
-        return k_split_for(w, self.n_ctas, N_SMS, self.resident)
+        return slicing(w, N_SMS)
 
     @property
-    def splits(self) -> int:
-        return -(-self.K // self.k_split)
+    def slices(self) -> int:
+        return self.slicing[0]
 
-    def chunks(self) -> list[int]:
-        """c_len of each chunk of range 0 (kChunk = 512)."""
-        k_end = min(self.K, self.k_split)
-        return [min(512, k_end - c0) for c0 in range(0, k_end, 512)]
+    @property
+    def k_slice(self) -> int:
+        return self.slicing[1]
 
-
-def resident_ctas(registers: int, smem: int) -> int:
-    """CTAs of 128 threads per SM (sm_90: 64 K registers in 256-register units per warp, 64 warps, 32 CTAs,
-    228 KB shared memory with 1 KB per CTA): what cuOccupancyMaxActiveBlocksPerMultiprocessor answers."""
-    per_warp = -(-registers * 32 // 256) * 256
-    by_regs = (65536 // per_warp) // 4
-    by_smem = (228 * 1024) // (smem + 1024)
-    return min(by_regs, by_smem, 16, 32)
+    def k_range(self, warp: int) -> int:
+        """K values warp ``warp`` sums."""
+        return max(0, min(self.K, (warp + 1) * self.k_slice) - warp * self.k_slice)
 
 
-def gemv_plan(fn: Function, launch: Launch, mt: int, warp: int, reducer: bool) -> Plan:
-    """The directions of one warp of CTA (x, 0) of this launch (gather = 0; ``reducer``: the last CTA of its
-    column block, which adds the split-K partial sums)."""
-    chunks = launch.chunks()
-    assert len(set(chunks)) == 1, f"a short last chunk: {chunks}"  # both shapes split K into whole chunks
-    c_len = chunks[0]
+def gemv_plan(fn: Function, launch: Launch, mt: int, warp: int) -> Plan:
+    """The directions of warp ``warp`` of a CTA of this launch (gather = 0)."""
     per_load = (4 if launch.bits == 4 else 8) * mt  # HMMA per 128-bit load
-    hmma = c_len // launch.vec_k * per_load
-    stage = (c_len // 32) * 4 * launch.M  # x fragments (uint4) per chunk, threads 0.. stage one each per pass
-    stage_passes = max(0, -(-(stage - 32 * warp) // 128))
-    red = launch.M * 64  # outputs the reducer adds up, one per thread per pass
-    red_passes = max(0, -(-(red - 32 * warp) // 128)) if reducer else 0
-
-    def chunk_loop(f):
-        return min((lp for lp in f.loops if lp.ops["HMMA"]), key=lambda lp: lp.depth)
-
-    def reduce_loop(f):
-        return min((lp for lp in f.loops if f.ops(lp.start, lp.end + 1, full=True)["LDG.E.STRONG.GPU"]),
-                   key=lambda lp: lp.depth)
-
-    split = launch.splits > 1
+    hmma = launch.k_range(warp) // launch.vec_k * per_load
+    sliced = launch.slices > 1
 
     def override(b):
-        if b.kind == "exit" and b.exit_ordinal == 0:  # after the stores: one range, y written
-            return not split
-        if b.kind == "exit" and b.exit_ordinal == 1:  # after the arrival count: not the last CTA
-            return not reducer
-        if b.kind == "forward" and any(k.startswith("ATOMG") for k in b.skipped):  # thread 0 counts arrival
-            return warp != 0
-        if b.sides is not None:
-            then, other = b.sides
-            f2fp = [any(k.startswith("F2FP") for k in s) for s in (then, other)]
-            if f2fp[0] != f2fp[1]:  # y (cast to x's type) or the fp32 partial sums
-                return f2fp[1] == (not split)
-            ldg = [sum(v for k, v in s.items() if k.startswith("LDG")) for s in (then, other)]
-            if ldg[0] != ldg[1]:  # x gathered through perm (more loads) or not: gather = 0
-                return ldg[1] < ldg[0]
-        if (b.kind == "forward" and any(k.startswith("STG") for k in b.skipped)
-                and not any(k.startswith(("HMMA", "LDG", "STS")) for k in b.skipped)):
-            # a store of y the compiler branched over rather than predicated: the last of the unrolled list,
-            # row m = 8 (mt - 1) + 2t + 1; no lane of the warp stores it iff M <= 8 (mt - 1) + 1
+        region = b.skipped
+        has = lambda *ops: any(k.startswith(ops) for k in region)  # noqa: E731
+        if b.kind == "forward" and has("STS.128"):  # gather's x staging (and a gather path laid out after it)
+            return True
+        if b.kind == "forward" and has("BAR") and not has("HMMA"):  # the slices' sums
+            return not sliced
+        if b.kind == "exit":  # slices past the first, once their sums are in shared memory
+            return warp > 0
+        if b.kind == "forward" and has("STS") and not has("LDS", "HMMA", "BAR"):  # a slice's sums stored
+            return warp == 0
+        if b.kind == "back" and has("LDS") and not has("HMMA"):  # slice 0 adds the others' sums, one per pass
+            return False  # decided by the LDS budget below
+        if b.sides is not None:  # gather or not: the side without the staging's 128-bit shared stores
+            staging = [any(k.startswith("STS.128") for k in side) for side in b.sides]
+            if staging[0] != staging[1]:
+                return staging[0]
+        if b.kind == "forward" and has("STG") and not has("HMMA", "LDG", "STS", "LDS"):
+            # a store of y the compiler branched over rather than predicated: row 8 (mt - 1) + 2t + 1 of the
+            # last tile; no lane of the warp stores it iff M <= 8 (mt - 1) + 1
             return launch.M <= 8 * (mt - 1) + 1
         return None
 
-    return Plan([Budget("HMMA", hmma * len(chunks)), Budget("HMMA", hmma, chunk_loop),
-                 Budget("STS.128", stage_passes, chunk_loop),
-                 Budget("LDG.E.STRONG.GPU", launch.splits * red_passes),
-                 Budget("LDG.E.STRONG.GPU", launch.splits, reduce_loop)], override)
+    return Plan([Budget("HMMA", hmma), Budget("LDS", (launch.slices - 1) * mt * 4 if warp == 0 else 0)], override)
 
 
 @dataclass
 class Figures:
-    """Thread-instructions per weight (warp instructions x 32 / the warp's 16 x k_split weights)."""
+    """Thread-instructions per weight (warp instructions x 32 / the weights the warps process)."""
 
     launch: Launch
-    per_chunk: list[float]  # per warp: the chunk loop's instructions per chunk
-    kernel: list[float]  # per warp, CTAs that do not reduce
-    reducer: list[float]  # per warp, the CTA that reduces (the same as kernel without a split)
-    spills: list[int]  # LDL + STL executed per warp (reducer CTA)
-    prologue: int  # warp 0: instructions before the chunk loop
-    epilogue: list[int]  # warp 0: after it, non-reducer / reducer
-
-    @property
-    def amortised(self) -> list[float]:
-        """Per warp over the column block's CTAs: one in ``splits`` reduces."""
-        s = self.launch.splits
-        return [((s - 1) * a + b) / s for a, b in zip(self.kernel, self.reducer, strict=True)]
+    loop: float  # warp 0's main loop (whole trips around the load ring), per weight of the loads it ran
+    warps: list[float]  # each warp of a CTA, per weight of its own range of K
+    spills: int  # LDL + STL executed, all warps of a CTA
+    prologue: int  # warp 0: instructions before the main loop
+    epilogue: int  # warp 0: after it (remainder steps, the slices' sums, stores)
+    total: int  # warp instructions of a CTA
 
     @property
     def cta(self) -> float:
-        return sum(self.amortised) / 4
+        """The whole kernel: a CTA's thread-instructions per weight (16 x K)."""
+        return self.total * 32 / (16 * self.launch.K)
+
+
+def main_loop(fn: Function, tr) -> object:
+    """The loop of whole trips around the load ring on the walked path: of the loops whose HMMA's executed, the one
+    executing the most of them, the innermost on a tie."""
+    def hmma(lp):
+        return tr.count(lp.start, lp.end + 1, where=lambda ins: ins.base == "HMMA")
+
+    return max((lp for lp in fn.loops if lp.ops["HMMA"]), key=lambda lp: (hmma(lp), lp.depth))
 
 
 def gemv_figures(fn: Function, launch: Launch, mt: int) -> Figures:
-    weights = 16 * min(launch.K, launch.k_split)
-    chunk = min((lp for lp in fn.loops if lp.ops["HMMA"]), key=lambda lp: lp.depth)
-    n_chunks = len(launch.chunks())
-    per_chunk, kernel, reducer, spills, epi = [], [], [], [], []
-    for warp in range(4):
-        plain = walk(fn, gemv_plan(fn, launch, mt, warp, False))
-        red = walk(fn, gemv_plan(fn, launch, mt, warp, launch.splits > 1)) if launch.splits > 1 else plain
-        per_chunk.append(plain.in_loop(chunk) / n_chunks * 32 / (16 * min(512, launch.k_split)))
-        kernel.append(plain.count() * 32 / weights)
-        reducer.append(red.count() * 32 / weights)
-        spills.append(red.ops["LDL"] + red.ops["STL"])
+    warps, spills, total = [], 0, 0
+    for warp in range(launch.slices):
+        tr = walk(fn, gemv_plan(fn, launch, mt, warp))
+        k = launch.k_range(warp)
+        warps.append(tr.count() * 32 / (16 * k))
+        spills += tr.ops["LDL"] + tr.ops["STL"]
+        total += tr.count()
         if warp == 0:
-            prologue = plain.count(0, chunk.start)
-            epi = [plain.count(chunk.end + 1), red.count(chunk.end + 1)]
-    return Figures(launch, per_chunk, kernel, reducer, spills, prologue, epi)
+            loop = main_loop(fn, tr)
+            hmma = tr.count(loop.start, loop.end + 1, where=lambda ins: ins.base == "HMMA")
+            loop_k = hmma // ((4 if launch.bits == 4 else 8) * mt) * launch.vec_k  # k of the loads it ran
+            loop_fig = tr.in_loop(loop) * 32 / (16 * loop_k) if loop_k else float("nan")
+            prologue, epilogue = tr.count(0, loop.start), tr.count(loop.end + 1)
+    return Figures(launch, loop_fig, warps, spills, prologue, epilogue, total)
 
 
 @functools.cache
@@ -217,37 +192,35 @@ def walked_gemv() -> tuple[dict[str, Function], dict[str, tuple[int, int]]]:
     """sm_90a's kernels parsed for the walker, and each kernel's (registers, shared memory) from ptxas."""
     funcs, log = compile_gemv("sm_90a")
     resources = {}
-    for name, regs, smem in re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers.*?(\d+) bytes smem",
-                                       log, re.S):
-        resources[name] = (int(regs), int(smem))
+    for name, regs in re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", log, re.S):
+        resources[name] = (int(regs), 0)
     return {k: Function(v) for k, v in funcs.items()}, resources
 
 
-def variant_launch(name: str, shape: str, resources: tuple[int, int]) -> Launch:
+def variant_launch(name: str, shape: str) -> Launch:
     """The launch of kernel ``name`` at ``shape`` for M = 1 (M = 16 for the _m16 kernels)."""
     bits = int(re.search(r"_b(\d)_", name).group(1))
     group = int(re.search(r"_g(\d+)", name).group(1))
     K, N = SHAPES[shape]
-    return Launch(bits, group, 16 if name.endswith("_m16") else 1, K, N, resident_ctas(*resources))
+    return Launch(bits, group, 16 if name.endswith("_m16") else 1, K, N)
 
 
 def figures(name: str, shape: str) -> Figures:
     """The executed figures of kernel ``name`` at ``shape``."""
-    fns, resources = walked_gemv()
-    return gemv_figures(fns[name], variant_launch(name, shape, resources[name]), 2 if name.endswith("_m16") else 1)
+    fns, _ = walked_gemv()
+    return gemv_figures(fns[name], variant_launch(name, shape), 2 if name.endswith("_m16") else 1)
 
 
 def table() -> str:
-    fns, _ = walked_gemv()
-    rows = ["| kernel | shape | CTAs/SM | k_split x splits | per chunk (no x / x staging) | whole kernel: "
-            "not reducing / reducing CTA (warp 0) | CTA average, amortised | LDL+STL per warp |",
+    fns, resources = walked_gemv()
+    rows = ["| kernel | shape | registers | warps x K each | main loop | each warp | whole kernel | LDL+STL |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in sorted(n for n in fns if n.startswith("maca_gemv_mma")):
         for shape in SHAPES:
             f = figures(name, shape)
-            rows.append(f"| {name.removeprefix('maca_gemv_mma_')} | {shape} | {f.launch.resident} | "
-                        f"{f.launch.k_split} x {f.launch.splits} | {min(f.per_chunk):.2f} / {max(f.per_chunk):.2f} | "
-                        f"{f.kernel[0]:.2f} / {f.reducer[0]:.2f} | {f.cta:.2f} | {max(f.spills)} |")
+            rows.append(f"| {name.removeprefix('maca_gemv_mma_')} | {shape} | {resources[name][0]} | "
+                        f"{f.launch.slices} x {f.launch.k_slice} | {f.loop:.2f} | "
+                        f"{' / '.join(f'{w:.2f}' for w in f.warps)} | {f.cta:.2f} | {f.spills} |")
     return "\n".join(rows)
 
 

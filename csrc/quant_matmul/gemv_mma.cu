@@ -25,11 +25,18 @@
 // Words are stored [n tile][k word / 4][lane][4]: one 128-bit load per lane covers four words, and a warp's
 // load is 512 contiguous bytes. kPrefetch spare warp loads follow the last n tile, and the scales and zeros
 // one spare row, so the loads that run ahead never need a bounds check.
+// k order: within each 32 values of k (a pair of k-tiles) the layout assigns lane t the features 8t .. 8t + 7
+// (tile 0's b0, b1 = 8t + {0, 1}, {2, 3}; tile 1's = {4, 5}, {6, 7}), so a lane's B fragments of a tile pair
+// are one 128-bit load of x in its own order: no staging, no shuffling.
+// Scales and zeros: [n tile][G + 1][g][2], the columns g and g + 8 of a lane side by side (fp16 pairs: one
+// 32-bit load; zeros uint8 pairs: one 16-bit load), a tile's groups one after another (a trip's groups are
+// immediate offsets from one address).
 //
-// Work split: a CTA is 4 warps, one 16-column tile each (64 columns), over one range of K (blockIdx.y); the
-// last CTA of a column block to finish adds the ranges' partial sums (see gemv_mma). x is staged in shared memory in fragment
-// order (b0 = x[m][2t, 2t+1], b1 = x[m][2t + 8, 2t + 9] for m = 8 mt + g), kChunk values of k at a time. B columns
-// m >= M hold whatever is in shared memory: their D columns are never stored.
+// Work split: a CTA is one 16-column tile; its warps (blockDim.x / 32 "slices") each take one range of K and
+// add their sums in shared memory at the end, in slice order (the same bits on every run). x is read straight
+// from global memory (L1-resident: every warp of the SM reads the same rows). With act-order weights (gather)
+// each warp gathers x into its own shared memory, one trip of the load ring at a time. B columns m >= M read
+// row M - 1 (or hold whatever is in shared memory): their D columns are never stored.
 //
 // Groups: GROUP values of k (whole words) share a scale and zero point; D restarts per group and y += s * D
 // at its end, between 128-bit loads or, for groups shorter than one, between its words. GROUP = 0: one group
@@ -43,6 +50,7 @@ typedef unsigned long long u64;
 // built-ins, with C++ that runs every lane of a CTA as a host thread: the kernel's own code, checked on the CPU.
 #ifndef MACA_HOST_EMULATION
 #define MACA_DEVICE __device__ __forceinline__
+#define MACA_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
 
 MACA_DEVICE u32 lop_or(u32 w, u32 mask, u32 magic) {  // (w & mask) | magic in one LOP3
   u32 d;
@@ -108,40 +116,89 @@ MACA_DEVICE float load_l2(const float* p) {  // another SM's store: read at L2, 
   return f;
 }
 
+// x's B fragments: 16 bytes from global (or, staged for gather, shared) memory. volatile: kept in program order
+// with the mma's, so ptxas cannot hoist a whole trip's loads (32 per lane at int2) into registers at once.
+MACA_DEVICE uint4 load_x(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// A group's scales (an fp16 pair) and zero points (a uint8 pair), volatile for the same reason as load_x.
+MACA_DEVICE u32 load_u32(const u32* p) {
+  u32 v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+MACA_DEVICE u32 load_u16(const u16* p) {
+  u16 v;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
 MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
   u32 d;
   asm("prmt.b32 %0, %1, 0, 0x1010;" : "=r"(d) : "r"(h));
+  return d;
+}
+
+template <int SEL>
+MACA_DEVICE u32 prmt(u32 a, u32 b) {  // bytes of (b:a) picked by the selector's nibbles
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "n"(SEL));
   return d;
 }
 #endif  // MACA_HOST_EMULATION
 
 constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
 constexpr u32 kMagicBf16 = 0x43004300u;  // 128.0 in both bf16 halves (7-bit mantissa: fields stay below bit 7)
-constexpr int kWarps = 4;
-constexpr int kChunk = 512;  // k values of x staged at a time (8 KB of fragments per 8-row tile)
-constexpr int kPrefetch = 4;  // 128-bit loads in flight per lane (mma_layout.PREFETCH)
-constexpr int kMinCtas = 4;   // CTAs per SM the registers must allow (cuda_kernel.py asks the driver for the count)
+constexpr int kMaxSlices = 8;  // warps per CTA (cuda_kernel.MAX_SLICES)
+constexpr int kMinCtas = 1;    // CTAs of kMaxSlices warps per SM the registers must allow
 
-// Per-lane constants of one group: the negated offset (2^-s * magic + z) of every scale variant s, each
-// pair(A + z B): LEA + PRMT. fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64 (int2/int3). bf16 has
-// no room for the x16 fields (its mantissa has 7 bits), so int4 shifts every field to bit 0 (scale 1) and
-// int2/int3 read field 3 two bits lower (scale 1/16 like field 2).
+// 128-bit loads in flight per lane (mma_layout.PREFETCH is the larger): 4 KB per warp at one 8-row tile of x;
+// 4.3 TB/s at ~700 ns of DRAM latency needs ~23 KB per SM over 132 SMs, i.e. 6 warps. Two tiles (9..16 rows)
+// keep 4, which their registers allow.
+template <int MT>
+struct Prefetch {
+  static constexpr int kLoads = MT == 1 ? 8 : 4;
+};
+
+// Per-lane constants of one group: the negated offset (2^-s * magic + z) of every scale variant s, in both
+// halves. fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64 (int2/int3). bf16 has no room for the x16 fields
+// (its mantissa has 7 bits), so int4 shifts every field to bit 0 (scale 1) and int2/int3 read field 3 two
+// bits lower (scale 1/16 like field 2). Where z times the field's ulp fits a byte (z <= 2^bits: 16 at int4,
+// 8 at int3), one PRMT puts it under the constant's high byte in both halves; the others take LEA + PRMT.
 template <int BITS, bool BF16>
 struct Zeros {
   u32 k0, k1, k2, k3;  // fragment registers a0..a3 (n = g, g + 8, g, g + 8)
-  MACA_DEVICE Zeros(u32 zg, u32 zg8) {
+  MACA_DEVICE explicit Zeros(u32 zp) {  // zp: the zero points of columns g (bits 0..7) and g + 8 (8..15)
     if constexpr (BF16) {
-      k0 = pair(0xC300u + zg);                                  // -(128 + z) (ulp 1)
-      k1 = pair(BITS == 4 ? 0xC300u + zg8 : 0xC200u + zg8 * 4u);  // int2/3: -(32 + z) (ulp 1/4)
-      k2 = BITS == 4 ? k0 : pair(0xC100u + zg * 16u);            // int2/3: -(8 + z) (ulp 1/16; z = 8: -16)
-      k3 = BITS == 4 ? k1 : pair(0xC100u + zg8 * 16u);
+      k0 = under(0xC3u, zp, 0);  // -(128 + zg) (ulp 1)
+      if constexpr (BITS == 4) {
+        k1 = under(0xC3u, zp, 1);  // -(128 + zg8)
+        k2 = k0;
+        k3 = k1;
+      } else {
+        k1 = under(0xC2u, zp >> 6, 0);  // -(32 + zg8) (ulp 1/4): 4 zg8 in the low byte
+        k2 = under(0xC1u, zp << 4, 0);  // -(8 + zg) (ulp 1/16; z = 8: -16)
+        k3 = under(0xC1u, zp >> 4, 0);  // -(8 + zg8)
+      }
     } else {
-      k0 = pair(0x6400u + zg);                                  // 1024 + z (ulp 1), subtracted
-      k1 = pair(BITS == 4 ? 0xD400u + zg8 * 16u : 0xDC00u + zg8 * 4u);  // -(64 + z) / -(256 + z)
-      k2 = BITS == 4 ? k0 : pair(0xD400u + zg * 16u);            // -(64 + z)
-      k3 = BITS == 4 ? k1 : pair(0xCC00u + zg8 * 64u);           // -(16 + z) (ulp 1/64)
+      k0 = under(0x64u, zp, 0);  // 1024 + zg (ulp 1), subtracted
+      if constexpr (BITS == 4) {
+        k1 = pair(0xD400u + (zp >> 8) * 16u);  // -(64 + zg8) (ulp 1/16; z = 16 carries into the high byte)
+        k2 = k0;
+        k3 = k1;
+      } else {
+        k1 = under(0xDCu, zp >> 6, 0);           // -(256 + zg8) (ulp 1/4)
+        k2 = under(0xD4u, zp << 4, 0);           // -(64 + zg) (ulp 1/16)
+        k3 = pair(0xCC00u + (zp >> 8) * 64u);    // -(16 + zg8) (ulp 1/64)
+      }
     }
   }
+  // hi:byte b of v in both halves: one PRMT (v's bytes 0..3 are selectors 0..3, hi's low byte 4)
+  static MACA_DEVICE u32 under(u32 hi, u32 v, int b) { return b ? prmt<0x4141>(v, hi) : prmt<0x4040>(v, hi); }
 };
 
 // One k-tile of one word: decode the lane's A fragment and multiply it by the B fragments of the MT 8-row
@@ -200,21 +257,21 @@ MACA_DEVICE void tile_mma(float (&d)[MT][4], u32 v, u32 c, const Zeros<BITS, BF1
   }
 }
 
-// Four words (one 128-bit load) against the staged fragments xf (uint4 = two k-tiles' (b0, b1); the 8-row
-// tile mt of x lies kChunk uint4 further per mt); int3 also takes the two high-bit words of the same eight
-// k-tiles (c).
+// Four words (one 128-bit load) against x's B fragments: xb[mt] points at this lane's first uint4 of the load's
+// k span in 8-row tile mt (a uint4 = one tile pair's (b0, b1) x 2; pairs 4 uint4 apart); int3 also takes the two
+// high-bit words of the same eight k-tiles (c).
 // WPG: words per group when a group is shorter than the load (group_end() after every WPG words: it folds
 // the group and loads the next group's z), else 0.
 template <int BITS, bool BF16, int MT, int WPG, class GroupEnd>
-MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z, const uint4* xf,
-                         GroupEnd&& group_end) {
+MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z,
+                         const uint4* const (&xb)[MT], GroupEnd&& group_end) {
   const u32 ws[4] = {w.x, w.y, w.z, w.w};
   uint4 b[MT];
   if constexpr (BITS == 4) {  // a word is one k-tile: a fragment load serves two words
 #pragma unroll
     for (int i = 0; i < 4; i += 2) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[(i / 2) * 32 + mt * kChunk];
+      for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + (i / 2) * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
       if (WPG == 1) group_end();
       tile_mma<BITS, BF16, MT>(d, ws[i + 1], 0u, z, b, true);
@@ -224,7 +281,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
+      for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + i * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, 0u, z, b, true);
       if (WPG && (i + 1) % WPG == 0) group_end();
@@ -236,7 +293,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
     for (int i = 0; i < 4; ++i) {
       const u32 h = cs[i / 2];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) b[mt] = xf[i * 32 + mt * kChunk];
+      for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + i * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b, true);
       if (WPG && (i + 1) % WPG == 0) group_end();
@@ -244,55 +301,39 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
   }
 }
 
-// y[m, n] = sum_k x[m, perm[k]] (q[n, k] - z[n, g(k)]) s[n, g(k)], m < M <= 8 MT, in x's type.
-// x fp16 or bf16 (BF16) [M, *] (row stride ldx); perm int [K] if gather (act-order weights: row k of the
-// weight holds input feature perm[k]); words as described above (K a multiple of 4 words of k); scales fp16
-// and zeros uint8 [G + 1, N_pad] (a spare row: after the last group's fold the next row is read; N_pad =
-// 64 * gridDim.x, padded columns hold anything finite); y [M, N] (row stride ldy).
-// CTA (bx, by) sums the K range by * k_split (a multiple of GROUP and of kPrefetch loads' k span, or
-// K itself; its last chunk may be shorter than kChunk). With one range it writes y itself; otherwise every
-// CTA writes its fp32 partial sums to partial [gridDim.y][M][N], and the last of a column block to arrive
-// (counters[bx], zero before the launch) adds them in range order: no atomics on y, the same bits on every
-// run, and no cast kernel after this one.
-template <int BITS, int GROUP, bool BF16, int MT>
-__device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restrict__ perm, int gather,
-                         const uint4* __restrict__ words, const uint2* __restrict__ hwords,
-                         const u16* __restrict__ scales, const unsigned char* __restrict__ zeros,
-                         u16* __restrict__ y, int ldy, float* __restrict__ partial, int* __restrict__ counters,
-                         int M, int N, int K, int k_split) {
-  constexpr int kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
-  constexpr int kVecK = 4 * kWordK;            // per 128-bit load
+// The sums of one warp: acc[mt] = this lane's y (see gemv_mma) over the warp's range of K, x read from global
+// memory (GATHER false) or gathered by perm into this warp's shared memory one trip at a time (GATHER true).
+template <int BITS, int GROUP, bool BF16, int MT, bool GATHER>
+MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int ldx, const int* __restrict__ perm,
+                           const uint4* __restrict__ words, const uint2* __restrict__ hwords,
+                           const u32* __restrict__ scales, const u16* __restrict__ zeros, int M, u32 K, u32 k_begin,
+                           u32 k_end, uint4* staged) {
+  constexpr int kPrefetch = Prefetch<MT>::kLoads;
+  constexpr u32 kWordK = BITS == 4 ? 16 : 32;  // k values per (low-bits) word
+  constexpr u32 kVecK = 4 * kWordK;            // per 128-bit load
+  constexpr u32 kTripK = kPrefetch * kVecK;    // per trip around the load ring
   // a group is whole loads, or whole words that tile one load
   static_assert(GROUP % kVecK == 0 || (GROUP % kWordK == 0 && kVecK % GROUP == 0), "groups of whole words");
-  static_assert(kChunk % (GROUP > kVecK ? GROUP : kVecK) == 0, "chunks of whole groups");
   constexpr int kWordsPerGroup = GROUP && GROUP < kVecK ? GROUP / kWordK : 0;  // groups inside one load
-  __shared__ uint4 xs[MT][kChunk / 32][32];  // fragments of kChunk values of k: [8-row tile][k-tile pair][lane]
+  constexpr int kVecsPerGroup = GROUP >= kVecK ? GROUP / kVecK : 1;
+  static_assert(kPrefetch % kVecsPerGroup == 0 || kVecsPerGroup % kPrefetch == 0, "groups align with trips");
 
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n_tile = blockIdx.x * kWarps + warp;
-  const int n0 = n_tile * 16;
-  const int k_begin = blockIdx.y * k_split;
-  const int k_end = min(K, k_begin + k_split);
+  const u32 n_tile = blockIdx.x;
   const uint4* wp = words + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;
   const uint2* hp = hwords + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;  // int3 only
-  const int n_pad = gridDim.x * kWarps * 16;
-  const u16* s_col = scales + n0 + g;  // this lane's two columns, advanced by a row per group
-  const unsigned char* z_col = zeros + n0 + g;
-  const uint4* x_frag = &xs[0][0][lane];
+  // this lane's two columns' scales and zeros: [n tile][group][g], a group 8 pairs after the last
+  const u32 groups = GROUP ? K / GROUP + 1 : 2;  // per tile, the spare one included
+  const u64 sz = ((u64)n_tile * groups + (GROUP ? k_begin / GROUP : 0)) * 8 + g;
+  const u32* s_pair = scales + sz;
+  const u16* z_pair = zeros + sz;
 
-  float acc[MT][4] = {};  // y for (n = g, m = 8 mt + 2t, 8 mt + 2t + 1) and (n = g + 8, the same m)
-  float d[MT][4] = {};    // the current group's sum of x (q - z)
-  const int gi = GROUP ? k_begin / GROUP : 0;
-  if (GROUP) {
-    s_col += (u64)gi * n_pad;
-    z_col += (u64)gi * n_pad;
-  }
-  auto zeros_now = [&]() { return Zeros<BITS, BF16>(z_col[0], z_col[8]); };
-  auto fold = [&]() {  // y += s * D for the current group, D restarts
-    const float s0 = half_to_float(s_col[0]);
-    const float s8 = half_to_float(s_col[8]);
+  float d[MT][4] = {};  // the current group's sum of x (q - z)
+  auto fold = [&]() {   // y += s * D for the current group, D restarts
+    const u32 sp = load_u32(s_pair);
+    const float s0 = half_to_float(sp & 0xFFFFu);
+    const float s8 = half_to_float(sp >> 16);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       acc[mt][0] += s0 * d[mt][0];
@@ -302,75 +343,59 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
       d[mt][0] = d[mt][1] = d[mt][2] = d[mt][3] = 0.f;
     }
   };
-  Zeros<BITS, BF16> z = zeros_now();
-  auto next_group = [&]() {  // the zeros and scales have a spare row past the end
+  Zeros<BITS, BF16> z(load_u16(z_pair));
+  auto next_group = [&]() {  // the zeros and scales have a spare group past the end
     fold();
-    s_col += n_pad;
-    z_col += n_pad;
-    z = zeros_now();
+    s_pair += 8;
+    z_pair += 8;
+    z = Zeros<BITS, BF16>(load_u16(z_pair));
   };
-  // Software pipeline kPrefetch loads deep: the ring holds this lane's next kPrefetch 128-bit loads, 2 KB per
-  // warp in flight, 32 KB per SM at 4 CTAs; 4.3 TB/s at ~800 ns of DRAM latency needs ~26 KB per SM over 132
-  // SMs (one load per lane, the earlier design, gave 16 KB at 8 CTAs). rem: the range's loads not consumed.
+  // Software pipeline kPrefetch loads deep: the ring holds this lane's next kPrefetch 128-bit loads.
+  // rem: the range's loads not consumed.
   int rem = (k_end - k_begin) / kVecK;
   uint4 ring[kPrefetch];
   uint2 hring[kPrefetch];
 #pragma unroll
-  for (int i = 0; i < kPrefetch; ++i) {
-    ring[i] = i < rem ? wp[i * 32] : make_uint4(0u, 0u, 0u, 0u);
-    hring[i] = BITS == 3 && i < rem ? hp[i * 32] : make_uint2(0u, 0u);
+  for (int i = 0; i < kPrefetch; ++i) {  // past the range: the next range's loads or the layout's spares, unused
+    ring[i] = wp[i * 32];
+    hring[i] = BITS == 3 ? hp[i * 32] : make_uint2(0u, 0u);
   }
   if (rem > kPrefetch) {  // wp: the next trip's loads
     wp += kPrefetch * 32;
     hp += kPrefetch * 32;
   }
-  constexpr int kVecsPerGroup = GROUP >= kVecK ? GROUP / kVecK : 1;
-  static_assert(kPrefetch % kVecsPerGroup == 0 && (kChunk / kVecK) % kPrefetch == 0, "whole groups per trip");
-
-  for (int c0 = k_begin; c0 < k_end; c0 += kChunk) {
-    const int c_len = min(kChunk, k_end - c0);
-    __syncthreads();  // the previous chunk's fragments are no longer read
-    // Rows m < M: entry (m / 8, tile pair j, lane 4 (m % 8) + tt) =
-    // x[m][c0 + 32 j + 2 tt + {0, 1, 8, 9, 16, 17, 24, 25}].
-    // With gather, x is gathered here (act-order at the sorted speed, with no gather kernel before this one).
-    for (int e = threadIdx.x; e < (c_len / 32) * 4 * M; e += kWarps * 32) {
-      const int tt = e & 3, m = (e >> 2) % M, j = (e >> 2) / M;
-      const u16* xr = x + (u64)m * ldx;
-      const int k = c0 + 32 * j + 2 * tt;
-      u32 v[8];
+  // This lane's B fragments: row 8 mt + g (rows past M read row M - 1), t's 8 values of each tile pair, from
+  // k_begin on in x, or from the start of the staged trip.
+  const uint4* xb[MT];
+  auto x_rows = [&]() {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int kk = k + (i >> 1) * 8 + (i & 1);
-        v[i] = xr[gather ? perm[kk] : kk];
-      }
-      xs[m >> 3][j][(m & 7) * 4 + tt] = make_uint4(v[0] | (v[1] << 16), v[2] | (v[3] << 16), v[4] | (v[5] << 16),
-                                                   v[6] | (v[7] << 16));
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = min(8 * mt + g, M - 1);
+      xb[mt] = GATHER ? staged + m * (kTripK / 8) + t : reinterpret_cast<const uint4*>(x + (u64)m * ldx + k_begin) + t;
     }
-    __syncthreads();
-    const uint4* xf = x_frag;
-    const int n_vec = c_len / kVecK;
-    // one 128-bit load of the ring, refilled from wp + i if refill (i and refill: constants once inlined)
-    auto step = [&](int i, bool refill) {
-      const uint4 w4 = ring[i];
-      const uint2 h2 = hring[i];
-      if (refill) {
-        ring[i] = wp[i * 32];
-        if constexpr (BITS == 3) hring[i] = hp[i * 32];
-      }
-      vec_mma<BITS, BF16, MT, kWordsPerGroup>(d, w4, h2, z, xf, next_group);
-      xf += (kVecK / 32) * 32;
-      if (GROUP >= kVecK && (i + 1) % kVecsPerGroup == 0) next_group();
-    };
-    // The main loop: whole trips around the ring, each refilling it from wp with the next trip's loads.
-    // wp moves on only while the range holds another trip, so the range's last trip re-reads its own loads
-    // (L1 hits) instead of its neighbour's weights: one select per trip, no predicate per load (which would
-    // keep the old and the new value of a ring slot alive at once). Ranges are whole trips (k_split_for), so
-    // only the last range of K can end inside a trip, reading at most kPrefetch - 1 loads past its end (the
-    // layout's spare loads).
+  };
+  // one 128-bit load of the ring, refilled from wp + i if refill (i and refill: constants once inlined)
+  auto step = [&](int i, bool refill) {
+    const uint4 w4 = ring[i];
+    const uint2 h2 = hring[i];
+    if (refill) {
+      ring[i] = wp[i * 32];
+      if constexpr (BITS == 3) hring[i] = hp[i * 32];
+    }
+    vec_mma<BITS, BF16, MT, kWordsPerGroup>(d, w4, h2, z, xb, next_group);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xb[mt] += kVecK / 8;
+    if (GROUP >= kVecK && (i + 1) % kVecsPerGroup == 0) next_group();
+  };
+  // n_vec loads: whole trips around the ring, each refilling it from wp with the next trip's loads. wp moves on
+  // only while the range holds another trip, so the range's last trip re-reads its own loads (L1 hits) instead
+  // of the next range's: one select per trip, no predicate per load. A range that ends inside a trip reads at
+  // most kPrefetch - 1 loads past its end (the next range's, or the layout's spare loads).
+  auto pass = [&](int n_vec) {
     int v0 = 0;
     // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips
-    // per iteration rename it instead (not at MT = 2: its registers would spill)
-#pragma unroll(MT == 1 ? 2 : 1)
+    // per iteration rename it instead
+#pragma unroll 2
     for (; v0 + kPrefetch <= n_vec; v0 += kPrefetch) {
 #pragma unroll
       for (int i = 0; i < kPrefetch; ++i) step(i, true);
@@ -379,60 +404,111 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
       wp += advance;
       if constexpr (BITS == 3) hp += advance;
     }
+    if (v0 < n_vec) {  // the end of the range inside a trip: nothing left to load
 #pragma unroll
-    for (int i = 0; i < kPrefetch; ++i) {  // the end of K inside a trip: nothing left to load
-      if (v0 + i < n_vec) step(i, false);
+      for (int i = 0; i < kPrefetch; ++i) {
+        if (v0 + i < n_vec) step(i, false);
+      }
     }
+  };
+  if constexpr (GATHER) {  // one trip at a time: entry (m, q) = x[m][perm[c0 + 8 q .. 8 q + 7]]
+    for (u32 c0 = k_begin; c0 < k_end; c0 += kTripK) {
+      const u32 c_len = min(kTripK, k_end - c0);
+      __syncwarp();  // the previous trip's fragments are no longer read
+      for (u32 e = lane; e < M * (c_len / 8); e += 32) {
+        const u32 m = e / (c_len / 8), q = e % (c_len / 8);
+        const u16* xr = x + (u64)m * ldx;
+        const int* pk = perm + c0 + 8 * q;
+        u32 v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = xr[pk[i]];
+        staged[m * (kTripK / 8) + q] = make_uint4(v[0] | (v[1] << 16), v[2] | (v[3] << 16), v[4] | (v[5] << 16),
+                                                  v[6] | (v[7] << 16));
+      }
+      __syncwarp();
+      x_rows();
+      pass(c_len / kVecK);
+    }
+  } else {
+    x_rows();
+    pass((k_end - k_begin) / kVecK);
   }
   if (!GROUP) fold();
-  const bool split = gridDim.y > 1;
-  float* part = partial + (u64)blockIdx.y * M * N;
+}
+
+// y[m, n] = sum_k x[m, perm[k]] (q[n, k] - z[n, g(k)]) s[n, g(k)], m < M <= 8 MT, in x's type.
+// x fp16 or bf16 (BF16) [M, *] (row stride ldx, a multiple of 8; 16-byte aligned); perm int [K] if gather
+// (act-order weights: row k of the weight holds input feature perm[k]); words as described above (K a multiple
+// of 4 words of k); scales fp16 pairs and zeros uint8 pairs [N_pad / 16][G + 1][8] (a spare group: after the
+// last group's fold the next one is read; padded columns hold anything finite); y [M, N] (row stride ldy).
+// CTA bx computes columns 16 bx .. 16 bx + 15; its warp w sums the K range [w k_slice, (w + 1) k_slice) (a
+// multiple of GROUP and of one load's k; the last may be shorter or empty). With gather, each warp stages its
+// x in dynamic shared memory: M rows of one trip's k (the launcher sizes it: cuda_kernel.launch_plan).
+template <int BITS, int GROUP, bool BF16, int MT>
+__device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restrict__ perm, int gather,
+                         const uint4* __restrict__ words, const uint2* __restrict__ hwords,
+                         const u32* __restrict__ scales, const u16* __restrict__ zeros, u16* __restrict__ y, int ldy,
+                         int M, int N, int K, int k_slice) {
+  constexpr u32 kTripK = Prefetch<MT>::kLoads * (BITS == 4 ? 64 : 128);
+  MACA_DYNAMIC_SHARED(uint4, smem);  // gather: [slice][m < M][kTripK / 8]; then the slices' sums (see below)
+  const int lane = threadIdx.x & 31;
+  const int slice = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const u32 k_begin = min(K, slice * k_slice);
+  const u32 k_end = min(K, k_begin + k_slice);
+  float acc[MT][4] = {};  // y for (n = g, m = 8 mt + 2t, 8 mt + 2t + 1) and (n = g + 8, the same m)
+  if (gather) {
+    warp_sums<BITS, GROUP, BF16, MT, true>(acc, x, ldx, perm, words, hwords, scales, zeros, M, K, k_begin, k_end,
+                                           smem + (u64)slice * M * (kTripK / 8));
+  } else {
+    warp_sums<BITS, GROUP, BF16, MT, false>(acc, x, ldx, perm, words, hwords, scales, zeros, M, K, k_begin, k_end,
+                                            smem);
+  }
+  // The slices' sums: slice s > 0 leaves its acc in shared memory ([s - 1][MT x 4][lane], after any staging
+  // is done with), slice 0 adds them in slice order and stores y.
+  const int slices = blockDim.x >> 5;
+  if (slices > 1) {
+    float* red = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every slice's staged x is no longer read
+    if (slice > 0) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = n0 + g + 8 * h;
+        for (int i = 0; i < 4; ++i) red[((slice - 1) * MT * 4 + mt * 4 + i) * 32 + lane] = acc[mt][i];
+      }
+    }
+    __syncthreads();
+    if (slice > 0) return;
+    for (int s = 0; s < slices - 1; ++s) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = 8 * mt + 2 * t + e;
-        if (n >= N || m >= M) continue;
-        if (split) {
-          part[(u64)m * N + n] = acc[mt][2 * h + e];
-        } else {
-          y[(u64)m * ldy + n] = to_x<BF16>(acc[mt][2 * h + e]);
-        }
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[mt][i] += red[(s * MT * 4 + mt * 4 + i) * 32 + lane];
       }
     }
   }
-  if (!split) return;
-  // The last CTA of this column block to arrive adds the partial sums (the threadfence pattern: each CTA's
-  // stores are visible device-wide before its arrival is counted).
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == int(gridDim.y) - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int nb = blockIdx.x * kWarps * 16;
-  for (int e = threadIdx.x; e < M * kWarps * 16; e += kWarps * 32) {
-    const int m = e / (kWarps * 16), n = nb + e % (kWarps * 16);
-    if (n >= N) continue;
-    float sum = 0.f;
-    for (int r = 0; r < int(gridDim.y); ++r) sum += load_l2(partial + ((u64)r * M + m) * N + n);  // range order
-    y[(u64)m * ldy + n] = to_x<BF16>(sum);
+  const int n = blockIdx.x * 16 + g;  // this lane's columns n and n + 8, rows 8 mt + 2t + e
+  u16* yp = y + (u64)(2 * t) * ldy + n;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if (8 * mt + 2 * t + e >= M) continue;
+      u16* row = yp + (8 * mt + e) * ldy;
+      if (n < N) row[0] = to_x<BF16>(acc[mt][e]);
+      if (n + 8 < N) row[8] = to_x<BF16>(acc[mt][2 + e]);
+    }
   }
 }
 
-// kMinCtas in the launch bounds: without it ptxas chose 64 registers for some variants and spilled in the
-// main loop; with it, up to 65536 / (128 kMinCtas) = 128.
+// Launch bounds: kMaxSlices warps, kMinCtas of them per SM (at most 128 registers; without a bound ptxas chose
+// 64 for some variants and spilled in the main loop).
 #define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16, MT)                                                            \
-  extern "C" __global__ void __launch_bounds__(kWarps * 32, kMinCtas) NAME(                                   \
+  extern "C" __global__ void __launch_bounds__(kMaxSlices * 32, kMinCtas) NAME(                               \
       const u16* x, int ldx, const int* perm, int gather, const uint4* words, const uint2* hwords,           \
-      const u16* scales, const unsigned char* zeros, u16* y, int ldy, float* partial, int* counters, int M,   \
-      int N, int K, int k_split) {                                                                            \
-    gemv_mma<BITS, GROUP, BF16, MT>(x, ldx, perm, gather, words, hwords, scales, zeros, y, ldy, partial,      \
-                                    counters, M, N, K, k_split);                                              \
+      const u32* scales, const u16* zeros, u16* y, int ldy, int M, int N, int K, int k_slice) {               \
+    gemv_mma<BITS, GROUP, BF16, MT>(x, ldx, perm, gather, words, hwords, scales, zeros, y, ldy, M, N, K,      \
+                                    k_slice);                                                                 \
   }
 
 // MACA_INSTANTIATIONS: every kernel below (nvcc, the compile tier). cuda_kernel.py compiles one kernel per

@@ -7,27 +7,29 @@ whether this machine can run it. The op is registered with ``torch.library`` (fa
 included), so it works under torch.compile and in CUDA graphs once compiled: call it once outside a
 capture first.
 
-Status: the layout and the lane-level decoding are verified on the CPU against float64 by an emulator
-(tests/ops/quant_matmul/mma_emulator.py), the SASS is counted and the NVRTC build checked by the compile
-tier; the kernel itself runs only on a GPU (tests/ops/quant_matmul/test_quant_matmul_gpu.py,
-``make gpu-check``). Until a GPU run has confirmed it, it is opt-in: ``DecodeWeight.matmul(x,
+Status: the kernel's own source runs on the CPU in the tests (tests/ops/quant_matmul/host_gemv.py: every thread
+a host thread, the PTX helpers in C++), checked against float64, and so does a lane-level model of its decoding
+(mma_emulator.py); the SASS is counted on its executed path and the NVRTC build checked by the compile tier; on
+a GPU it runs in tests/ops/quant_matmul/test_quant_matmul_gpu.py and ``make gpu-check``. Until a GPU run has confirmed it, it is opt-in: ``DecodeWeight.matmul(x,
 backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``, ``maca_kernels.enable_cuda_gemv(model)``; batches
 above ``MAX_M`` rows run the Triton kernels on the same layout (``triton_kernel.launch_mma_matmul``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .mma_layout import CTA_N, PREFETCH, VEC_K, MmaWeight
+from .mma_layout import VEC_K, MmaWeight
 
 SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "quant_matmul" / "gemv_mma.cu"
 MAX_M = 16  # rows of x: 8 per mma (the columns of its B operand), two mma's per decoded fragment above 8
-MIN_CTAS = 4  # kMinCtas in the .cu: CTAs per SM its registers allow, when the driver cannot be asked
+MAX_SLICES = 8  # kMaxSlices in the .cu: warps per CTA, each a range of K
+WARPS_PER_SM = 8  # warps per SM the slicing aims at: 8 x 4 KB of loads in flight, ~23 KB needed for 4.3 TB/s
+SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch may use without opting in
 _COMPILED: dict[tuple[int, str], tuple[object, int]] = {}
 
 
@@ -54,23 +56,8 @@ def kernel_source(bits: int, group: int, bf16: bool = False, rows: int = 1) -> s
     return f"{head}MACA_GEMV_MMA({kernel_name(bits, group, bf16, rows)}, {bits}, {group}, {flag}, {tiles})\n"
 
 
-def _resident_ctas(kernel) -> int:
-    """CTAs of ``kernel`` one SM holds at once, from the driver (its registers and shared memory decide);
-    MIN_CTAS where this torch does not expose what the query needs."""
-    from torch.cuda import _utils
-
-    try:
-        load = getattr(_utils, "_get_gpu_runtime_library", None) or _utils._get_cuda_library
-        query = load().cuOccupancyMaxActiveBlocksPerMultiprocessor
-        count = ctypes.c_int(0)
-        status = query(ctypes.byref(count), kernel.func, 128, ctypes.c_size_t(0))
-    except (AttributeError, OSError):
-        return MIN_CTAS
-    return max(1, count.value) if status == 0 else MIN_CTAS  # CUresult 0: success
-
-
-def _compiled(bits: int, group: int, bf16: bool, rows: int, device: torch.device) -> tuple[object, int]:
-    """(kernel, CTAs per SM), compiled once per device."""
+def _compiled(bits: int, group: int, bf16: bool, rows: int, device: torch.device):
+    """The kernel, compiled once per device."""
     name = kernel_name(bits, group, bf16, rows)
     key = (device.index if device.index is not None else torch.cuda.current_device(), name)
     if key not in _COMPILED:
@@ -80,21 +67,51 @@ def _compiled(bits: int, group: int, bf16: bool, rows: int, device: torch.device
         with torch.cuda.device(device):
             kernel = torch.cuda._compile_kernel(kernel_source(bits, group, bf16, rows), name,
                                                 compute_capability=f"{major}{minor}")
-            _COMPILED[key] = (kernel, _resident_ctas(kernel))
+            _COMPILED[key] = kernel
     return _COMPILED[key]
 
 
-def k_split_for(w: MmaWeight, n_ctas: int, n_sms: int, resident: int = MIN_CTAS, deterministic: bool = False) -> int:
-    """K per CTA: whole groups (every CTA applies its groups' scales to its own partial sums) and whole trips
-    of the kernel's load ring (PREFETCH loads: a range's last trip reads nothing past it), split so that all
-    CTAs are resident at once (one wave of ``resident`` per SM: a second, partial wave would idle most SMs).
-    ``deterministic``: all of K in one CTA."""
-    if deterministic:
-        return w.K
-    unit = math.lcm(w.group_size if w.kernel_group else VEC_K[w.bits], PREFETCH * VEC_K[w.bits])
-    units = -(-w.K // unit)  # the last range may be shorter (K a multiple of the groups only)
-    splits = max(1, min(units, resident * n_sms // n_ctas))
-    return -(-units // splits) * unit
+def slicing(w: MmaWeight, n_sms: int, deterministic: bool = False, max_slices: int = MAX_SLICES) -> tuple[int, int]:
+    """(warps per CTA, K per warp): each CTA is one 16-column tile, its warps ("slices") split K into ranges of
+    whole groups and loads, added in shared memory at the end. Enough slices that the GPU holds ~WARPS_PER_SM
+    warps per SM (each keeps 4 KB of weights in flight), at most ``max_slices``; ``deterministic``: one slice,
+    so the bits do not depend on the GPU's number of SMs either."""
+    unit = math.lcm(w.group_size if w.kernel_group else VEC_K[w.bits], VEC_K[w.bits])
+    units = -(-w.K // unit)
+    n_tiles = -(-w.N // 16)
+    slices = 1 if deterministic else max(1, min(max_slices, units, round(WARPS_PER_SM * n_sms / n_tiles)))
+    k_slice = -(-units // slices) * unit
+    return -(-w.K // k_slice), k_slice
+
+
+@dataclass
+class LaunchPlan:
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int  # bytes of dynamic shared memory
+    args: list  # the kernel's arguments (tensors and ints)
+    y: torch.Tensor  # the output, written by the kernel alone
+
+
+def launch_plan(x: torch.Tensor, w: MmaWeight, n_sms: int, deterministic: bool = False) -> LaunchPlan:
+    """One launch for checked ``x`` [M, K] (unit stride along K) on a GPU with ``n_sms`` SMs; the host emulation
+    of the tests runs the same plan on the CPU."""
+    M, K, N = x.shape[0], w.K, w.N
+    if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
+        x = x.clone(memory_format=torch.contiguous_format)
+    tiles = 2 if M > 8 else 1
+    trip_k = (8 if tiles == 1 else 4) * VEC_K[w.bits]  # the kernel's Prefetch<MT> loads of k
+    max_slices = MAX_SLICES
+    if w.perm is not None:  # each warp stages M rows of one trip of gathered x: stay under 48 KB
+        max_slices = max(1, min(MAX_SLICES, SHARED_LIMIT // (M * trip_k * 2)))
+    slices, k_slice = slicing(w, n_sms, deterministic, max_slices)
+    staged = slices * M * trip_k * 2 if w.perm is not None else 0
+    reduced = (slices - 1) * tiles * 4 * 32 * 4
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # written once, by the kernel: no fill
+    perm = w.perm
+    args = [x, x.stride(0), w.words if perm is None else perm, int(perm is not None), w.words,
+            w.hwords if w.hwords.numel() else w.words, w.scales, w.zeros, y, N, M, N, K, k_slice]
+    return LaunchPlan((-(-N // 16), 1, 1), (32 * slices, 1, 1), max(staged, reduced), args, y)
 
 
 @torch.library.custom_op("maca_kernels::gemv_mma", mutates_args=())
@@ -111,31 +128,12 @@ def _gemv_mma_op(x: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, sca
         raise ValueError(f"gemv_mma: perm must be a contiguous int32 [K] = [{K}] on {x.device}, got {perm.dtype} "
                          f"{tuple(perm.shape)} on {perm.device}")
     n_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    kernel, resident = _compiled(bits, w.kernel_group, x.dtype == torch.bfloat16, M, x.device)
-    grid, args, y = launch_plan(x, w, n_sms, resident, deterministic)
+    kernel = _compiled(bits, w.kernel_group, x.dtype == torch.bfloat16, M, x.device)
+    plan = launch_plan(x, w, n_sms, deterministic)
     with torch.cuda.device(x.device):  # x may live on another GPU than the current one
-        kernel(grid=grid, block=(128, 1, 1), args=args, stream=torch.cuda.current_stream(x.device))
-    return y
-
-
-def launch_plan(x: torch.Tensor, w: MmaWeight, n_sms: int, resident: int, deterministic: bool
-                ) -> tuple[tuple[int, int, int], list, torch.Tensor]:
-    """(grid, the kernel's arguments, y) of one launch for checked ``x`` [M, K] (the host emulation of the
-    tests runs the same plan on the CPU)."""
-    M, K, N = x.shape[0], w.K, w.N
-    n_ctas = w.scales.shape[1] // CTA_N
-    k_split = k_split_for(w, n_ctas, n_sms, resident, deterministic)
-    splits = -(-K // k_split)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # written once, by the kernel: no zero fill
-    # the partial sums of the K ranges and the arrival counters of their reduction (unused by a single range);
-    # counters zeroed per call (a memset, in the caller's stream and in any graph being captured): a buffer
-    # kept between calls would be shared by streams and graphs, and a capture records its zero fill unrun
-    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
-    counters = torch.zeros(n_ctas, dtype=torch.int32, device=x.device) if splits > 1 else y
-    perm = w.perm
-    args = [x, x.stride(0), w.words if perm is None else perm, int(perm is not None), w.words,
-            w.hwords if w.hwords.numel() else w.words, w.scales, w.zeros, y, N, partial, counters, M, N, K, k_split]
-    return (n_ctas, splits, 1), args, y
+        kernel(grid=plan.grid, block=plan.block, args=plan.args, shared_mem=plan.shared_mem,
+               stream=torch.cuda.current_stream(x.device))
+    return plan.y
 
 
 @_gemv_mma_op.register_fake
@@ -145,9 +143,9 @@ def _(x, words, hwords, scales, zeros, perm, bits, group_size, K, N, determinist
 
 def gemv_mma(x2: torch.Tensor, w: MmaWeight, deterministic: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ dequant(W)ᵀ`` → ``[M, N]`` in x2's dtype for fp16 / bf16 x2 on CUDA, M ≤ 16 (checked here);
-    x2 in input order (gathered in the kernel by ``w.perm``). Every launch gives the same bits (the split-K
-    partial sums are added in a fixed order); ``deterministic``: all of K in one CTA per column block, so the
-    bits do not depend on the GPU's number of SMs either."""
+    x2 in input order (gathered in the kernel by ``w.perm``). Every launch gives the same bits (the warps' sums
+    over their ranges of K are added in a fixed order, in shared memory); ``deterministic``: all of K in one
+    warp per 16 columns, so the bits do not depend on the GPU's number of SMs either."""
     if not available():
         raise RuntimeError("the CUDA GEMV needs a CUDA device, torch.cuda._compile_kernel (NVRTC) with the CUDA "
                            f"toolkit's headers (CUDA_HOME) and the repository's "

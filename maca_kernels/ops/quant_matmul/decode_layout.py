@@ -144,7 +144,7 @@ def mma_qweight(mma: mma_layout.MmaWeight, device) -> torch.Tensor:
     per weight)."""
     out = torch.empty(mma.K * mma.bits // 32, mma.N, dtype=torch.int32, device=device)
     for n0 in range(0, mma.N, _REPACK_COLS):
-        b = mma_layout.column_block(mma, n0, min(n0 + _REPACK_COLS, mma.scales.shape[1]))
+        b = mma_layout.column_block(mma, n0, min(n0 + _REPACK_COLS, mma.n_pad))
         b = replace(b, words=b.words.to(device), hwords=b.hwords.to(device), scales=b.scales.to(device),
                     zeros=b.zeros.to(device))
         out[:, n0: n0 + b.N] = pack_gptq(mma_layout.unpack_mma(b)[0], mma.bits)

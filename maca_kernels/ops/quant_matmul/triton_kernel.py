@@ -72,7 +72,21 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, K, stride_qw, BITS: tl.constexpr, B
 @triton.jit
 def _mma_rows(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """k offset (from the tile's first k) of each row of a tile decoded from the mma layout: the rows come
-    in the order the words unpack (see _load_mma_tile), x is read in the same order."""
+    in the order the words unpack (see _load_mma_tile), x is read in the same order (slots mapped to features
+    within every 32 values of k: mma_layout.FEATURE)."""
+    return _slot_feature(_mma_slots(BITS, BLOCK_K))
+
+
+@triton.jit
+def _slot_feature(s):
+    """mma_layout.FEATURE within every 32 values of k: slot 16u + 8h + 2t + e holds feature 8t + 4u + 2h + e."""
+    r = s % 32
+    return s - r + 8 * ((r % 8) // 2) + 4 * (r // 16) + 2 * ((r % 16) // 8) + r % 2
+
+
+@triton.jit
+def _mma_slots(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The slot offset of each row (see _mma_rows)."""
     r = tl.arange(0, BLOCK_K)
     e = r % 2
     rk = (r // 2) % 2
@@ -184,10 +198,13 @@ def _quant_matmul_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if MMA:  # the tile's columns in the order its words unpack (stores and scales follow that order)
+    if MMA:  # the tile's columns in the order its words unpack, which is the order scales and zeros are stored in
         offs_n = pid_n * BLOCK_N + _mma_cols(BLOCK_N)
+        offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # stored [tile][group][16]: stride_s = 16 per group
+        offs_s = offs_s // 16 * ((K // GROUP + 1) * 16) + offs_s % 16
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_s = offs_n
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
@@ -224,15 +241,15 @@ def _quant_matmul_kernel(
                 g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
             else:
                 g = offs_k // GROUP
-            scale = tl.load(scales_ptr + g[:, None].to(tl.int64) * stride_s + offs_n[None, :], mask=tile_mask,
+            scale = tl.load(scales_ptr + g[:, None].to(tl.int64) * stride_s + offs_s[None, :], mask=tile_mask,
                             other=0.0).to(tl.float32)
-            zero = _zero_points(qz_ptr, g[:, None].to(tl.int64) * stride_qz, offs_n[None, :], z_word[None, :],
+            zero = _zero_points(qz_ptr, g[:, None].to(tl.int64) * stride_qz, offs_s[None, :], z_word[None, :],
                                 z_shift[None, :], tile_mask, BITS, MMA) + ZERO_OFFSET
             w = (codes - zero).to(tl.float32) * scale  # [BLOCK_K, BLOCK_N]
         else:
             g = k0 // GROUP
-            scale = tl.load(scales_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = _zero_points(qz_ptr, g * stride_qz, offs_n, z_word, z_shift, mask_n, BITS, MMA) + ZERO_OFFSET
+            scale = tl.load(scales_ptr + g * stride_s + offs_s, mask=mask_n, other=0.0).to(tl.float32)
+            zero = _zero_points(qz_ptr, g * stride_qz, offs_s, z_word, z_shift, mask_n, BITS, MMA) + ZERO_OFFSET
             w = (codes - zero[None, :])  # exact small integers; the scale is applied after the dot
         if GEMV:
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -451,11 +468,10 @@ def _mma_matmul_op(x2: torch.Tensor, words: torch.Tensor, hwords: torch.Tensor, 
         x2 = x2.index_select(1, perm)
     elif K > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    n_pad = scales.shape[1]
     consts = dict(BITS=bits, ZERO_OFFSET=0, GROUP=group_size, HAS_GIDX=False, MMA=True)
     with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():  # x may not be on the current GPU
         return _launch(x2, N, (words, hwords if hwords.numel() else words, scales, zeros, words),
-                       (K, n_pad, n_pad), consts, deterministic)
+                       (K, 16, 16), consts, deterministic)  # scales / zeros: a group's row is 16 apart
 
 
 @_mma_matmul_op.register_fake
@@ -504,7 +520,7 @@ def _aot_mma_variants(shapes: dict):
     """The same on the mma layout (``launch_mma_matmul``): int2/int3/int4 at group 128, int4 also at 32 (the
     per-element scale path)."""
     from ..._aot import AotTensor, Variant
-    from .mma_layout import CTA_N, PREFETCH
+    from .mma_layout import PAD_N, PREFETCH
 
     for schedule, configs in MMA_CONFIGS.items():
         M = {"gemv": 1, "small": 16, "large": 2048}[schedule]
@@ -512,14 +528,14 @@ def _aot_mma_variants(shapes: dict):
             for bits, group in ((2, 128), (3, 128), (4, 128), (4, 32)):
                 kept = [c for c in configs if fits(c, group, False, atomic, interpreting=False, mma_bits=bits)]
                 for shape, (K, N) in shapes.items():
-                    n_pad = -(-N // CTA_N) * CTA_N
+                    n_pad = -(-N // PAD_N) * PAD_N
                     x = AotTensor(torch.float16, M, K)
                     words = AotTensor(torch.int32, n_pad * K * (2 if bits == 3 else bits) // 32 + PREFETCH * 128)
                     hwords = AotTensor(torch.int32, n_pad * K // 32 + PREFETCH * 64) if bits == 3 else words
-                    scales = AotTensor(torch.float16, K // group + 1, n_pad)
-                    zeros = AotTensor(torch.uint8, K // group + 1, n_pad)
+                    scales = AotTensor(torch.float16, n_pad // 16, K // group + 1, 16)
+                    zeros = AotTensor(torch.uint8, n_pad // 16, K // group + 1, 16)
                     y = AotTensor(torch.float32 if atomic else x.dtype, M, N)
-                    args = (x, words, hwords, scales, zeros, words, y, M, N, K, x.stride(0), K, n_pad, n_pad,
+                    args = (x, words, hwords, scales, zeros, words, y, M, N, K, x.stride(0), K, 16, 16,
                             y.stride(0), min(triton.next_power_of_2(M), 4096))
                     consts = dict(BITS=bits, ZERO_OFFSET=0, GROUP=group, HAS_GIDX=False, MMA=True,
                                   GEMV=schedule == "gemv", ATOMIC=atomic, UPCAST=False)

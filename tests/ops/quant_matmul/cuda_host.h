@@ -1,6 +1,6 @@
 // The CUDA built-ins and gemv_mma.cu's inline-PTX helpers in host C++, so that the kernel's own source runs on
 // the CPU (host_gemv.py builds it with g++ and runs it). Every thread of a CTA is a host thread; CTAs run one
-// after another. __syncthreads is a barrier of the CTA's 128 threads; mma.sync is a barrier of the warp's 32:
+// after another. __syncthreads is a barrier of the CTA's threads; __syncwarp and mma.sync of the warp's 32:
 // each lane leaves its fragments in the warp's slot, then computes its own D from all of them (float64 sum of
 // the exact products, one rounding to fp32 when added to C). f16x2 / bf16x2 arithmetic rounds once to
 // nearest even, as the PTX instructions do. What this cannot show: timing, memory ordering between CTAs that
@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -29,7 +30,7 @@ struct dim3_ {
   unsigned x, y, z;
 };
 static thread_local dim3_ threadIdx, blockIdx;
-static dim3_ gridDim;
+static dim3_ gridDim, blockDim;
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -43,13 +44,14 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace host {
-constexpr int kThreads = 128;
+constexpr int kMaxWarps = 32;
 inline std::unique_ptr<std::barrier<>> cta_barrier;
-inline std::unique_ptr<std::barrier<>> warp_barrier[kThreads / 32];
+inline std::unique_ptr<std::barrier<>> warp_barrier[kMaxWarps];
 struct Slot {
   unsigned a[32][4], b[32][2];
 };
-inline Slot slots[kThreads / 32];
+inline Slot slots[kMaxWarps];
+alignas(16) inline unsigned char dynamic_smem[228 * 1024];  // the launch's dynamic shared memory
 
 inline double f16(unsigned h) { return double(std::bit_cast<_Float16>(uint16_t(h))); }
 inline double bf16(unsigned h) { return double(std::bit_cast<float>(unsigned(h & 0xFFFFu) << 16)); }
@@ -78,6 +80,8 @@ unsigned each_half(unsigned a, unsigned b, unsigned c, bool bf, Op op) {
 }  // namespace host
 
 inline void __syncthreads() { host::cta_barrier->arrive_and_wait(); }
+inline void __syncwarp() { host::warp_barrier[threadIdx.x >> 5]->arrive_and_wait(); }
+#define MACA_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(host::dynamic_smem)
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 
@@ -102,6 +106,21 @@ MACA_DEVICE float load_l2(const float* p) {
   return *static_cast<const volatile float*>(p);
 }
 MACA_DEVICE u32 pair(u32 h) { return (h & 0xFFFFu) * 0x10001u; }
+MACA_DEVICE uint4 load_x(const uint4* p) { return *p; }
+template <int SEL>
+MACA_DEVICE u32 prmt(u32 a, u32 b) {  // prmt.b32 in its default mode
+  const unsigned long long bytes = a | (static_cast<unsigned long long>(b) << 32);
+  u32 d = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int sel = (SEL >> (4 * i)) & 0xF;
+    u32 byte = (bytes >> (8 * (sel & 7))) & 0xFFu;
+    if (sel & 8) byte = (byte & 0x80u) ? 0xFFu : 0u;  // sign replicate
+    d |= byte << (8 * i);
+  }
+  return d;
+}
+MACA_DEVICE u32 load_u32(const u32* p) { return *p; }
+MACA_DEVICE u32 load_u16(const unsigned short* p) { return *p; }
 
 // mma.m16n8k16, row.col, f32 accumulators: lane (g, t) = (lane / 4, lane % 4) holds A rows g, g + 8 and
 // columns 2t, 2t + 1, 2t + 8, 2t + 9 (a0: (g, 2t..), a1: (g + 8, 2t..), a2: (g, 2t + 8..), a3: (g + 8, 2t + 8..)),
@@ -132,24 +151,27 @@ MACA_DEVICE void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
 }
 
 namespace host {
-// Runs fn() on every thread of a grid of CTAs of kThreads threads, one CTA after another (in blockIdx.y-major
-// order within x, as in the .cu's split-K: any order is valid).
-inline void run_grid(int gx, int gy, const std::function<void()>& fn) {
-  gridDim = {unsigned(gx), unsigned(gy), 1u};
-  for (int by = 0; by < gy; ++by) {
-    for (int bx = 0; bx < gx; ++bx) {
-      cta_barrier = std::make_unique<std::barrier<>>(kThreads);
-      for (auto& b : warp_barrier) b = std::make_unique<std::barrier<>>(32);
-      std::vector<std::thread> threads;
-      for (int t = 0; t < kThreads; ++t) {
-        threads.emplace_back([=, &fn] {
-          threadIdx = {unsigned(t), 0u, 0u};
-          blockIdx = {unsigned(bx), unsigned(by), 0u};
-          fn();
-        });
-      }
-      for (auto& th : threads) th.join();
+// Runs fn() on every thread of a grid of CTAs of `threads` threads, one CTA after another, with `smem` bytes
+// of dynamic shared memory (NaN-filled before each CTA: what a kernel reads unwritten shows).
+inline void run_grid(int gx, int threads, int smem, const std::function<void()>& fn) {
+  if (threads % 32 || threads < 32 || threads > 32 * kMaxWarps || smem < 0 || smem > int(sizeof(dynamic_smem))) {
+    throw std::invalid_argument("bad launch");
+  }
+  gridDim = {unsigned(gx), 1u, 1u};
+  blockDim = {unsigned(threads), 1u, 1u};
+  for (int bx = 0; bx < gx; ++bx) {
+    std::memset(dynamic_smem, 0xFF, smem);  // all-ones: NaN in fp16, bf16 and fp32
+    cta_barrier = std::make_unique<std::barrier<>>(threads);
+    for (int w = 0; w < threads / 32; ++w) warp_barrier[w] = std::make_unique<std::barrier<>>(32);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([=, &fn] {
+        threadIdx = {unsigned(t), 0u, 0u};
+        blockIdx = {unsigned(bx), 0u, 0u};
+        fn();
+      });
     }
+    for (auto& th : pool) th.join();
   }
 }
 
@@ -163,8 +185,8 @@ struct Launch<void(A...)> {
     FN(*static_cast<A*>(argv[I])...);
   }
   template <void (*FN)(A...)>
-  static void run(int gx, int gy, void** argv) {
-    run_grid(gx, gy, [argv] { call<FN>(argv, std::index_sequence_for<A...>{}); });
+  static void run(int gx, int threads, int smem, void** argv) {
+    run_grid(gx, threads, smem, [argv] { call<FN>(argv, std::index_sequence_for<A...>{}); });
   }
 };
 }  // namespace host

@@ -38,12 +38,14 @@ def library() -> ctypes.CDLL:
         raise RuntimeError("g++ not found")
     source = cuda_kernel.SOURCE.read_text()
     table = "\n".join(f'  {{"{n}", &host::Launch<decltype({n})>::run<&{n}>}},' for n in kernel_names())
-    harness = (f'#include "{PRELUDE}"\n#include "{cuda_kernel.SOURCE}"\n#include <cstring>\n'
-               "using Runner = void (*)(int, int, void**);\n"
+    harness = (f'#include "{PRELUDE}"\n#include "{cuda_kernel.SOURCE}"\n'
+               "using Runner = void (*)(int, int, int, void**);\n"
                "static const struct { const char* name; Runner run; } kTable[] = {\n" + table + "\n};\n"
-               'extern "C" int maca_host_launch(const char* name, int gx, int gy, void** argv) {\n'
-               "  for (const auto& e : kTable) if (!std::strcmp(e.name, name)) { e.run(gx, gy, argv); return 0; }\n"
-               "  return 1;\n}\n")
+               'extern "C" int maca_host_launch(const char* name, int gx, int threads, int smem, void** argv) {\n'
+               "  for (const auto& e : kTable) {\n"
+               "    if (std::strcmp(e.name, name)) continue;\n"
+               "    try { e.run(gx, threads, smem, argv); } catch (const std::exception&) { return 2; }\n"
+               "    return 0;\n  }\n  return 1;\n}\n")
     key = hashlib.sha256((source + PRELUDE.read_text() + harness).encode()).hexdigest()[:16]
     lib = BUILD / f"gemv_host_{key}.so"
     if not lib.exists():
@@ -59,19 +61,16 @@ def library() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def run(x: torch.Tensor, w: MmaWeight, n_sms: int = 132, resident: int = 4, deterministic: bool = False,
-        poison: bool = True) -> torch.Tensor:
+def run(x: torch.Tensor, w: MmaWeight, n_sms: int = 132, deterministic: bool = False) -> torch.Tensor:
     """y = the kernel's output for CPU fp16 / bf16 ``x`` [M, K] (input order) on layout ``w``, launched as
-    cuda_kernel launches it on a GPU with ``n_sms`` SMs holding ``resident`` CTAs each; y and the partial sums
-    start as NaN, so anything the kernel leaves unwritten shows."""
+    cuda_kernel launches it on a GPU with ``n_sms`` SMs; y and the dynamic shared memory start as NaN, so
+    anything the kernel leaves unwritten shows."""
     name = cuda_kernel.kernel_name(w.bits, w.kernel_group, x.dtype == torch.bfloat16, x.shape[0])
-    grid, args, y = cuda_kernel.launch_plan(x.contiguous(), w, n_sms, resident, deterministic)
-    if poison:  # y and the partial sums (the same tensor without a split)
-        for out in {id(a): a for a in args if isinstance(a, torch.Tensor) and a.dtype.is_floating_point
-                    and a.data_ptr() in (y.data_ptr(), args[10].data_ptr())}.values():
-            out.fill_(float("nan"))
-    holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    plan = cuda_kernel.launch_plan(x, w, n_sms, deterministic)
+    plan.y.fill_(float("nan"))
+    holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in plan.args]
     argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-    if library().maca_host_launch(name.encode(), grid[0], grid[1], argv):
-        raise KeyError(f"{name} is not in the emulation library")
-    return y
+    status = library().maca_host_launch(name.encode(), plan.grid[0], plan.block[0], plan.shared_mem, argv)
+    if status:
+        raise RuntimeError(f"{name}: {'not in the emulation library' if status == 1 else 'a launch the GPU refuses'}")
+    return plan.y

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from maca_kernels.ops.quant_matmul.mma_layout import WORD_K, MmaWeight
+from maca_kernels.ops.quant_matmul.mma_layout import FEATURE, PAIR_COLUMNS, WORD_K, MmaWeight
 
 MAGIC = {False: 0x64006400, True: 0x43004300}  # 1024 in fp16, 128 in bf16
 # Per fragment register a0..a3, as in the .cu: (right shift of the word, low-bits mask, scale of the field)
@@ -101,13 +101,18 @@ def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
     if w.perm is not None:
         x = x[:, w.perm.cpu().numpy()]
     b_cols = 8 * -(-M // 8)  # the B columns of the kernel's mma's (MT tiles of 8)
-    n_pad = w.scales.shape[1]
+    n_pad = w.n_pad
     n_tiles = n_pad // 16
     bits = w.bits
     low = _words(w.words, n_tiles, K // WORD_K[bits], 4)
     high = _words(w.hwords, n_tiles, K // 64, 2) if bits == 3 else None
-    scales = w.scales.float().cpu().numpy().astype(np.float64)
-    zeros = w.zeros.cpu().numpy().astype(np.int64)
+    # stored columns (g, g + 8) side by side per 16-column tile: back to column order
+    pairs = (np.arange(n_pad) // 16 * 16 + PAIR_COLUMNS.numpy()[np.arange(n_pad) % 16])
+    rows = w.scales.shape[1]  # G + 1, per tile
+    scales = np.empty((rows, n_pad))
+    zeros = np.empty((rows, n_pad), dtype=np.int64)
+    scales[:, pairs] = w.scales.float().cpu().numpy().transpose(1, 0, 2).reshape(rows, n_pad)
+    zeros[:, pairs] = w.zeros.cpu().numpy().transpose(1, 0, 2).reshape(rows, n_pad)
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
     n_of = np.arange(n_tiles)[:, None] * 16 + g[None, :]  # [tiles, lanes] column n = g of each lane
@@ -136,7 +141,7 @@ def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
             A[:, rows, cols] = lo
             A[:, rows, cols + 1] = hi
         B = np.zeros((16, b_cols))
-        B[:, :M] = xf[:, kt * 16 : kt * 16 + 16].T
+        B[:, :M] = xf[:, kt // 2 * 32 + FEATURE.numpy()[kt % 2 * 16 + np.arange(16)]].T  # the slots' features
         d += A @ B
         if (kt + 1) * 16 % w.group_size == 0:  # group end: y += s * D
             s = scales[grp].reshape(n_tiles, 16)

@@ -42,8 +42,8 @@ VARIANTS = [(bits, group, dtype) for bits in (4, 3, 2) for group in (*KERNEL_GRO
 @pytest.mark.parametrize("bits,group_size,dtype", VARIANTS,
                          ids=[f"b{b}-g{g}-{str(d)[6:]}" for b, g, d in VARIANTS])
 def test_every_kernel_matches_float64(bits, group_size, dtype):
-    """N = 160 (a partial CTA of columns), K = 1152 (a short last chunk, not whole trips of the load ring), act
-    order where there are groups; M on both kernels (1-8, 9-16); one range of K and a split (4 SMs)."""
+    """N = 160 (padded to 192 columns), K = 1152 (not whole trips of the load ring), act order where there are
+    groups; M on both kernels (1-8, 9-16); one warp per CTA (deterministic) and several (4 SMs: 8 slices)."""
     N, K = 160, 1152
     for act_order in (False, True) if group_size != -1 else (False,):
         W, qw, sc, qz, gi = random_checkpoint(N, K, bits, group_size, act_order, seed=bits + K + act_order)
@@ -54,17 +54,21 @@ def test_every_kernel_matches_float64(bits, group_size, dtype):
                 check(host().run(x, d.mma, n_sms=n_sms, deterministic=deterministic), x, W)
 
 
-def test_split_k_ranges_add_up_in_a_fixed_order():
-    """The GPU test's shape (K = 17 x 128: the last range is shorter) split over every count the launcher can
-    choose: the bits do not depend on the order CTAs arrive in, only on the split."""
+def test_slices_add_up_in_a_fixed_order():
+    """The GPU test's shape (K = 17 x 128) on every number of warps per CTA the launcher can choose (its ranges
+    of K: whole groups, the last shorter, some empty): the same product within rounding, and the same bits for
+    the same plan (the warps' sums are added in slice order)."""
     W, qw, sc, qz, gi = cuda_gemv_checkpoint(4, 128, False)
     d = mk.to_decode_weight(qw, sc, qz, gi, 4, 128, "gptq", mma=True)
     x = randn(2, CUDA_GEMV_K, dtype=torch.float16, seed=3)
-    splits = set()
-    for n_sms in (1, 3, 9, 132):
+    seen = {}
+    for n_sms in (1, 16, 40, 132, 264):
+        plan = cuda_kernel.launch_plan(x, d.mma, n_sms)
         y = host().run(x, d.mma, n_sms=n_sms)
         check(y, x, W)
-        _, args, _ = cuda_kernel.launch_plan(x, d.mma, n_sms, 4, False)
-        splits.add(-(-CUDA_GEMV_K // args[-1]))
         assert y.shape == (2, CUDA_GEMV_N)
-    assert len(splits) >= 3, splits
+        slices = plan.block[0] // 32
+        if slices in seen:
+            assert torch.equal(seen[slices], y)
+        seen[slices] = y
+    assert len(seen) >= 3, sorted(seen)

@@ -5,6 +5,7 @@ the GPU tier (test_quant_matmul_gpu.py); its SASS is counted by tests/test_cuda_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -19,7 +20,14 @@ from qmm_helpers import CUDA_GEMV_CASES, CUDA_GEMV_K, cuda_gemv_checkpoint, rand
 import maca_kernels as mk
 from maca_kernels._triton_utils import INTERPRETING
 from maca_kernels.ops.quant_matmul import cuda_kernel
-from maca_kernels.ops.quant_matmul.mma_layout import KERNEL_GROUPS, PREFETCH, VEC_K, pack_mma, supports, unpack_mma
+from maca_kernels.ops.quant_matmul.mma_layout import (
+    KERNEL_GROUPS,
+    PREFETCH,
+    VEC_K,
+    pack_mma,
+    supports,
+    unpack_mma,
+)
 
 CASES = [  # (bits, N, K, group_size): odd column counts, one group and grouped, several tiles of K
     (4, 80, 256, 128), (4, 48, 512, 64), (4, 112, 320, 32), (4, 64, 192, -1), (3, 96, 256, 128), (3, 32, 384, -1),
@@ -39,7 +47,7 @@ def test_round_trip_is_exact(bits, N, K, group_size):
     zeros = torch.randint(0, 2**bits + 1, (N, G), generator=g)  # v1 checkpoints can hold a zero of 2^bits
     scales = (torch.rand(N, G, generator=g) + 0.5).half()
     w = pack_mma(codes, zeros, scales, bits, group_size)
-    assert w.words.dtype == torch.int32 and w.scales.shape == (G + 1, -(-N // 64) * 64)
+    assert w.words.dtype == torch.int32 and w.scales.shape == (-(-N // 64) * 4, G + 1, 16) == w.zeros.shape
     c, z, s = unpack_mma(w)
     assert torch.equal(c, codes.int()) and torch.equal(z, zeros.int()) and torch.equal(s, scales)
 
@@ -242,23 +250,20 @@ def test_quant_linear_cuda_gemv_survives_casts_and_failed_reloads():
 
 @pytest.mark.parametrize("bits,group_size,K", [(4, 128, 4096), (4, 64, 4160), (4, 32, 2176), (4, -1, 8192),
                                               (3, 128, 14336), (2, 128, 4224), (2, -1, 1024), (3, 128, 128)])
-@pytest.mark.parametrize("N,n_sms,resident", [(4096, 132, 4), (28672, 132, 4), (64, 132, 3), (14336, 108, 2)])
-def test_k_split_fills_one_wave_with_whole_groups_and_trips(bits, group_size, K, N, n_sms, resident):
-    """The launcher's K ranges: whole groups and whole trips of the kernel's load ring (every range but K's
-    last), all CTAs resident at once, and as many of them as one wave holds."""
+@pytest.mark.parametrize("N,n_sms", [(4096, 132), (28672, 132), (64, 132), (1024, 132), (14336, 108)])
+def test_slicing_keeps_the_sms_busy_with_whole_groups(bits, group_size, K, N, n_sms):
+    """The launcher's warps per CTA: ranges of K of whole groups and loads, none empty, about WARPS_PER_SM warps
+    per SM where the columns alone give fewer, at most MAX_SLICES; one warp when deterministic."""
     W, qw, sc, qz, _ = random_checkpoint(64, K, bits, group_size, False, seed=K)
     w = mk.to_decode_weight(qw, sc, qz, None, bits, group_size, mma=True).mma
-    n_ctas = -(-N // 64)
-    k_split = cuda_kernel.k_split_for(w, n_ctas, n_sms, resident)
-    trip = PREFETCH * VEC_K[bits]
-    unit = math.lcm(trip, w.group_size) if w.kernel_group else trip  # one group over K: any whole trips
-    assert k_split % unit == 0 or k_split >= K
-    splits = -(-K // k_split)
-    assert splits == 1 or n_ctas * splits <= resident * n_sms  # one wave
-    fewer = k_split - unit  # the next finer split
-    if fewer > 0 and n_ctas * -(-K // fewer) <= resident * n_sms:
-        assert -(-K // fewer) == splits, "a finer split would still fit in one wave"
-    assert cuda_kernel.k_split_for(w, n_ctas, n_sms, resident, deterministic=True) == K
+    w = dataclasses.replace(w, N=N)  # the slicing reads N and K only
+    slices, k_slice = cuda_kernel.slicing(w, n_sms)
+    unit = math.lcm(VEC_K[bits], w.group_size) if w.kernel_group else VEC_K[bits]
+    assert k_slice % unit == 0 and 1 <= slices <= cuda_kernel.MAX_SLICES
+    assert (slices - 1) * k_slice < K <= slices * k_slice  # every warp has work
+    aim = max(1, min(cuda_kernel.MAX_SLICES, round(cuda_kernel.WARPS_PER_SM * n_sms / -(-N // 16))))
+    assert slices <= aim and (k_slice == unit or -(-K // (k_slice - unit)) > aim)  # the finest split within it
+    assert cuda_kernel.slicing(w, n_sms, deterministic=True) == (1, -(-K // unit) * unit)
 
 
 def test_every_kernel_name_is_in_the_source():
@@ -270,7 +275,8 @@ def test_every_kernel_name_is_in_the_source():
                     base = cuda_kernel.kernel_name(bits, group, bf16, 1)
                     assert f"MACA_GEMV_MMA_ROWS({base}, {bits}, {group}, {'true' if bf16 else 'false'})" in src
                     assert cuda_kernel.kernel_name(bits, group, bf16, rows) == base + ("_m16" if rows > 8 else "")
-    assert f"kPrefetch = {PREFETCH};" in src and f"kMinCtas = {cuda_kernel.MIN_CTAS};" in src
+    assert f"kLoads = MT == 1 ? {PREFETCH} : {PREFETCH // 2};" in src
+    assert f"kMaxSlices = {cuda_kernel.MAX_SLICES};" in src
 
 
 def test_enable_cuda_gemv_on_a_model_switches_the_layers_it_has_kernels_for():
