@@ -114,8 +114,6 @@ def gemv_plan(fn: Function, launch: Launch, mt: int, warp: int) -> Plan:
             return warp > 0
         if b.kind == "forward" and has("STS") and not has("LDS", "HMMA", "BAR"):  # a slice's sums stored
             return warp == 0
-        if b.kind == "back" and has("LDS") and not has("HMMA"):  # slice 0 adds the others' sums, one per pass
-            return False  # decided by the LDS budget below
         if b.sides is not None:  # gather or not: the side without the staging's 128-bit shared stores
             staging = [any(k.startswith("STS.128") for k in side) for side in b.sides]
             if staging[0] != staging[1]:
@@ -126,7 +124,8 @@ def gemv_plan(fn: Function, launch: Launch, mt: int, warp: int) -> Plan:
             return launch.M <= 8 * (mt - 1) + 1
         return None
 
-    return Plan([Budget("HMMA", hmma), Budget("LDS", (launch.slices - 1) * mt * 4 if warp == 0 else 0)], override)
+    # the slices' sums: slice 0 reads the other slices' mt float4s
+    return Plan([Budget("HMMA", hmma), Budget("LDS", (launch.slices - 1) * mt if warp == 0 else 0)], override)
 
 
 @dataclass

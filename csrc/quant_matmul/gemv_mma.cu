@@ -23,12 +23,12 @@
 //   bf16 x (mma with bf16 operands) reads the same words with 128 as the magic number: its 7-bit mantissa
 //   has no room above bit 6, so fields that would land there are shifted down first (see Zeros).
 // Words are stored [n tile][k word / 4][lane][4]: one 128-bit load per lane covers four words, and a warp's
-// load is 512 contiguous bytes. kPrefetch spare warp loads follow the last n tile, and the scales and zeros
-// one spare row, so the loads that run ahead never need a bounds check.
+// load is 512 contiguous bytes. kPrefetch spare warp loads follow the last n tile, so the loads that run ahead
+// never need a bounds check.
 // k order: within each 32 values of k (a pair of k-tiles) the layout assigns lane t the features 8t .. 8t + 7
 // (tile 0's b0, b1 = 8t + {0, 1}, {2, 3}; tile 1's = {4, 5}, {6, 7}), so a lane's B fragments of a tile pair
 // are one 128-bit load of x in its own order: no staging, no shuffling.
-// Scales and zeros: [n tile][G + 1][g][2], the columns g and g + 8 of a lane side by side (fp16 pairs: one
+// Scales and zeros: [n tile][G][g][2], the columns g and g + 8 of a lane side by side (fp16 pairs: one
 // 32-bit load; zeros uint8 pairs: one 16-bit load), a tile's groups one after another (a trip's groups are
 // immediate offsets from one address).
 //
@@ -137,18 +137,6 @@ MACA_DEVICE u32 load_u16(const u16* p) {
   return v;
 }
 
-MACA_DEVICE u32 pair(u32 h) {  // the low 16 bits in both halves: one PRMT
-  u32 d;
-  asm("prmt.b32 %0, %1, 0, 0x1010;" : "=r"(d) : "r"(h));
-  return d;
-}
-
-template <int SEL>
-MACA_DEVICE u32 prmt(u32 a, u32 b) {  // bytes of (b:a) picked by the selector's nibbles
-  u32 d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "n"(SEL));
-  return d;
-}
 #endif  // MACA_HOST_EMULATION
 
 constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
@@ -165,40 +153,26 @@ struct Prefetch {
 };
 
 // Per-lane constants of one group: the negated offset (2^-s * magic + z) of every scale variant s, in both
-// halves. fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64 (int2/int3). bf16 has no room for the x16 fields
-// (its mantissa has 7 bits), so int4 shifts every field to bit 0 (scale 1) and int2/int3 read field 3 two
-// bits lower (scale 1/16 like field 2). Where z times the field's ulp fits a byte (z <= 2^bits: 16 at int4,
-// 8 at int3), one PRMT puts it under the constant's high byte in both halves; the others take LEA + PRMT.
+// halves (c * 0x10001: one IMAD with the pair's constant). fp16: scales 1, 1/16 (int4) and 1, 1/4, 1/16, 1/64
+// (int2/int3). bf16 has no room for the x16 fields (its mantissa has 7 bits), so int4 shifts every field to
+// bit 0 (scale 1) and int2/int3 read field 3 two bits lower (scale 1/16 like field 2).
 template <int BITS, bool BF16>
 struct Zeros {
   u32 k0, k1, k2, k3;  // fragment registers a0..a3 (n = g, g + 8, g, g + 8)
-  MACA_DEVICE explicit Zeros(u32 zp) {  // zp: the zero points of columns g (bits 0..7) and g + 8 (8..15)
+  MACA_DEVICE explicit Zeros(u32 zp = 0u) {  // zp: the zero points of columns g (bits 0..7) and g + 8 (8..15)
+    const u32 zg = zp & 0xFFu, zg8 = zp >> 8;
     if constexpr (BF16) {
-      k0 = under(0xC3u, zp, 0);  // -(128 + zg) (ulp 1)
-      if constexpr (BITS == 4) {
-        k1 = under(0xC3u, zp, 1);  // -(128 + zg8)
-        k2 = k0;
-        k3 = k1;
-      } else {
-        k1 = under(0xC2u, zp >> 6, 0);  // -(32 + zg8) (ulp 1/4): 4 zg8 in the low byte
-        k2 = under(0xC1u, zp << 4, 0);  // -(8 + zg) (ulp 1/16; z = 8: -16)
-        k3 = under(0xC1u, zp >> 4, 0);  // -(8 + zg8)
-      }
+      k0 = zg * 0x10001u + 0xC300C300u;                                                 // -(128 + z) (ulp 1)
+      k1 = BITS == 4 ? zg8 * 0x10001u + 0xC300C300u : zg8 * 0x40004u + 0xC200C200u;  // int2/3: -(32 + z) (ulp 1/4)
+      k2 = BITS == 4 ? k0 : zg * 0x100010u + 0xC100C100u;  // int2/3: -(8 + z) (ulp 1/16; z = 8: -16)
+      k3 = BITS == 4 ? k1 : zg8 * 0x100010u + 0xC100C100u;
     } else {
-      k0 = under(0x64u, zp, 0);  // 1024 + zg (ulp 1), subtracted
-      if constexpr (BITS == 4) {
-        k1 = pair(0xD400u + (zp >> 8) * 16u);  // -(64 + zg8) (ulp 1/16; z = 16 carries into the high byte)
-        k2 = k0;
-        k3 = k1;
-      } else {
-        k1 = under(0xDCu, zp >> 6, 0);           // -(256 + zg8) (ulp 1/4)
-        k2 = under(0xD4u, zp << 4, 0);           // -(64 + zg) (ulp 1/16)
-        k3 = pair(0xCC00u + (zp >> 8) * 64u);    // -(16 + zg8) (ulp 1/64)
-      }
+      k0 = zg * 0x10001u + 0x64006400u;  // 1024 + z (ulp 1), subtracted
+      k1 = BITS == 4 ? zg8 * 0x100010u + 0xD400D400u : zg8 * 0x40004u + 0xDC00DC00u;  // -(64 + z) / -(256 + z)
+      k2 = BITS == 4 ? k0 : zg * 0x100010u + 0xD400D400u;   // -(64 + z)
+      k3 = BITS == 4 ? k1 : zg8 * 0x400040u + 0xCC00CC00u;  // -(16 + z) (ulp 1/64)
     }
   }
-  // hi:byte b of v in both halves: one PRMT (v's bytes 0..3 are selectors 0..3, hi's low byte 4)
-  static MACA_DEVICE u32 under(u32 hi, u32 v, int b) { return b ? prmt<0x4141>(v, hi) : prmt<0x4040>(v, hi); }
 };
 
 // One k-tile of one word: decode the lane's A fragment and multiply it by the B fragments of the MT 8-row
@@ -260,8 +234,8 @@ MACA_DEVICE void tile_mma(float (&d)[MT][4], u32 v, u32 c, const Zeros<BITS, BF1
 // Four words (one 128-bit load) against x's B fragments: xb[mt] points at this lane's first uint4 of the load's
 // k span in 8-row tile mt (a uint4 = one tile pair's (b0, b1) x 2; pairs 4 uint4 apart); int3 also takes the two
 // high-bit words of the same eight k-tiles (c).
-// WPG: words per group when a group is shorter than the load (group_end() after every WPG words: it folds
-// the group and loads the next group's z), else 0.
+// WPG: words per group when a group is shorter than the load (group_end(more) after every WPG words: it folds
+// the group and, if more words of this load follow, loads the next group's z), else 0.
 template <int BITS, bool BF16, int MT, int WPG, class GroupEnd>
 MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, BF16>& z,
                          const uint4* const (&xb)[MT], GroupEnd&& group_end) {
@@ -273,9 +247,9 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + (i / 2) * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
-      if (WPG == 1) group_end();
+      if (WPG == 1) group_end(true);
       tile_mma<BITS, BF16, MT>(d, ws[i + 1], 0u, z, b, true);
-      if (WPG && (i + 2) % WPG == 0) group_end();
+      if (WPG && (i + 2) % WPG == 0) group_end(i + 2 < 4);
     }
   } else if constexpr (BITS == 2) {  // a word is two k-tiles: fields of w, then of w >> 8
 #pragma unroll
@@ -284,7 +258,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
       for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + i * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], 0u, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, 0u, z, b, true);
-      if (WPG && (i + 1) % WPG == 0) group_end();
+      if (WPG && (i + 1) % WPG == 0) group_end(i + 1 < 4);
     }
   } else {  // int3: low bits as int2; a high-bit word serves two low words (four k-tiles), read through
             // four shifts that put each tile's bits at 2r + 2: << 2, >> 6, << 1, >> 7
@@ -296,7 +270,7 @@ MACA_DEVICE void vec_mma(float (&d)[MT][4], uint4 w, uint2 c, const Zeros<BITS, 
       for (int mt = 0; mt < MT; ++mt) b[mt] = load_x(xb[mt] + i * 4);
       tile_mma<BITS, BF16, MT>(d, ws[i], (i & 1) ? h << 1 : h << 2, z, b, false);
       tile_mma<BITS, BF16, MT>(d, ws[i] >> 8, (i & 1) ? h >> 7 : h >> 6, z, b, true);
-      if (WPG && (i + 1) % WPG == 0) group_end();
+      if (WPG && (i + 1) % WPG == 0) group_end(i + 1 < 4);
     }
   }
 }
@@ -324,7 +298,7 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
   const uint4* wp = words + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;
   const uint2* hp = hwords + ((u64)n_tile * (K / kVecK) + k_begin / kVecK) * 32 + lane;  // int3 only
   // this lane's two columns' scales and zeros: [n tile][group][g], a group 8 pairs after the last
-  const u32 groups = GROUP ? K / GROUP + 1 : 2;  // per tile, the spare one included
+  const u32 groups = GROUP ? K / GROUP : 1;  // per tile
   const u64 sz = ((u64)n_tile * groups + (GROUP ? k_begin / GROUP : 0)) * 8 + g;
   const u32* s_pair = scales + sz;
   const u16* z_pair = zeros + sz;
@@ -343,13 +317,19 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
       d[mt][0] = d[mt][1] = d[mt][2] = d[mt][3] = 0.f;
     }
   };
-  Zeros<BITS, BF16> z(load_u16(z_pair));
-  auto next_group = [&]() {  // the zeros and scales have a spare group past the end
+  // a group's zero constants when it starts (never past the last group), its fold when it ends
+  Zeros<BITS, BF16> z;
+  auto begin_group = [&]() { z = Zeros<BITS, BF16>(load_u16(z_pair)); };
+  auto end_group = [&]() {
     fold();
     s_pair += 8;
     z_pair += 8;
-    z = Zeros<BITS, BF16>(load_u16(z_pair));
   };
+  auto group_end = [&](bool more) {  // inside a load
+    end_group();
+    if (more) begin_group();
+  };
+  if (!GROUP) begin_group();
   // Software pipeline kPrefetch loads deep: the ring holds this lane's next kPrefetch 128-bit loads.
   // rem: the range's loads not consumed.
   int rem = (k_end - k_begin) / kVecK;
@@ -382,27 +362,35 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
       ring[i] = wp[i * 32];
       if constexpr (BITS == 3) hring[i] = hp[i * 32];
     }
-    vec_mma<BITS, BF16, MT, kWordsPerGroup>(d, w4, h2, z, xb, next_group);
+    if (GROUP && i % kVecsPerGroup == 0) begin_group();  // a load that starts a group
+    vec_mma<BITS, BF16, MT, kWordsPerGroup>(d, w4, h2, z, xb, group_end);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) xb[mt] += kVecK / 8;
-    if (GROUP >= kVecK && (i + 1) % kVecsPerGroup == 0) next_group();
+    if (GROUP >= kVecK && (i + 1) % kVecsPerGroup == 0) end_group();
   };
   // n_vec loads: whole trips around the ring, each refilling it from wp with the next trip's loads. wp moves on
   // only while the range holds another trip, so the range's last trip re-reads its own loads (L1 hits) instead
   // of the next range's: one select per trip, no predicate per load. A range that ends inside a trip reads at
   // most kPrefetch - 1 loads past its end (the next range's, or the layout's spare loads).
   auto pass = [&](int n_vec) {
-    int v0 = 0;
-    // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips
-    // per iteration rename it instead
-#pragma unroll 2
-    for (; v0 + kPrefetch <= n_vec; v0 += kPrefetch) {
+    auto trip = [&]() {
 #pragma unroll
       for (int i = 0; i < kPrefetch; ++i) step(i, true);
       rem -= kPrefetch;
       const int advance = rem > kPrefetch ? kPrefetch * 32 : 0;
       wp += advance;
       if constexpr (BITS == 3) hp += advance;
+    };
+    // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips
+    // per iteration rename it instead, and an odd trip is straight-line code (a one-trip loop copied the ring)
+    int v0 = 0;
+    for (; v0 + 2 * kPrefetch <= n_vec; v0 += 2 * kPrefetch) {
+      trip();
+      trip();
+    }
+    if (v0 + kPrefetch <= n_vec) {
+      trip();
+      v0 += kPrefetch;
     }
     if (v0 < n_vec) {  // the end of the range inside a trip: nothing left to load
 #pragma unroll
@@ -439,8 +427,8 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
 // y[m, n] = sum_k x[m, perm[k]] (q[n, k] - z[n, g(k)]) s[n, g(k)], m < M <= 8 MT, in x's type.
 // x fp16 or bf16 (BF16) [M, *] (row stride ldx, a multiple of 8; 16-byte aligned); perm int [K] if gather
 // (act-order weights: row k of the weight holds input feature perm[k]); words as described above (K a multiple
-// of 4 words of k); scales fp16 pairs and zeros uint8 pairs [N_pad / 16][G + 1][8] (a spare group: after the
-// last group's fold the next one is read; padded columns hold anything finite); y [M, N] (row stride ldy).
+// of 4 words of k); scales fp16 pairs and zeros uint8 pairs [N_pad / 16][G][8] (padded columns hold anything
+// finite); y [M, N] (row stride ldy).
 // CTA bx computes columns 16 bx .. 16 bx + 15; its warp w sums the K range [w k_slice, (w + 1) k_slice) (a
 // multiple of GROUP and of one load's k; the last may be shorter or empty). With gather, each warp stages its
 // x in dynamic shared memory: M rows of one trip's k (the launcher sizes it: cuda_kernel.launch_plan).
@@ -464,17 +452,16 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
     warp_sums<BITS, GROUP, BF16, MT, false>(acc, x, ldx, perm, words, hwords, scales, zeros, M, K, k_begin, k_end,
                                             smem);
   }
-  // The slices' sums: slice s > 0 leaves its acc in shared memory ([s - 1][MT x 4][lane], after any staging
+  // The slices' sums: slice s > 0 leaves its acc in shared memory ([s - 1][mt][lane] float4s, after any staging
   // is done with), slice 0 adds them in slice order and stores y.
   const int slices = blockDim.x >> 5;
   if (slices > 1) {
-    float* red = reinterpret_cast<float*>(smem);
-    __syncthreads();  // every slice's staged x is no longer read
+    float4* red = reinterpret_cast<float4*>(smem);
+    if (gather) __syncthreads();  // every slice's staged x is no longer read
     if (slice > 0) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[((slice - 1) * MT * 4 + mt * 4 + i) * 32 + lane] = acc[mt][i];
+        red[((slice - 1) * MT + mt) * 32 + lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
       }
     }
     __syncthreads();
@@ -482,8 +469,11 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
     for (int s = 0; s < slices - 1; ++s) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mt][i] += red[(s * MT * 4 + mt * 4 + i) * 32 + lane];
+        const float4 v = red[(s * MT + mt) * 32 + lane];
+        acc[mt][0] += v.x;
+        acc[mt][1] += v.y;
+        acc[mt][2] += v.z;
+        acc[mt][3] += v.w;
       }
     }
   }

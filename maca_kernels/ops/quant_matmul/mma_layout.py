@@ -13,7 +13,7 @@ feature ``8t + 4u + 2h + e`` (``FEATURE``), so lane t's B fragments of both tile
 Storage: ``words`` int32, per 16-column tile ``[K / VEC_K][lane][4]`` (one 128-bit load per lane per four
 words), then PREFETCH spare warp loads (the kernel's loads run that far ahead); int3 adds ``hwords`` (the high
 bits, ``[K / VEC_K][lane][2]`` per tile plus the spares); ``scales`` fp16 and ``zeros`` uint8
-``[N_pad / 16, G + 1, 16]``: per 16-column tile its groups one after another (a spare one at the end), each
+``[N_pad / 16, G, 16]``: per 16-column tile its groups one after another, each
 group's columns in the order ``g, g + 8`` for g = 0..7 (``PAIR_COLUMNS``: a lane's two columns side by side, so
 one load fetches both; consecutive groups 32 / 16 bytes apart, so a trip's groups are immediate offsets from
 one address). Columns are padded to a multiple of PAD_N with zero codes.
@@ -67,8 +67,8 @@ def _high_fields() -> list[tuple[int, int, int]]:
 class MmaWeight:
     words: torch.Tensor  # int32, flat
     hwords: torch.Tensor  # int32, flat (empty unless bits == 3)
-    scales: torch.Tensor  # fp16 [N_pad / 16, G + 1, 16]
-    zeros: torch.Tensor  # uint8 [N_pad / 16, G + 1, 16]
+    scales: torch.Tensor  # fp16 [N_pad / 16, G, 16]
+    zeros: torch.Tensor  # uint8 [N_pad / 16, G, 16]
     bits: int
     group_size: int  # k values per group (K for one group)
     K: int
@@ -154,16 +154,16 @@ def pack_mma(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bit
     hwords = torch.zeros(0, dtype=torch.int32, device=dev)
     if bits == 3:
         hwords = _store(_pack_words(c, _high_fields(), 64, 1, 2), 2)
-    s = torch.zeros(G + 1, n_pad, dtype=torch.float16, device=dev)
-    z = torch.zeros(G + 1, n_pad, dtype=torch.uint8, device=dev)
-    s[:G, :N] = scales.T.to(torch.float16)
-    z[:G, :N] = zeros.T.to(torch.uint8)
+    s = torch.zeros(G, n_pad, dtype=torch.float16, device=dev)
+    z = torch.zeros(G, n_pad, dtype=torch.uint8, device=dev)
+    s[:, :N] = scales.T.to(torch.float16)
+    z[:, :N] = zeros.T.to(torch.uint8)
     pairs = _pair_columns(n_pad, dev)
     return MmaWeight(_store(words, 4), hwords, _by_tile(s[:, pairs]), _by_tile(z[:, pairs]), bits, group, K, N)
 
 
 def _by_tile(t: torch.Tensor) -> torch.Tensor:
-    """[G + 1, N_pad] → [N_pad / 16, G + 1, 16], contiguous."""
+    """[G, N_pad] → [N_pad / 16, G, 16], contiguous."""
     return t.reshape(t.shape[0], -1, 16).transpose(0, 1).contiguous()
 
 
@@ -208,7 +208,7 @@ def unpack_mma(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pairs = _pair_columns(n_pad, codes.device)
     z = torch.empty(G, n_pad, dtype=w.zeros.dtype, device=w.zeros.device)
     s = torch.empty(G, n_pad, dtype=w.scales.dtype, device=w.scales.device)
-    z[:, pairs] = w.zeros[:, :G].transpose(0, 1).reshape(G, n_pad)
-    s[:, pairs] = w.scales[:, :G].transpose(0, 1).reshape(G, n_pad)
+    z[:, pairs] = w.zeros.transpose(0, 1).reshape(G, n_pad)
+    s[:, pairs] = w.scales.transpose(0, 1).reshape(G, n_pad)
     return (features[: w.N].to(torch.int32), z[:, : w.N].T.to(torch.int32).contiguous(),
             s[:, : w.N].T.contiguous())

@@ -201,7 +201,7 @@ def _quant_matmul_kernel(
     if MMA:  # the tile's columns in the order its words unpack, which is the order scales and zeros are stored in
         offs_n = pid_n * BLOCK_N + _mma_cols(BLOCK_N)
         offs_s = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # stored [tile][group][16]: stride_s = 16 per group
-        offs_s = offs_s // 16 * ((K // GROUP + 1) * 16) + offs_s % 16
+        offs_s = offs_s // 16 * ((K // GROUP) * 16) + offs_s % 16
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_s = offs_n
@@ -532,8 +532,8 @@ def _aot_mma_variants(shapes: dict):
                     x = AotTensor(torch.float16, M, K)
                     words = AotTensor(torch.int32, n_pad * K * (2 if bits == 3 else bits) // 32 + PREFETCH * 128)
                     hwords = AotTensor(torch.int32, n_pad * K // 32 + PREFETCH * 64) if bits == 3 else words
-                    scales = AotTensor(torch.float16, n_pad // 16, K // group + 1, 16)
-                    zeros = AotTensor(torch.uint8, n_pad // 16, K // group + 1, 16)
+                    scales = AotTensor(torch.float16, n_pad // 16, K // group, 16)
+                    zeros = AotTensor(torch.uint8, n_pad // 16, K // group, 16)
                     y = AotTensor(torch.float32 if atomic else x.dtype, M, N)
                     args = (x, words, hwords, scales, zeros, words, y, M, N, K, x.stride(0), K, 16, 16,
                             y.stride(0), min(triton.next_power_of_2(M), 4096))

@@ -38,6 +38,10 @@ struct uint4 {
 struct uint2 {
   unsigned x, y;
 };
+struct float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -105,20 +109,7 @@ MACA_DEVICE float load_l2(const float* p) {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   return *static_cast<const volatile float*>(p);
 }
-MACA_DEVICE u32 pair(u32 h) { return (h & 0xFFFFu) * 0x10001u; }
 MACA_DEVICE uint4 load_x(const uint4* p) { return *p; }
-template <int SEL>
-MACA_DEVICE u32 prmt(u32 a, u32 b) {  // prmt.b32 in its default mode
-  const unsigned long long bytes = a | (static_cast<unsigned long long>(b) << 32);
-  u32 d = 0;
-  for (int i = 0; i < 4; ++i) {
-    const int sel = (SEL >> (4 * i)) & 0xF;
-    u32 byte = (bytes >> (8 * (sel & 7))) & 0xFFu;
-    if (sel & 8) byte = (byte & 0x80u) ? 0xFFu : 0u;  // sign replicate
-    d |= byte << (8 * i);
-  }
-  return d;
-}
 MACA_DEVICE u32 load_u32(const u32* p) { return *p; }
 MACA_DEVICE u32 load_u16(const unsigned short* p) { return *p; }
 

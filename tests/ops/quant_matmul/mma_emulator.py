@@ -108,7 +108,7 @@ def emulate(x: np.ndarray, w: MmaWeight, bf16: bool = False) -> np.ndarray:
     high = _words(w.hwords, n_tiles, K // 64, 2) if bits == 3 else None
     # stored columns (g, g + 8) side by side per 16-column tile: back to column order
     pairs = (np.arange(n_pad) // 16 * 16 + PAIR_COLUMNS.numpy()[np.arange(n_pad) % 16])
-    rows = w.scales.shape[1]  # G + 1, per tile
+    rows = w.scales.shape[1]  # G, per tile
     scales = np.empty((rows, n_pad))
     zeros = np.empty((rows, n_pad), dtype=np.int64)
     scales[:, pairs] = w.scales.float().cpu().numpy().transpose(1, 0, 2).reshape(rows, n_pad)

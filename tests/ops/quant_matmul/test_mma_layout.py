@@ -47,7 +47,7 @@ def test_round_trip_is_exact(bits, N, K, group_size):
     zeros = torch.randint(0, 2**bits + 1, (N, G), generator=g)  # v1 checkpoints can hold a zero of 2^bits
     scales = (torch.rand(N, G, generator=g) + 0.5).half()
     w = pack_mma(codes, zeros, scales, bits, group_size)
-    assert w.words.dtype == torch.int32 and w.scales.shape == (-(-N // 64) * 4, G + 1, 16) == w.zeros.shape
+    assert w.words.dtype == torch.int32 and w.scales.shape == (-(-N // 64) * 4, G, 16) == w.zeros.shape
     c, z, s = unpack_mma(w)
     assert torch.equal(c, codes.int()) and torch.equal(z, zeros.int()) and torch.equal(s, scales)
 
