@@ -381,8 +381,17 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
       wp += advance;
       if constexpr (BITS == 3) hp += advance;
     };
-    // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips
-    // per iteration rename it instead, and an odd trip is straight-line code (a one-trip loop copied the ring)
+    auto tail = [&](int v0) {  // the end of the range inside a trip: nothing left to load
+      if (v0 < n_vec) {
+#pragma unroll
+        for (int i = 0; i < kPrefetch; ++i) {
+          if (v0 + i < n_vec) step(i, false);
+        }
+      }
+    };
+    // ptxas issues a trip's loads at its start, so a loop-carried ring costs a copy per register; two trips per
+    // iteration rename it instead. An odd trip is straight-line code with its own copy of the tail: a one-trip
+    // loop, or paths joining before the tail, copied the ring.
     int v0 = 0;
     for (; v0 + 2 * kPrefetch <= n_vec; v0 += 2 * kPrefetch) {
       trip();
@@ -390,13 +399,9 @@ MACA_DEVICE void warp_sums(float (&acc)[MT][4], const u16* __restrict__ x, int l
     }
     if (v0 + kPrefetch <= n_vec) {
       trip();
-      v0 += kPrefetch;
-    }
-    if (v0 < n_vec) {  // the end of the range inside a trip: nothing left to load
-#pragma unroll
-      for (int i = 0; i < kPrefetch; ++i) {
-        if (v0 + i < n_vec) step(i, false);
-      }
+      tail(v0 + kPrefetch);
+    } else {
+      tail(v0);
     }
   };
   if constexpr (GATHER) {  // one trip at a time: entry (m, q) = x[m][perm[c0 + 8 q .. 8 q + 7]]
