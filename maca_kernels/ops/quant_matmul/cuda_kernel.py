@@ -10,9 +10,10 @@ capture first.
 Status: the kernel's own source runs on the CPU in the tests (tests/ops/quant_matmul/host_gemv.py: every thread
 a host thread, the PTX helpers in C++), checked against float64, and so does a lane-level model of its decoding
 (mma_emulator.py); the SASS is counted on its executed path and the NVRTC build checked by the compile tier; on
-a GPU it runs in tests/ops/quant_matmul/test_quant_matmul_gpu.py and ``make gpu-check``. Until a GPU run has confirmed it, it is opt-in: ``DecodeWeight.matmul(x,
-backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``, ``maca_kernels.enable_cuda_gemv(model)``; batches
-above ``MAX_M`` rows run the Triton kernels on the same layout (``triton_kernel.launch_mma_matmul``).
+a GPU it runs in tests/ops/quant_matmul/test_quant_matmul_gpu.py and ``make gpu-check``. Until a GPU run has
+confirmed it, it is opt-in: ``DecodeWeight.matmul(x, backend="cuda")``, ``QuantLinear.enable_cuda_gemv()``,
+``maca_kernels.enable_cuda_gemv(model)``; batches above ``MAX_M`` rows run the Triton kernels on the same
+layout (``triton_kernel.launch_mma_matmul``).
 """
 
 from __future__ import annotations

@@ -71,31 +71,15 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, K, stride_qw, BITS: tl.constexpr, B
 
 @triton.jit
 def _mma_rows(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """k offset (from the tile's first k) of each row of a tile decoded from the mma layout: the rows come
-    in the order the words unpack (see _load_mma_tile), x is read in the same order (slots mapped to features
-    within every 32 values of k: mma_layout.FEATURE)."""
-    return _slot_feature(_mma_slots(BITS, BLOCK_K))
-
-
-@triton.jit
-def _slot_feature(s):
-    """mma_layout.FEATURE within every 32 values of k: slot 16u + 8h + 2t + e holds feature 8t + 4u + 2h + e."""
-    r = s % 32
-    return s - r + 8 * ((r % 8) // 2) + 4 * (r // 16) + 2 * ((r % 16) // 8) + r % 2
-
-
-@triton.jit
-def _mma_slots(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The slot offset of each row (see _mma_rows)."""
+    """k offset (from the tile's first k) of each row of a tile decoded from the mma layout: the rows come in the
+    order the words unpack (see _load_mma_tile), x is read in the same order. Slot 16u + 8h + 2t + e of a tile
+    pair holds feature 8t + 4u + 2h + e (mma_layout.FEATURE): written so that the runs of contiguous features
+    (4 at int4, 8 below) end in ``r % 4`` / ``r % 8``, which Triton's analysis sees (vector loads of x)."""
     r = tl.arange(0, BLOCK_K)
-    e = r % 2
-    rk = (r // 2) % 2
-    if BITS == 4:  # rows (c, j, t, rk, e): load c, word j of the load, lane t, field (rk, e)
-        return 64 * (r // 64) + 16 * ((r // 16) % 4) + 8 * rk + 2 * ((r // 4) % 4) + e
-    # rows (c, jh, t, a, u, rk, e): word j = 2 jh + a of load c (the order of the int3 high-bits words)
-    u = (r // 4) % 2
-    a = (r // 8) % 2
-    return 128 * (r // 128) + 64 * ((r // 64) % 2) + 32 * a + 16 * u + 8 * rk + 2 * ((r // 16) % 4) + e
+    if BITS == 4:  # rows (c, j, t, h, e): load c, word j = 2 (pair) + u, lane t, field (h, e)
+        return 64 * (r // 64) + 32 * ((r // 32) % 2) + 4 * ((r // 16) % 2) + 8 * ((r // 4) % 4) + r % 4
+    # rows (c, jh, t, a, u, h, e): word j = 2 jh + a of load c (the order of the int3 high-bits words)
+    return 128 * (r // 128) + 64 * ((r // 64) % 2) + 8 * ((r // 16) % 4) + 32 * ((r // 8) % 2) + r % 8
 
 
 @triton.jit

@@ -127,7 +127,7 @@ def test_cuda_gemv_matches_float64(bits, group_size):
                 y = d.matmul(x, backend="cuda")
                 assert y.dtype == dtype and y.shape == (M, N)
                 assert rel(y, x.double() @ W.cuda().T) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
-                # all of K in one range: refills, then K ends inside a trip (the loads past it hit the spares)
+                # all of K in one warp: refills, then K ends inside a trip (the loads past it hit the spares)
                 once = d.matmul(x, backend="cuda", deterministic=True)
                 assert rel(once, x.double() @ W.cuda().T) <= TOL[dtype], (bits, group_size, act_order, dtype, M)
 
@@ -163,9 +163,9 @@ def test_cuda_gemv_real_size_and_cuda_graph():
         captured = d.matmul(x, backend="cuda")
     graph.replay()
     torch.cuda.synchronize()
-    # the split-K partial sums are added in range order by the last CTA: the same bits on every launch
+    # the warps' sums over their ranges of K are added in slice order: the same bits on every launch
     assert torch.equal(captured, eager) and torch.equal(d.matmul(x, backend="cuda"), eager)
-    once = d.matmul(x, backend="cuda", deterministic=True)  # all of K in one CTA per column block
+    once = d.matmul(x, backend="cuda", deterministic=True)  # all of K in one warp per 16 columns
     assert torch.equal(once, d.matmul(x, backend="cuda", deterministic=True))
     assert rel(once, x.double() @ W.T) <= TOL[torch.float16]
 
