@@ -1,7 +1,8 @@
 // Packed int4 / int3 / int2 GEMV (M <= 16 rows of fp16 or bf16 x) on tensor cores, on the "mma" layout.
 //
 // Self-contained (no headers): compiled at run time by NVRTC (maca_kernels/ops/quant_matmul/cuda_kernel.py)
-// and by nvcc for the compile tier (tests/test_cuda_compile_tier.py), which counts the main loop's SASS.
+// and by nvcc for the compile tier (tests/test_cuda_compile_tier.py), which counts the SASS each warp executes;
+// g++ runs it on the CPU for the tests with tests/ops/quant_matmul/cuda_host.h standing in for CUDA.
 //
 // Why tensor cores for M = 1: an fp32 FMA per weight alone costs 1 thread-instruction per weight, and the
 // budget that bandwidth allows is 1.8 (int2) to 3.0 (int4) including decoding. mma.m16n8k16 takes 256
@@ -142,7 +143,7 @@ MACA_DEVICE u32 load_u16(const u16* p) {
 constexpr u32 kMagic = 0x64006400u;      // 1024.0 in both fp16 halves
 constexpr u32 kMagicBf16 = 0x43004300u;  // 128.0 in both bf16 halves (7-bit mantissa: fields stay below bit 7)
 constexpr int kMaxSlices = 8;  // warps per CTA (cuda_kernel.MAX_SLICES)
-constexpr int kMinCtas = 1;    // CTAs of kMaxSlices warps per SM the registers must allow
+constexpr int kMinCtas = 1;    // CTAs of kMaxSlices warps per SM the registers must allow: up to 255 each
 
 // 128-bit loads in flight per lane (mma_layout.PREFETCH is the larger): 4 KB per warp at one 8-row tile of x;
 // 4.3 TB/s at ~700 ns of DRAM latency needs ~23 KB per SM over 132 SMs, i.e. 6 warps. Two tiles (9..16 rows)
@@ -496,8 +497,9 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
   }
 }
 
-// Launch bounds: kMaxSlices warps, kMinCtas of them per SM (at most 128 registers; without a bound ptxas chose
-// 64 for some variants and spilled in the main loop).
+// Launch bounds: kMaxSlices warps, kMinCtas of them per SM. The ring and a trip's x fragments take ptxas to
+// 200-255 registers at groups of 128 or fewer (no spills): 8 warps per SM, the slicing's aim. With 128 as the
+// limit (2 CTAs of 8 warps) the grouped variants spilled.
 #define MACA_GEMV_MMA(NAME, BITS, GROUP, BF16, MT)                                                            \
   extern "C" __global__ void __launch_bounds__(kMaxSlices * 32, kMinCtas) NAME(                               \
       const u16* x, int ldx, const int* perm, int gather, const uint4* words, const uint2* hwords,           \

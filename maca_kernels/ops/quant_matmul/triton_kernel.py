@@ -311,9 +311,10 @@ MMA_QUICK_CONFIGS = {  # MACA_KERNELS_TUNE=quick: a SPLIT_K = 1 config of each B
     "small": [(16, 64, 128, 2, 4, 3), (16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3)],
     "large": [(64, 128, 128, 1, 8, 3), (128, 128, 64, 1, 8, 3)],
 }
-# Tiles that spill on sm_90 (the compile tier): at int4, 16 x 128 x 128 holds 168 registers of codes and scales;
-# with groups shorter than the K-tile (per-element scales), the GEMV's 128 x 64
-MMA_INT4_SPILLS = {(16, 128, 128)}
+# Tiles that spill on sm_90 (the compile tier): 16 x 128 x 128 at int4 (168 registers of codes and scales) and
+# int2 (12 bytes since x is read in runs of 8 features); with groups shorter than the K-tile (per-element
+# scales), the GEMV's 128 x 64
+MMA_SPILLS = {4: {(16, 128, 128)}, 2: {(16, 128, 128)}}
 MMA_PER_ELEMENT_SPILLS = {(1, 128, 64)}
 MMA_INTERPRETER_CONFIGS = {  # BLOCK_K 64: int4 with one group of an odd multiple of 64 rows
     "gemv": [(1, 32, bk, s, 4, 1) for bk in (128, 64) for s in (2, 1)],
@@ -340,7 +341,7 @@ def fits(cfg: tuple, group: int, has_gidx: bool, atomic: bool, interpreting: boo
     if not atomic and split != 1:
         return False
     if mma_bits:
-        if has_gidx or (mma_bits == 4 and (bm, bn, bk) in MMA_INT4_SPILLS):
+        if has_gidx or (bm, bn, bk) in MMA_SPILLS.get(mma_bits, ()):
             return False
         if group < bk and (bm, bn, bk) in MMA_PER_ELEMENT_SPILLS:
             return False
