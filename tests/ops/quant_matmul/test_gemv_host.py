@@ -72,3 +72,25 @@ def test_slices_add_up_in_a_fixed_order():
             assert torch.equal(seen[slices], y)
         seen[slices] = y
     assert len(seen) >= 3, sorted(seen)
+
+
+EDGES = [  # (bits, N, K, group_size): one 128-bit load of K, one 16-column tile, columns padded to 64
+    (4, 16, 64, 32), (4, 48, 64, -1), (4, 32, 192, 64), (3, 32, 128, 128), (3, 64, 128, -1), (2, 16, 128, -1),
+    (2, 48, 384, 128),
+]
+
+
+@pytest.mark.parametrize("bits,N,K,group_size", EDGES, ids=[f"b{b}-N{n}-K{k}-g{g}" for b, n, k, g in EDGES])
+def test_edge_shapes_and_strided_x(bits, N, K, group_size):
+    """The smallest shapes (a warp's whole range one load, or a partial trip; one tile), rows 1..16, and x as a
+    view: rows further apart than K (read in place) or not 16-byte aligned (copied by the launcher)."""
+    W, qw, sc, qz, gi = random_checkpoint(N, K, bits, group_size, False, seed=bits * N + K)
+    d = mk.to_decode_weight(qw, sc, qz, gi, bits, group_size, "gptq", mma=True)
+    for M in (1, 2, 7, 8, 10, 15, 16):
+        wide = randn(M, K + 24, dtype=torch.float16, seed=M + K)
+        for x in (wide[:, :K], wide[:, 3:K + 3]):  # row stride K + 24 (a multiple of 8); an odd offset
+            for n_sms in (1, 132):
+                check(host().run(x, d.mma, n_sms=n_sms), x, W)
+    plan = cuda_kernel.launch_plan(wide[:, 3:K + 3], d.mma, 132)
+    assert plan.args[0].data_ptr() % 16 == 0 and plan.args[1] % 8 == 0  # the copy the kernel reads
+    assert cuda_kernel.launch_plan(wide[:, :K], d.mma, 132).args[0].data_ptr() == wide.data_ptr()  # no copy
