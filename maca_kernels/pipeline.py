@@ -124,10 +124,10 @@ def _to(obj, device):
     return obj
 
 
-def _capture_first_inputs(model, layers, id_batches, device) -> list[_Batch]:
+def _capture_first_inputs(model, first_layer, id_batches, device) -> list[_Batch]:
     """Run the model up to its first decoder layer for every batch; keep that layer's inputs on ``device``."""
     captured: list[_Batch] = []
-    home = next(model.parameters()).device
+    home = next(p.device for p in model.parameters() if not p.is_meta)
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -135,7 +135,7 @@ def _capture_first_inputs(model, layers, id_batches, device) -> list[_Batch]:
         captured.append(_Batch(hidden.detach().to(device), _to(kw, device)))
         raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for ids in id_batches:
             try:
@@ -310,14 +310,15 @@ def quantize_model(
     was_training = model.training
     model.eval()
     try:
+        results: dict[str, QuantLinear] = {}
         with torch.no_grad():
-            results = _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides,
-                                       keep_float, solve_kw, alpha, device, state, manifest, layer_hashes, stats,
-                                       progress, log, callback)
+            _quantize_layers(model, layers_name, len(layers), layers.__getitem__, id_batches, method, weighting, base,
+                             overrides, keep_float, solve_kw, alpha, checkpoint_format, device, state, manifest,
+                             layer_hashes, stats, progress, log, callback, lambda i, packed: results.update(packed))
         t0 = time.perf_counter()
         qcfg = _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting,
                              calib, overrides, keep_float, damp, mse)
-        _install(model, results, checkpoint_format, home, qcfg)
+        _install(model, results, home, qcfg)
         stats.pack_s += time.perf_counter() - t0
     except BaseException:
         model.train(was_training)
@@ -363,22 +364,27 @@ def _resumed_layer(state: ResumeDir, manifest: dict, layers_name: str, i: int, l
     return _results_from_tensors(tensors, meta)
 
 
-def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, base, overrides, keep_float, solve_kw,
-                     alpha, device, state, manifest, layer_hashes, stats, progress, log,
-                     callback) -> dict[str, GPTQResult]:
-    results: dict[str, GPTQResult] = {}
+def _quantize_layers(model, layers_name, n_layers, load_layer, id_batches, method, weighting, base, overrides,
+                     keep_float, solve_kw, alpha, checkpoint_format, device, state, manifest, layer_hashes, stats,
+                     progress, log, callback, on_layer) -> None:
+    """Every decoder layer in order: ``load_layer(i)`` gives layer i (read only), ``on_layer(i, packed)`` takes
+    its QuantLinear modules by name (packed on the CPU: a finished layer keeps nothing else)."""
     done_layers = manifest["done_layers"] if manifest else 0
     for i in range(done_layers):
-        linears = _linears(layers[i], keep_float, f"{layers_name}.{i}.")
-        results.update(_resumed_layer(state, manifest, layers_name, i, linears))
+        layer = load_layer(i)
+        linears = _linears(layer, keep_float, f"{layers_name}.{i}.")
+        resumed = _resumed_layer(state, manifest, layers_name, i, linears)
+        on_layer(i, {name: _packed(r, linears[name[len(f"{layers_name}.{i}."):]], checkpoint_format)
+                     for name, r in resumed.items()})  # (resumed results are on the CPU)
+        del layer, resumed
     if done_layers:
         stats.modules.update(manifest["modules"])
-        _say(log, f"resuming after layer {done_layers - 1} of {len(layers)} ({state.path})")
+        _say(log, f"resuming after layer {done_layers - 1} of {n_layers} ({state.path})")
 
     q_batches = fp_batches = None
-    if method != "rtn" and done_layers < len(layers):
+    if method != "rtn" and done_layers < n_layers:
         t0 = time.perf_counter()
-        first = _capture_first_inputs(model, layers, id_batches, device)
+        first = _capture_first_inputs(model, load_layer(0), id_batches, device)
         stats.forward_s += time.perf_counter() - t0
         if done_layers:  # the inputs of the next layer, with the keyword arguments captured afresh
             fname = f"streams_{done_layers - 1:04d}.safetensors"
@@ -393,27 +399,28 @@ def _quantize_layers(model, layers_name, layers, id_batches, method, weighting, 
             if method == "gptaq":
                 fp_batches = list(q_batches)  # the streams part after layer 0 (layers make new tensors)
 
-    bar = _progress(range(done_layers, len(layers)), progress, len(layers), done_layers)
+    bar = _progress(range(done_layers, n_layers), progress, n_layers, done_layers)
     group_cache: dict[tuple, list[list[str]]] = {}
     for i in bar:
-        layer_results, q_batches, fp_batches = _quantize_layer(
-            layers[i], f"{layers_name}.{i}.", q_batches, fp_batches, group_cache, method, weighting, base, overrides,
-            keep_float, solve_kw, alpha, device, stats, log, callback)
-        results.update(layer_results)
+        layer_results, packed, q_batches, fp_batches = _quantize_layer(
+            load_layer(i), f"{layers_name}.{i}.", q_batches, fp_batches, group_cache, method, weighting, base,
+            overrides, keep_float, solve_kw, alpha, checkpoint_format, device, stats, log, callback)
         if state is not None:
             streams = None if method == "rtn" else _stream_tensors(q_batches, fp_batches)
             state.commit(i, _result_tensors(layer_results), streams, layer_hashes, stats.modules)
-    return results
+        del layer_results
+        on_layer(i, packed)
 
 
 def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group_cache, method, weighting, base,
-                    overrides, keep_float, solve_kw, alpha, device, stats, log, callback):
+                    overrides, keep_float, solve_kw, alpha, checkpoint_format, device, stats, log, callback):
     """One decoder layer, quantized in a working copy (the caller's layer stays as it is; the copy is freed on
-    return). Returns its results and the next layer's inputs."""
+    return). Returns its results (CPU), their QuantLinear modules and the next layer's inputs."""
     layer = copy.deepcopy(source).to(device)
     fp_layer = copy.deepcopy(layer) if method == "gptaq" else None
     linears = _linears(layer, keep_float, prefix)
     layer_results: dict[str, GPTQResult] = {}
+    packed: dict[str, QuantLinear] = {}
     if method == "rtn":
         groups = [[n] for n in linears]
     else:  # decoder layers repeat one structure: find the groups once per set of module names
@@ -440,6 +447,9 @@ def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group
             stats.solve_s += dt
             W.copy_(r.weight.to(W.dtype))  # later groups (in this copy) and layers see the quantized weights
             layer_results[full] = _cpu_result(r)
+            t0 = time.perf_counter()
+            packed[full] = _packed(layer_results[full], linears[name], checkpoint_format)
+            stats.pack_s += time.perf_counter() - t0
             stats.modules[full] = dict(loss=r.loss, damp=r.damp, bits=s["bits"], group_size=s["group_size"],
                                        sym=solve_kw["sym"], seconds=round(dt, 4))
             if callback is not None:
@@ -451,16 +461,18 @@ def _quantize_layer(source: nn.Module, prefix: str, q_batches, fp_batches, group
         if fp_layer is not None:
             fp_batches = [_Batch(_first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in fp_batches]
         stats.forward_s += time.perf_counter() - t0
-    return layer_results, q_batches, fp_batches
+    return layer_results, packed, q_batches, fp_batches
 
 
-def _install(model: nn.Module, results: dict[str, GPTQResult], checkpoint_format: str, home, qcfg: dict) -> None:
+def _packed(r: GPTQResult, linear: nn.Linear, checkpoint_format: str) -> QuantLinear:
+    """The QuantLinear of one solved module on the CPU (its bias in fp16): what a finished layer keeps."""
+    bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float16)
+    return QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format)
+
+
+def _install(model: nn.Module, results: dict[str, QuantLinear], home, qcfg: dict) -> None:
     """Replace each quantized Linear by its QuantLinear and set the config; all or nothing."""
-    new = {}
-    for name, r in results.items():
-        old = model.get_submodule(name)
-        bias = None if old.bias is None else old.bias.detach().to(torch.float16)
-        new[name] = QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format).to(home)
+    new = {name: q.to(home) for name, q in results.items()}
     swapped: list[tuple[str, nn.Module]] = []
     had_cfg = "quantization_config" in vars(model.config)
     try:
