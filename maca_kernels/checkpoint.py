@@ -224,29 +224,62 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _shard_plan(entries: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Names (in order, with their byte sizes) cut into shards of at most ``max_bytes`` (a bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in entries:
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t.to("cpu").contiguous().clone()  # own storage: no aliasing between entries
+        shards[-1].append(name)
         size += nbytes
-    n = len(shards)
-    names = [SAFE_WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        _fsync_file(folder / fname)
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: fname for fname, shard in zip(names, shards, strict=True) for k in shard}}
-        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _fsync_file(folder / SAFE_WEIGHTS_INDEX_NAME)
-    return names
+    return shards
+
+
+class _ShardWriter:
+    """Writes a checkpoint's tensors shard by shard as they arrive, in the planned order: only the shard being
+    filled is held in memory. ``finish()`` writes the index (more than one shard) and returns the file names."""
+
+    def __init__(self, folder: Path, entries: list[tuple[str, int]], max_bytes: int):
+        self.folder, self.plan = folder, _shard_plan(entries, max_bytes)
+        self.total = sum(nbytes for _, nbytes in entries)
+        n = len(self.plan)
+        self.names = [SAFE_WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [name for shard in self.plan for name in shard]
+        self.shard, self.pending, self.next = 0, {}, 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        if self.next >= len(self.order) or name != self.order[self.next]:
+            want = self.order[self.next] if self.next < len(self.order) else "nothing"
+            raise RuntimeError(f"checkpoint writer: got {name!r}, expected {want!r}")
+        self.pending[name] = t.detach().to("cpu").contiguous().clone()  # own storage: no aliasing between entries
+        self.next += 1
+        if len(self.pending) == len(self.plan[self.shard]):
+            path = self.folder / self.names[self.shard]
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+            _fsync_file(path)
+            self.pending, self.shard = {}, self.shard + 1
+
+    def finish(self) -> list[str]:
+        if self.next != len(self.order):
+            raise RuntimeError(f"checkpoint writer: {len(self.order) - self.next} tensors never arrived, first "
+                               f"{self.order[self.next]!r}")
+        if len(self.names) > 1:
+            where = {k: fname for fname, shard in zip(self.names, self.plan, strict=True) for k in shard}
+            index = {"metadata": {"total_size": self.total}, "weight_map": where}
+            (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            _fsync_file(self.folder / SAFE_WEIGHTS_INDEX_NAME)
+        return self.names
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
+    writer = _ShardWriter(folder, [(k, t.numel() * t.element_size()) for k, t in tensors.items()], max_bytes)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    return writer.finish()
 
 
 def _check_model_against_config(qmods: dict[str, QuantLinear], qcfg: dict) -> None:
@@ -453,6 +486,17 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     tensors, qmods = _collect(model)
     _check_model_against_config(qmods, qcfg)
 
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return write_checkpoint(out_dir, config, qcfg, "lm_head" in qmods, float_dtypes,
+                            getattr(model, "generation_config", None), tokenizer,
+                            lambda tmp: _write_shards(tensors, tmp, max_bytes), overwrite)
+
+
+def write_checkpoint(out_dir, config, qcfg: dict, quantized_head: bool, float_dtypes: set, generation_config,
+                     tokenizer, write_tensors, overwrite: bool = False) -> Path:
+    """The folder around the tensors, atomically (see the module docstring): config (with ``qcfg``, untied head if
+    ``quantized_head``, dtype from ``float_dtypes`` less fp16), generation config, tokenizer, the tensors that
+    ``write_tensors(folder)`` writes, the list of own files; shared by save_quantized and the streamed pipeline."""
     out_dir = check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(out_dir, "tmp")
@@ -462,20 +506,19 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         cfg = copy.deepcopy(config)
         cfg.quantization_config = copy.deepcopy(qcfg)
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        if "lm_head" in qmods and getattr(text_cfg, "tie_word_embeddings", False):
+        if quantized_head and getattr(text_cfg, "tie_word_embeddings", False):
             text_cfg.tie_word_embeddings = False  # a quantized head cannot share the embedding matrix
-        float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()} - {torch.float16}
+        float_dtypes = set(float_dtypes) - {torch.float16}
         if len(float_dtypes) == 1:  # the model's dtype (QuantLinear scales/bias are fp16 whatever it is)
             cfg.dtype = next(iter(float_dtypes))
         elif not float_dtypes:
             cfg.dtype = torch.float16
         cfg.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            gen.save_pretrained(tmp)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_shards(tensors, tmp, max_bytes)
+        write_tensors(tmp)
         written = sorted(p.name for p in tmp.iterdir())
         (tmp / OWN_FILES).write_text(json.dumps({"written_by": "maca_kernels", "files": written}, indent=1) + "\n")
         mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)  # safetensors creates its files 0600
