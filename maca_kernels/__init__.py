@@ -11,6 +11,7 @@ from .ops.hessian.accumulator import HessianAccumulator
 from .ops.quant_matmul.decode_layout import DecodeWeight, to_decode_weight
 from .ops.quant_matmul.op import quant_matmul
 from .pipeline import quantize_model
+from .streaming import quantize_folder
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "pack_scales",
     "quant_matmul",
     "quantization_config",
+    "quantize_folder",
     "quantize_model",
     "rtn_quantize",
     "save_quantized",

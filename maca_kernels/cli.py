@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true")
     q.add_argument("--device", default=None, help="where each layer runs while quantized (e.g. cuda)")
     q.add_argument("--resume", default=None, help="folder for per-layer state; a rerun continues there")
+    q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="the model's dtype while quantized, in memory one layer at a time (auto: the checkpoint's; "
+                        "float32 by default: 16-bit matmuls are slow on most CPUs)")
     q.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
                    help="parameters or modules to leave in float (e.g. experts: fused MoE experts are not quantized "
                         "yet); any other floating matrix that is not a quantized Linear is refused")
@@ -159,6 +162,8 @@ def _check_device(device: str | None) -> None:
 
 
 def _quantize(a) -> None:
+    """A model folder goes disk to disk (streaming.quantize_folder: one decoder layer in memory at a time); the
+    embedded demo model is loaded and quantized in memory."""
     import torch
 
     from . import calibration
@@ -175,7 +180,10 @@ def _quantize(a) -> None:
     _check_device(a.device)
     _check_model_path(a.model)
     text = None if a.method == "rtn" else _read_text(a.text, a.model == "demo")
-    model, tokenizer = _load_model(a.model, need_tokenizer=a.method != "rtn")
+    if a.model == "demo":
+        model, tokenizer = _load_model(a.model, need_tokenizer=a.method != "rtn")
+    else:
+        model, tokenizer = _skeleton(a.model), _load_tokenizer(a.model, a.method != "rtn")
     try:
         _, layers = decoder_layers(model)
     except ValueError as exc:
@@ -194,11 +202,33 @@ def _quantize(a) -> None:
         else:
             calib = calibration.fixed(calib_ids, a.seq_len, total_tokens=a.calib_tokens, seed=a.seed,
                                       max_positions=max_pos)
-    quantize_model(model, calib, a.bits, a.group_size, method=a.method,
-                   weighting="sequence" if a.calib == "maca" else "token", sym=a.sym, act_order=a.act_order,
-                   device=a.device, resume_dir=a.resume, keep_float=a.keep_float)
-    out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
+    options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
+                   act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float)
+    if a.model == "demo":
+        quantize_model(model, calib, a.bits, a.group_size, **options)
+        out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
+    else:
+        from .streaming import quantize_folder
+
+        dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+        out = quantize_folder(a.model, a.out, calib, a.bits, a.group_size, dtype=dtype, tokenizer=tokenizer,
+                              overwrite=a.overwrite, **options)
     print(f"wrote {out}")
+
+
+def _skeleton(path: str):
+    """The model of a folder on the meta device (its structure, no weights), for the checks before a run."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None) is not None:
+            raise UsageError(f"--model {path}: already quantized (config.json has quantization_config)")
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise UsageError(f"--model {path}: unsupported architecture ({exc})") from None
 
 
 def _eval(a) -> None:

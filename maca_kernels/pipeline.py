@@ -124,8 +124,10 @@ def _to(obj, device):
     return obj
 
 
-def _capture_first_inputs(model, first_layer, id_batches, device) -> list[_Batch]:
-    """Run the model up to its first decoder layer for every batch; keep that layer's inputs on ``device``."""
+def _capture_first_inputs(model, id_batches, device) -> list[_Batch]:
+    """Run the model up to its first decoder layer for every batch (the model's own module, whose weights may
+    be on the meta device); keep that layer's inputs on ``device``."""
+    first_layer = decoder_layers(model)[1][0]
     captured: list[_Batch] = []
     home = next(p.device for p in model.parameters() if not p.is_meta)
 
@@ -270,63 +272,124 @@ def quantize_model(
     ``H`` is the mean Hessian ``2/N·Σ`` the solve used, None for RTN). lm_head and the embeddings stay
     unquantized.
     """
+    opts = dict(method=method, weighting=weighting, sym=sym, act_order=act_order, static_groups=static_groups,
+                damp=damp, block_size=block_size, mse=mse, alpha=alpha, reg=reg, overrides=overrides,
+                keep_float=keep_float, checkpoint_format=checkpoint_format, device=device,
+                max_batch_tokens=max_batch_tokens, resume_dir=resume_dir, progress=progress, log=log,
+                callback=callback)
+    # The caller's model is only read until every layer is done: each layer is quantized in a working copy, and
+    # the QuantLinear modules go in at the end. An exception or Ctrl-C leaves the model as it was.
+    results: dict[str, QuantLinear] = {}
+    was_training = model.training
+    try:
+        job = _prepare(model, calib, bits, group_size, opts)
+        _run(job, None, lambda i, packed: results.update(packed))
+        t0 = time.perf_counter()
+        _install(model, results, job.home, job.qcfg)
+        job.stats.pack_s += time.perf_counter() - t0
+    except BaseException:
+        model.train(was_training)
+        raise
+    job.stats.peak_memory_mb = _peak_memory_mb(job.device)
+    model.quantize_stats = job.stats
+    _say(log, job.stats.summary() + f" (wall {time.perf_counter() - job.t_start:.1f} s)")
+    return model
+
+
+@dataclass
+class _Job:
+    """One run's checked settings and state (quantize_model and the streamed pipeline share it)."""
+
+    model: nn.Module
+    layers_name: str
+    layers: nn.ModuleList  # structure only for a streamed model (meta tensors): layers come from load_layer
+    home: torch.device
+    device: torch.device
+    opts: dict
+    base: dict
+    solve_kw: dict
+    id_batches: list
+    qcfg: dict
+    stats: QuantizeStats
+    t_start: float
+    state: ResumeDir | None = None
+
+
+def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
+    """Every argument checked before any forward pass (a bad setting fails at once, not at the first solve or
+    after the last); the model set to eval."""
+    method, weighting, keep_float = opts["method"], opts["weighting"], opts["keep_float"]
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if weighting not in ("sequence", "token"):
         raise ValueError(f"weighting must be 'sequence' or 'token', got {weighting!r}")
-    # before any forward pass: a bad setting fails at once, not at the first solve or after the last
     bits = check_bits(bits)
-    check_checkpoint_format(checkpoint_format)
+    check_checkpoint_format(opts["checkpoint_format"])
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}")
     _refuse_quantized(model)
     if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
         raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
-    keep_float = tuple(keep_float)
+    keep_float = opts["keep_float"] = tuple(keep_float)
     layers_name, layers = decoder_layers(model)
     check_layers(layers_name, layers, keep_float)  # no floating matrix left in float silently (layer_policy.py)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
-    base = dict(bits=bits, group_size=group_size)
-    solve_kw = dict(sym=sym, act_order=act_order, static_groups=static_groups, damp=damp, block_size=block_size,
-                    mse=mse, reg=reg)
-    stats = QuantizeStats()
-    t_start = time.perf_counter()
-
-    id_batches = [] if method == "rtn" else _micro_batches(_lengths_groups(calib), max_batch_tokens)
+    for i, layer in enumerate(layers):  # every module's group size divides its in_features
+        prefix = f"{layers_name}.{i}."
+        for name, lin in quantized_linears(layer, keep_float, prefix).items():
+            s = _module_settings(prefix + name, dict(bits=bits, group_size=group_size), opts["overrides"])
+            check_group_size(s["group_size"], lin.in_features, f" ({prefix + name})")
+    home = next(p.device for p in model.parameters() if not p.is_meta)
+    device = torch.device(opts["device"]) if opts["device"] is not None else home
+    solve_kw = {k: opts[k] for k in ("sym", "act_order", "static_groups", "damp", "block_size", "mse", "reg")}
+    id_batches = [] if method == "rtn" else _micro_batches(_lengths_groups(calib), opts["max_batch_tokens"])
     if method != "rtn" and not id_batches:
         raise ValueError("calib holds no sequences")
-    # what decides the bits: the batching sets the Hessian's summation order, the device the arithmetic
-    settings = dict(method=method, weighting=weighting, base=base, overrides=overrides, alpha=alpha, **solve_kw,
-                    max_batch_tokens=max_batch_tokens, device=device.type, keep_float=sorted(keep_float))
-    state = layer_hashes = manifest = None
-    if resume_dir is not None:
-        layer_hashes = [module_hash(layer) for layer in layers]
-        state = ResumeDir(resume_dir, _fingerprint(model, layers_name, id_batches, settings), settings)
-        manifest = state.read_manifest(layer_hashes)
-
-    # The caller's model is only read until every layer is done: each layer is quantized in a working copy, and
-    # the QuantLinear modules go in at the end. An exception or Ctrl-C leaves the model as it was.
-    was_training = model.training
+    qcfg = _quant_config(bits, group_size, opts["sym"], opts["act_order"], opts["static_groups"],
+                         opts["checkpoint_format"], method, weighting, calib, opts["overrides"], keep_float,
+                         opts["damp"], opts["mse"])
     model.eval()
-    try:
-        results: dict[str, QuantLinear] = {}
-        with torch.no_grad():
-            _quantize_layers(model, layers_name, len(layers), layers.__getitem__, id_batches, method, weighting, base,
-                             overrides, keep_float, solve_kw, alpha, checkpoint_format, device, state, manifest,
-                             layer_hashes, stats, progress, log, callback, lambda i, packed: results.update(packed))
-        t0 = time.perf_counter()
-        qcfg = _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting,
-                             calib, overrides, keep_float, damp, mse)
-        _install(model, results, home, qcfg)
-        stats.pack_s += time.perf_counter() - t0
-    except BaseException:
-        model.train(was_training)
-        raise
-    stats.peak_memory_mb = _peak_memory_mb(device)
-    model.quantize_stats = stats
-    _say(log, stats.summary() + f" (wall {time.perf_counter() - t_start:.1f} s)")
-    return model
+    return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
+                id_batches, qcfg, QuantizeStats(), time.perf_counter())
+
+
+def _run(job: _Job, load_layer, on_layer) -> None:
+    """The layers in order (``load_layer(i)``: layer i with its weights; None: the model's own), each finished one
+    handed to ``on_layer(i, packed)``; resumable (``opts["resume_dir"]``)."""
+    o = job.opts
+    load_layer = load_layer or job.layers.__getitem__
+    # what decides the bits: the batching sets the Hessian's summation order, the device the arithmetic
+    settings = dict(method=o["method"], weighting=o["weighting"], base=job.base, overrides=o["overrides"],
+                    alpha=o["alpha"], **job.solve_kw, max_batch_tokens=o["max_batch_tokens"],
+                    device=job.device.type, keep_float=sorted(o["keep_float"]))
+    manifest = layer_hashes = None
+    if o["resume_dir"] is not None:
+        layer_hashes = _LayerHashes(len(job.layers), load_layer)
+        job.state = ResumeDir(o["resume_dir"], _fingerprint(job.model, job.layers_name, job.id_batches, settings),
+                              settings)
+        manifest = job.state.read_manifest(layer_hashes)
+    with torch.no_grad():
+        _quantize_layers(job.model, job.layers_name, len(job.layers), load_layer, job.id_batches, o["method"],
+                         o["weighting"], job.base, o["overrides"], o["keep_float"], job.solve_kw, o["alpha"],
+                         o["checkpoint_format"], job.device, job.state, manifest, layer_hashes, job.stats,
+                         o["progress"], o["log"], o["callback"], on_layer)
+
+
+class _LayerHashes:
+    """Each layer's weight hash (resume.py), computed when first asked for (a streamed model loads one layer at
+    a time): the resume state asks for the finished layers' on resuming, and for each layer as it commits."""
+
+    def __init__(self, n: int, load_layer):
+        self.n, self.load_layer, self.known = n, load_layer, {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if i not in self.known:
+            self.known[i] = module_hash(self.load_layer(i))
+        return self.known[i]
 
 
 def _refuse_quantized(model: nn.Module) -> None:
@@ -384,7 +447,7 @@ def _quantize_layers(model, layers_name, n_layers, load_layer, id_batches, metho
     q_batches = fp_batches = None
     if method != "rtn" and done_layers < n_layers:
         t0 = time.perf_counter()
-        first = _capture_first_inputs(model, load_layer(0), id_batches, device)
+        first = _capture_first_inputs(model, id_batches, device)
         stats.forward_s += time.perf_counter() - t0
         if done_layers:  # the inputs of the next layer, with the keyword arguments captured afresh
             fname = f"streams_{done_layers - 1:04d}.safetensors"

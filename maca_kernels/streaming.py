@@ -1,0 +1,248 @@
+"""Disk to disk: ``quantize_folder`` quantizes a Hugging Face model folder into a GPTQ checkpoint folder without
+ever holding the whole model. The model is built on the meta device; what lies outside the decoder layers
+(embeddings, final norm, head, rotary tables) is read from the safetensors shards; each decoder layer is read
+(memory-mapped, then cast to ``dtype``) when the pipeline reaches it, quantized, its packed tensors and other
+weights written to the output shards in order, and released. The pipeline is ``quantize_model``'s own
+(pipeline.py: the same checks, calibration batches, solves, resume state), so the checkpoint is bit for bit
+the one that ``quantize_model`` on the loaded model followed by ``save_quantized`` writes, with the same
+arguments and ``dtype``; only the shard being filled waits in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import inspect
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
+from .nn import QuantLinear
+from .pipeline import _linears, _module_settings, _peak_memory_mb, _prepare, _run, _say, _swap, quantize_model
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class ShardReader:
+    """The tensors of a model folder's safetensors files, each read when asked for (memory-mapped)."""
+
+    def __init__(self, folder: Path):
+        index = folder / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {k: folder / f for k, f in weight_map.items()}
+        elif (folder / SINGLE).exists():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / SINGLE), framework="pt") as f:
+                self.where = dict.fromkeys(f.keys(), folder / SINGLE)
+        else:
+            raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX} (quantize_folder reads safetensors only)")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get_many(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once and closed after: its mapping would otherwise keep every page
+        read so far resident (what makes the peak grow with the depth)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name], []).append(name)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k).clone()  # its own memory, not the file's pages
+        return out
+
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating tensors (the first one found)."""
+        from safetensors import safe_open
+
+        for path in dict.fromkeys(self.where.values()):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(
+                        f.get_slice(name).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        raise ValueError("the checkpoint holds no floating tensor")
+
+
+def _load_into(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device, skip: str = "") -> None:
+    """``module``'s parameters and persistent buffers from the checkpoint (names ``prefix + key``; keys starting
+    with ``skip`` left alone), in place of its meta tensors; floating ones cast to ``dtype``."""
+    want = {key: t for key, t in module.state_dict(keep_vars=True).items()
+            if not (skip and key.startswith(skip)) and prefix + key in reader}
+    read = reader.get_many([prefix + key for key in want])
+    state = {}
+    for key, t in want.items():
+        name = prefix + key
+        v = read.pop(name)
+        if tuple(v.shape) != tuple(t.shape):
+            raise ValueError(f"{name}: the checkpoint holds {tuple(v.shape)}, the model expects {tuple(t.shape)}")
+        state[key] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _skeleton(folder: Path, reader: ShardReader, dtype: torch.dtype, device):
+    """The model on the meta device with everything outside its decoder layers real: read from the checkpoint,
+    or computed as transformers computes it (rotary tables and other non-persistent buffers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .pipeline import decoder_layers
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{folder} is already quantized (config.json has quantization_config)")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers_name, layers = decoder_layers(model)
+    inside = layers_name + "."
+    for name, module in model.named_modules():
+        if name == layers_name or name.startswith(inside):
+            continue
+        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t is not None]
+        if any(t.is_meta for t in own):
+            module.to_empty(device=device, recurse=False)
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)  # rotary tables, embedding scales: what from_pretrained computes
+    _load_into(model, "", reader, dtype, device, skip=inside)
+    model.tie_weights()  # a head tied to the embeddings follows the loaded embeddings
+    missing = [n for n, t in model.state_dict().items() if not n.startswith(inside) and t.is_meta]
+    if missing:
+        raise ValueError(f"{folder}: tensors outside the decoder layers not in the checkpoint: {missing[:5]}")
+    return model.eval(), config
+
+
+class _LayerLoader:
+    """Layer i with its weights, read when asked for; the layer asked for last is kept (the pipeline asks for it
+    more than once), the one before is released."""
+
+    def __init__(self, reader: ShardReader, layers_name: str, layers: nn.ModuleList, dtype, device):
+        self.reader, self.layers_name, self.layers, self.dtype, self.device = reader, layers_name, layers, dtype, device
+        self.index, self.layer, self.load_s = None, None, 0.0
+
+    def __call__(self, i: int) -> nn.Module:
+        if self.index != i:
+            self.layer = None  # released before the next is read
+            t0 = time.perf_counter()
+            layer = copy.deepcopy(self.layers[i])  # meta: structure only
+            _load_into(layer, f"{self.layers_name}.{i}.", self.reader, self.dtype, self.device)
+            left = [n for n, t in layer.state_dict().items() if t.is_meta]
+            if left or any(b is not None and b.is_meta for b in layer.buffers()):
+                raise ValueError(f"layer {i}: tensors not in the checkpoint: {left[:5] or 'non-persistent buffers'}")
+            self.index, self.layer = i, layer.eval()
+            self.load_s += time.perf_counter() - t0
+        return self.layer
+
+
+def _trim_heap() -> None:
+    """Give the freed heap back to the system (glibc's malloc_trim; nothing elsewhere). After the first large free,
+    glibc serves allocations of up to 32 MB from the heap, and a finished layer's freed tensors would otherwise
+    stay resident and raise the peak with every layer."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _plan(config, dtype, job) -> list[tuple[str, torch.Tensor]]:
+    """(name, meta tensor) of every tensor of the quantized checkpoint, in save_quantized's order."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    o = job.opts
+    for i, layer in enumerate(job.layers):
+        prefix = f"{job.layers_name}.{i}."
+        for name, lin in _linears(layer, o["keep_float"], prefix).items():
+            s = _module_settings(prefix + name, job.base, o["overrides"])
+            q = QuantLinear(lin.in_features, lin.out_features, s["bits"], s["group_size"], bias=lin.bias is not None,
+                            checkpoint_format=o["checkpoint_format"], device="meta")
+            _swap(model, prefix + name, q)
+    return list(_dedupe_tied(model, model.state_dict(keep_vars=True)).items())
+
+
+def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 128, *,
+                    dtype: torch.dtype | None = None, tokenizer=None, max_shard_size="2GB", overwrite: bool = False,
+                    **options) -> Path:
+    """Quantize the model in ``model_dir`` (a Hugging Face folder of safetensors) into the GPTQ checkpoint
+    ``out_dir``, one decoder layer in memory at a time. ``dtype``: the model's compute and storage dtype (default:
+    the checkpoint's); ``options``: ``quantize_model``'s (method, weighting, act_order, overrides, keep_float,
+    device, resume_dir, ...). The checkpoint equals ``quantize_model`` on the model loaded with
+    ``from_pretrained(model_dir, dtype=dtype)`` followed by ``save_quantized(..., tokenizer, max_shard_size)``,
+    bit for bit. Returns the folder; ``quantize_folder.last_stats`` holds the run's QuantizeStats."""
+    from transformers import GenerationConfig
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model_dir {folder}: no config.json (not a Hugging Face model folder)")
+    out = check_out_dir(out_dir, overwrite)  # refused before any work
+    max_bytes = _parse_size(max_shard_size)
+    reader = ShardReader(folder)
+    dtype = dtype or reader.float_dtype()
+    model, config = _skeleton(folder, reader, dtype, "cpu")
+    opts = {k: p.default for k, p in inspect.signature(quantize_model).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}  # quantize_model's options and defaults
+    unknown = set(options) - set(opts)
+    if unknown:
+        raise TypeError(f"quantize_folder got unexpected options {sorted(unknown)}")
+    opts.update(options)
+    job = _prepare(model, calib, bits, group_size, opts)
+    loader = _LayerLoader(reader, job.layers_name, job.layers, dtype, "cpu")
+    plan = _plan(config, dtype, job)
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    real = _dedupe_tied(model, model.state_dict(keep_vars=True))
+    inside = job.layers_name + "."
+
+    def write(tmp: Path) -> None:
+        writer = _ShardWriter(tmp, [(n, t.numel() * t.element_size()) for n, t in plan], max_bytes)
+        order = iter(n for n, _ in plan)
+        pending = next(order, None)
+
+        def emit_until_layer() -> None:  # what lies outside the layers, up to the next layer's tensors
+            nonlocal pending
+            while pending is not None and not pending.startswith(inside):
+                writer.add(pending, real[pending])
+                pending = next(order, None)
+
+        def on_layer(i: int, packed: dict) -> None:
+            nonlocal pending
+            emit_until_layer()
+            layer = loader(i)
+            prefix = f"{job.layers_name}.{i}."
+            for name, q in packed.items():  # the loaded copy is ours: its Linears give way to the QuantLinears
+                _swap(layer, name[len(prefix):], q)
+            for key, t in layer.state_dict().items():
+                writer.add(prefix + key, t)
+                pending = next(order, None)
+            loader.index, loader.layer = None, None  # released
+            _trim_heap()
+
+        _run(job, loader, on_layer)
+        emit_until_layer()
+        writer.finish()
+
+    has_head = any(n.startswith("lm_head.") and n.endswith(".qweight") for n, _ in plan)
+    float_dtypes = {t.dtype for _, t in plan if t.is_floating_point()}
+    result = write_checkpoint(out, config, job.qcfg, has_head, float_dtypes, generation, tokenizer, write, overwrite)
+    job.stats.peak_memory_mb = _peak_memory_mb(job.device)
+    job.stats.load_s = loader.load_s
+    quantize_folder.last_stats = job.stats
+    _say(opts["log"], job.stats.summary() + f" (wall {time.perf_counter() - job.t_start:.1f} s; reading layers "
+                                            f"{loader.load_s:.1f} s)")
+    return result
+
+
+__all__ = ["ShardReader", "quantize_folder"]
