@@ -237,31 +237,69 @@ def _shard_plan(entries: list[tuple[str, int]], max_bytes: int) -> list[list[str
     return shards
 
 
-class _ShardWriter:
-    """Writes a checkpoint's tensors shard by shard as they arrive, in the planned order: only the shard being
-    filled is held in memory. ``finish()`` writes the index (more than one shard) and returns the file names."""
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
-    def __init__(self, folder: Path, entries: list[tuple[str, int]], max_bytes: int):
-        self.folder, self.plan = folder, _shard_plan(entries, max_bytes)
-        self.total = sum(nbytes for _, nbytes in entries)
-        n = len(self.plan)
-        self.names = [SAFE_WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+class _ShardWriter:
+    """Writes a checkpoint's safetensors shards as the tensors arrive, each straight to its place in its file: the
+    plan (names, dtypes and shapes, in order) fixes every file's header and offsets up front, so nothing waits
+    in memory. Inside a file the tensors lie by element size, largest first (each aligned to its own size, as
+    safetensors' own writer lays them out), then in arrival order. ``finish()`` writes the index (more than one
+    shard) and returns the file names."""
+
+    def __init__(self, folder: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int):
+        self.folder = folder
+        meta = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        nbytes = {n: torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+                  for n, (dtype, shape) in meta.items()}
+        self.total = sum(nbytes.values())
+        self.plan = _shard_plan([(n, nbytes[n]) for n, _, _ in entries], max_bytes)
+        k = len(self.plan)
+        self.names = [SAFE_WEIGHTS_NAME] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
         self.order = [name for shard in self.plan for name in shard]
-        self.shard, self.pending, self.next = 0, {}, 0
+        self.place: dict[str, tuple[int, int]] = {}  # name -> (shard, byte offset in the file)
+        self.headers: list[bytes] = []
+        for i, shard in enumerate(self.plan):
+            layout = sorted(shard, key=lambda n: -torch.empty(0, dtype=meta[n][0]).element_size())  # stable
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for n in layout:
+                dtype, shape = meta[n]
+                header[n] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                             "data_offsets": [offset, offset + nbytes[n]]}
+                offset += nbytes[n]
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            self.headers.append(len(text).to_bytes(8, "little") + text)
+            start = len(self.headers[-1])
+            for n in layout:
+                self.place[n] = (i, start + header[n]["data_offsets"][0])
+        self.left = [len(shard) for shard in self.plan]
+        self.files: dict[int, object] = {}
+        self.next = 0
+        self.meta = meta
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         if self.next >= len(self.order) or name != self.order[self.next]:
             want = self.order[self.next] if self.next < len(self.order) else "nothing"
             raise RuntimeError(f"checkpoint writer: got {name!r}, expected {want!r}")
-        self.pending[name] = t.detach().to("cpu").contiguous().clone()  # own storage: no aliasing between entries
+        if (t.dtype, tuple(t.shape)) != self.meta[name]:
+            raise RuntimeError(f"checkpoint writer: {name!r} is {t.dtype} {tuple(t.shape)}, planned "
+                               f"{self.meta[name][0]} {self.meta[name][1]}")
+        i, offset = self.place[name]
+        if i not in self.files:
+            f = self.files[i] = open(self.folder / self.names[i], "wb")  # noqa: SIM115 - closed when the shard is full
+            f.write(self.headers[i])
+        f = self.files[i]
+        f.seek(offset)
+        f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.next += 1
-        if len(self.pending) == len(self.plan[self.shard]):
-            path = self.folder / self.names[self.shard]
-            save_file(self.pending, str(path), metadata={"format": "pt"})
-            _fsync_file(path)
-            self.pending, self.shard = {}, self.shard + 1
+        self.left[i] -= 1
+        if not self.left[i]:
+            f.close()
+            _fsync_file(self.folder / self.names[i])
+            del self.files[i]
 
     def finish(self) -> list[str]:
         if self.next != len(self.order):
@@ -274,12 +312,20 @@ class _ShardWriter:
             _fsync_file(self.folder / SAFE_WEIGHTS_INDEX_NAME)
         return self.names
 
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
 
 def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
-    writer = _ShardWriter(folder, [(k, t.numel() * t.element_size()) for k, t in tensors.items()], max_bytes)
-    for name, t in tensors.items():
-        writer.add(name, t)
-    return writer.finish()
+    writer = _ShardWriter(folder, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], max_bytes)
+    try:
+        for name, t in tensors.items():
+            writer.add(name, t)
+        return writer.finish()
+    finally:
+        writer.close()
 
 
 def _check_model_against_config(qmods: dict[str, QuantLinear], qcfg: dict) -> None:

@@ -207,7 +207,7 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     inside = job.layers_name + "."
 
     def write(tmp: Path) -> None:
-        writer = _ShardWriter(tmp, [(n, t.numel() * t.element_size()) for n, t in plan], max_bytes)
+        writer = _ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in plan], max_bytes)
         order = iter(n for n, _ in plan)
         pending = next(order, None)
 
@@ -230,9 +230,12 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
             loader.index, loader.layer = None, None  # released
             _trim_heap()
 
-        _run(job, loader, on_layer)
-        emit_until_layer()
-        writer.finish()
+        try:
+            _run(job, loader, on_layer)
+            emit_until_layer()
+            writer.finish()
+        finally:
+            writer.close()
 
     has_head = any(n.startswith("lm_head.") and n.endswith(".qweight") for n, _ in plan)
     float_dtypes = {t.dtype for _, t in plan if t.is_floating_point()}

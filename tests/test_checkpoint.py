@@ -200,25 +200,24 @@ def test_atomic_write(tmp_path, monkeypatch):
     out = ckpt.save_quantized(old, tmp_path / "ck")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import safetensors.torch
-
     calls = {"n": 0}
-    real = safetensors.torch.save_file
+    real = ckpt._ShardWriter.add
 
-    def failing(tensors, filename, metadata=None):
+    def failing(self, name, t):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 40:  # inside the second shard
             raise OSError("disk full (simulated)")
-        return real(tensors, filename, metadata=metadata)
+        return real(self, name, t)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    monkeypatch.setattr(ckpt._ShardWriter, "add", failing)
     with pytest.raises(OSError, match="simulated"):
         ckpt.save_quantized(new, out, max_shard_size="30KB", overwrite=True)
+    assert calls["n"] == 40
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old folder intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp folder left
 
     # an interruption (KeyboardInterrupt) while writing the tokenizer/config: same
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(ckpt._ShardWriter, "add", real)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
