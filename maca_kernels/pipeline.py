@@ -51,6 +51,7 @@ class QuantizeStats:
     hessian_s: float = 0.0
     solve_s: float = 0.0
     pack_s: float = 0.0
+    load_s: float = 0.0  # reading layers from disk (quantize_folder)
     peak_memory_mb: float = 0.0
     modules: dict = field(default_factory=dict)  # name -> {loss, damp, bits, group_size, seconds}
 
@@ -179,15 +180,17 @@ def _group_linears(layer, linears: dict[str, nn.Linear], batch: _Batch) -> list[
 # --------------------------------------------------------------------------------------------------
 # resumable state (the files and their commit point: resume.py)
 # --------------------------------------------------------------------------------------------------
-def _fingerprint(model, layers_name: str, id_batches, settings: dict) -> str:
+def _fingerprint(model, layers_name: str, id_batches, settings: dict, read=None) -> str:
     """Settings, calibration tokens, config and every weight outside the decoder layers (each finished layer's
-    weights are checked on their own against the manifest)."""
+    weights are checked on their own against the manifest; ``read(name)`` gives those a streamed model has not
+    read yet)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for ids in id_batches:
         h.update(str(tuple(ids.shape)).encode())
         h.update(ids.to(torch.int64).contiguous().numpy())
     h.update(str(getattr(model, "config", "")).encode())
-    outside = {k: v for k, v in model.state_dict().items() if not k.startswith(layers_name + ".")}
+    outside = {k: (lambda k=k: read(k)) if v.is_meta and read is not None else v
+               for k, v in model.state_dict().items() if not k.startswith(layers_name + ".")}
     h.update(tensors_hash(outside).encode())
     return h.hexdigest()[:16]
 
@@ -313,6 +316,7 @@ class _Job:
     stats: QuantizeStats
     t_start: float
     state: ResumeDir | None = None
+    read: Callable | None = None  # a streamed model's tensors outside the layers that are read only when needed
 
 
 def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
@@ -364,8 +368,8 @@ def _run(job: _Job, load_layer, on_layer) -> None:
     manifest = layer_hashes = None
     if o["resume_dir"] is not None:
         layer_hashes = _LayerHashes(len(job.layers), load_layer)
-        job.state = ResumeDir(o["resume_dir"], _fingerprint(job.model, job.layers_name, job.id_batches, settings),
-                              settings)
+        job.state = ResumeDir(o["resume_dir"], _fingerprint(job.model, job.layers_name, job.id_batches, settings,
+                                                            job.read), settings)
         manifest = job.state.read_manifest(layer_hashes)
     with torch.no_grad():
         _quantize_layers(job.model, job.layers_name, len(job.layers), load_layer, job.id_batches, o["method"],

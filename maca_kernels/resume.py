@@ -34,11 +34,13 @@ class ResumeError(ValueError):
     """The resume folder is damaged, foreign, or holds another run."""
 
 
-def tensors_hash(named: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in name order."""
+def tensors_hash(named: dict) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order (a value may be a function giving the tensor:
+    read when its turn comes)."""
     h = hashlib.sha256()
     for name in sorted(named):
-        t = named[name].detach()
+        t = named[name]
+        t = (t() if callable(t) else t).detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()

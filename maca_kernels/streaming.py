@@ -76,11 +76,13 @@ class ShardReader:
         raise ValueError("the checkpoint holds no floating tensor")
 
 
-def _load_into(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device, skip: str = "") -> None:
+def _load_into(module: nn.Module, prefix: str, reader: ShardReader, dtype: torch.dtype, device, skip: str = "",
+               only: set | None = None) -> None:
     """``module``'s parameters and persistent buffers from the checkpoint (names ``prefix + key``; keys starting
-    with ``skip`` left alone), in place of its meta tensors; floating ones cast to ``dtype``."""
+    with ``skip`` left alone, and any not in ``only`` if given), in place of its meta tensors; floating ones cast
+    to ``dtype``."""
     want = {key: t for key, t in module.state_dict(keep_vars=True).items()
-            if not (skip and key.startswith(skip)) and prefix + key in reader}
+            if not (skip and key.startswith(skip)) and (only is None or key in only) and prefix + key in reader}
     read = reader.get_many([prefix + key for key in want])
     state = {}
     for key, t in want.items():
@@ -109,14 +111,17 @@ def _skeleton(folder: Path, reader: ShardReader, dtype: torch.dtype, device):
     for name, module in model.named_modules():
         if name == layers_name or name.startswith(inside):
             continue
-        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t is not None]
-        if any(t.is_meta for t in own):
-            module.to_empty(device=device, recurse=False)
-            if module._non_persistent_buffers_set:
-                model._init_weights(module)  # rotary tables, embedding scales: what from_pretrained computes
-    _load_into(model, "", reader, dtype, device, skip=inside)
+        if module._non_persistent_buffers_set:  # rotary tables, embedding scales: what from_pretrained computes
+            module.to_empty(device=device, recurse=False)  # (its parameters are then read over the init's)
+            model._init_weights(module)
+    # what the pipeline's forward passes (which stop at the first layer) need; the parameters registered after
+    # the layers (final norm, an untied head: for a 128k vocabulary a GB or more) are read when written
+    keys = list(model.state_dict(keep_vars=True))
+    last = max(i for i, k in enumerate(keys) if k.startswith(inside))
+    _load_into(model, "", reader, dtype, device, skip=inside, only=set(keys[:last]))
     model.tie_weights()  # a head tied to the embeddings follows the loaded embeddings
-    missing = [n for n, t in model.state_dict().items() if not n.startswith(inside) and t.is_meta]
+    missing = [n for n, t in model.state_dict().items() if not n.startswith(inside) and t.is_meta
+               and n not in reader]
     if missing:
         raise ValueError(f"{folder}: tensors outside the decoder layers not in the checkpoint: {missing[:5]}")
     return model.eval(), config
@@ -197,6 +202,12 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
         raise TypeError(f"quantize_folder got unexpected options {sorted(unknown)}")
     opts.update(options)
     job = _prepare(model, calib, bits, group_size, opts)
+
+    def late(name: str) -> torch.Tensor:  # a tensor outside the layers that the forward passes never needed
+        t = reader.get_many([name])[name]
+        return t.to(dtype) if t.is_floating_point() else t
+
+    job.read = late
     loader = _LayerLoader(reader, job.layers_name, job.layers, dtype, "cpu")
     plan = _plan(config, dtype, job)
     try:
@@ -214,7 +225,8 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
         def emit_until_layer() -> None:  # what lies outside the layers, up to the next layer's tensors
             nonlocal pending
             while pending is not None and not pending.startswith(inside):
-                writer.add(pending, real[pending])
+                t = real[pending]
+                writer.add(pending, late(pending) if t.is_meta else t)  # read only now (see _skeleton)
                 pending = next(order, None)
 
         def on_layer(i: int, packed: dict) -> None:
@@ -241,7 +253,7 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     float_dtypes = {t.dtype for _, t in plan if t.is_floating_point()}
     result = write_checkpoint(out, config, job.qcfg, has_head, float_dtypes, generation, tokenizer, write, overwrite)
     job.stats.peak_memory_mb = _peak_memory_mb(job.device)
-    job.stats.load_s = loader.load_s
+    job.stats.load_s += loader.load_s
     quantize_folder.last_stats = job.stats
     _say(opts["log"], job.stats.summary() + f" (wall {time.perf_counter() - job.t_start:.1f} s; reading layers "
                                             f"{loader.load_s:.1f} s)")
