@@ -180,10 +180,20 @@ def _quantize(a) -> None:
     _check_device(a.device)
     _check_model_path(a.model)
     text = None if a.method == "rtn" else _read_text(a.text, a.model == "demo")
-    if a.model == "demo":
+    in_memory = a.model == "demo"
+    if not in_memory:
+        from .streaming import unstreamable
+
+        model = _skeleton(a.model)  # refuses a quantized or unsupported model first
+        reason = unstreamable(a.model)
+        if reason:
+            print(f"maca-kernels quantize: loading the whole model ({reason}; transformers converts them)",
+                  file=sys.stderr)
+            in_memory = True
+    if in_memory:
         model, tokenizer = _load_model(a.model, need_tokenizer=a.method != "rtn")
     else:
-        model, tokenizer = _skeleton(a.model), _load_tokenizer(a.model, a.method != "rtn")
+        tokenizer = _load_tokenizer(a.model, a.method != "rtn")
     try:
         _, layers = decoder_layers(model)
     except ValueError as exc:
@@ -205,7 +215,7 @@ def _quantize(a) -> None:
     _steady_heap()
     options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
                    act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float)
-    if a.model == "demo":
+    if in_memory:
         quantize_model(model, calib, a.bits, a.group_size, **options)
         out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
     else:

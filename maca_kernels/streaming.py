@@ -120,11 +120,30 @@ def _skeleton(folder: Path, reader: ShardReader, dtype: torch.dtype, device):
     last = max(i for i, k in enumerate(keys) if k.startswith(inside))
     _load_into(model, "", reader, dtype, device, skip=inside, only=set(keys[:last]))
     model.tie_weights()  # a head tied to the embeddings follows the loaded embeddings
-    missing = [n for n, t in model.state_dict().items() if not n.startswith(inside) and t.is_meta
-               and n not in reader]
+    missing = [n for n, t in model.state_dict().items() if t.is_meta and n not in reader]
     if missing:
-        raise ValueError(f"{folder}: tensors outside the decoder layers not in the checkpoint: {missing[:5]}")
+        raise ValueError(f"{folder}: the model's tensors {missing[:3]} are not in its checkpoint under these names "
+                         "(transformers renames or fuses some checkpoints' tensors while loading, e.g. MoE experts): "
+                         "load it with from_pretrained and use quantize_model")
     return model.eval(), config
+
+
+def unstreamable(model_dir) -> str | None:
+    """Why ``quantize_folder`` cannot read this folder (None if it can): safetensors whose tensor names are the
+    model's own. transformers renames or fuses some checkpoints' tensors while loading (e.g. the per-expert
+    weights of MoE checkpoints into fused 3-D experts); those need ``from_pretrained``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(model_dir)
+    try:
+        reader = ShardReader(folder)
+    except FileNotFoundError as exc:
+        return str(exc)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    tied = {k for k, v in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+    missing = [n for n in model.state_dict() if n not in reader and n not in tied]
+    return f"tensors {missing[:3]} are not in the checkpoint under these names" if missing else None
 
 
 class _LayerLoader:
@@ -260,4 +279,4 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     return result
 
 
-__all__ = ["ShardReader", "quantize_folder"]
+__all__ = ["ShardReader", "quantize_folder", "unstreamable"]

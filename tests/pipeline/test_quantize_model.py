@@ -178,7 +178,9 @@ def test_overrides_and_errors():
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_model(tiny_model(), [], method="awq")
     with pytest.raises(ValueError, match="no sequences"):
-        quantize_model(tiny_model(), [], progress=False, log=None)
+        quantize_model(tiny_model(), [], group_size=32, progress=False, log=None)
+    with pytest.raises(ValueError, match=r"divisor of in_features = 64, got 128 \(model.layers.0.self_attn.q_proj\)"):
+        quantize_model(tiny_model(), [], progress=False, log=None)  # before anything else runs
     with pytest.raises(ValueError, match="unsupported architecture"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), [torch.arange(4)], progress=False, log=None)
 

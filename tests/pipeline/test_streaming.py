@@ -134,4 +134,21 @@ def test_peak_memory_flat_in_the_number_of_layers(tmp_path):
         peaks[layers] = _peak_mb(PEAK.format(tests=tests, src=str(tmp_path / f"src{layers}"),
                                              out=str(tmp_path / f"out{layers}")))
     layer_mb = (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1536) * 4 / 2**20  # q, o; k, v (4 of 8 heads); MLP
+    print(f"peak RSS {peaks} MB, a layer {layer_mb:.1f} MB")
     assert peaks[8] - peaks[2] < layer_mb, (peaks, layer_mb)
+
+
+def test_a_checkpoint_transformers_converts_is_refused_clearly(tmp_path):
+    """transformers 5 saves Mixtral's fused experts under their per-expert names and fuses them while loading:
+    quantize_folder reads tensors by the model's names, so it says so (the CLI then loads the whole model)."""
+    from test_layer_policy import tiny_moe
+
+    from maca_kernels.streaming import unstreamable
+
+    tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
+    assert "not in the checkpoint under these names" in unstreamable(tmp_path / "moe")
+    with pytest.raises(ValueError, match="from_pretrained and use quantize_model"):
+        mk.quantize_folder(tmp_path / "moe", tmp_path / "out", CALIB, 4, 32, method="rtn", keep_float=("experts",),
+                           log=None)
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    assert unstreamable(tmp_path / "llama") is None
