@@ -121,10 +121,13 @@ def _upper_inverse_factor(H: torch.Tensor, mean_diag: float, damp: float) -> tor
     Hd = H.clone()
     Hd.diagonal().add_(damp * mean_diag)
     L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd  # each K x K step is freed as soon as the next exists: two alive at a time, not four
     if info.item() != 0:
         return None
     Hinv = torch.cholesky_inverse(L)
+    del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    del Hinv
     if info.item() != 0 or not torch.isfinite(U).all():
         return None
     return U
@@ -176,6 +179,7 @@ def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, bloc
         U = _upper_inverse_factor(H, mean_diag, used)
         if U is not None:
             break
+    del H  # not needed past the factor (its copy, that is: the caller's H is the caller's)
     if U is None:
         where = f"layer {name}: " if name else ""
         raise NotPositiveDefiniteError(
