@@ -229,8 +229,8 @@ def _quantize(a) -> None:
 
 def _steady_heap() -> None:
     """glibc: every allocation above 128 KB its own mapping, given back when freed. By default the threshold rises
-    after the first large free, and layer after layer of freed tensors fragments the heap instead (+187 MB for
-    6 more layers of a hidden-2048 Llama; +1 MB with this, README). The CLI is its own process: set it there."""
+    after the first large free, and layer after layer of freed tensors fragments the heap instead (+18 to +187 MB
+    for 6 more layers of a hidden-2048 Llama; +1 MB with this, README). The CLI is its own process: set it there."""
     import ctypes
 
     try:
