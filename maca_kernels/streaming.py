@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import SAFE_WEIGHTS_INDEX_NAME as INDEX
+from .checkpoint import SAFE_WEIGHTS_NAME as SINGLE
 from .checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
 from .nn import QuantLinear
 from .pipeline import _linears, _module_settings, _peak_memory_mb, _prepare, _run, _say, _swap, quantize_model
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 class ShardReader:
@@ -120,7 +119,7 @@ def _skeleton(folder: Path, reader: ShardReader, dtype: torch.dtype, device):
     last = max(i for i, k in enumerate(keys) if k.startswith(inside))
     _load_into(model, "", reader, dtype, device, skip=inside, only=set(keys[:last]))
     model.tie_weights()  # a head tied to the embeddings follows the loaded embeddings
-    missing = [n for n, t in model.state_dict().items() if t.is_meta and n not in reader]
+    missing = _absent(model, reader)
     if missing:
         raise ValueError(f"{folder}: the model's tensors {missing[:3]} are not in its checkpoint under these names "
                          "(transformers renames or fuses some checkpoints' tensors while loading, e.g. MoE experts): "
@@ -141,9 +140,15 @@ def unstreamable(model_dir) -> str | None:
         return str(exc)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    tied = {k for k, v in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
-    missing = [n for n in model.state_dict() if n not in reader and n not in tied]
+    missing = _absent(model, reader)
     return f"tensors {missing[:3]} are not in the checkpoint under these names" if missing else None
+
+
+def _absent(model: nn.Module, reader: ShardReader) -> list[str]:
+    """The model's tensors that are neither real nor in the checkpoint (a head tied to the embeddings is neither
+    missing nor read: it follows them)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [n for n, t in model.state_dict().items() if t.is_meta and n not in reader and n not in tied]
 
 
 class _LayerLoader:

@@ -448,8 +448,9 @@ __device__ void gemv_mma(const u16* __restrict__ x, int ldx, const int* __restri
   const int lane = threadIdx.x & 31;
   const int slice = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const u32 k_begin = min(K, slice * k_slice);
-  const u32 k_end = min(K, k_begin + k_slice);
+  const u64 start = (u64)slice * k_slice, stop = start + k_slice;  // 64-bit: may pass 2^31 for the last slices
+  const u32 k_begin = start < (u64)K ? (u32)start : (u32)K;
+  const u32 k_end = stop < (u64)K ? (u32)stop : (u32)K;
   float acc[MT][4] = {};  // y for (n = g, m = 8 mt + 2t, 8 mt + 2t + 1) and (n = g + 8, the same m)
   if (gather) {
     warp_sums<BITS, GROUP, BF16, MT, true>(acc, x, ldx, perm, words, hwords, scales, zeros, M, K, k_begin, k_end,
