@@ -11,7 +11,7 @@ from .ops.hessian.accumulator import HessianAccumulator
 from .ops.quant_matmul.decode_layout import DecodeWeight, to_decode_weight
 from .ops.quant_matmul.op import quant_matmul
 from .pipeline import quantize_model
-from .streaming import quantize_folder
+from .pipeline.streamed import quantize_folder
 
 __version__ = "0.1.0"
 

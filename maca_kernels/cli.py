@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                    help="the model's dtype while quantized, in memory one layer at a time (auto: the checkpoint's; "
                         "float32 by default: 16-bit matmuls are slow on most CPUs)")
+    q.add_argument("--calib-shards", type=int, default=8,
+                   help="virtual shards of the calibration set, the unit of data parallelism under torchrun: the "
+                        "checkpoint depends on them, not on the number of ranks")
+    q.add_argument("--timeout", type=float, default=1800,
+                   help="under torchrun: seconds a collective waits for a rank that stopped before this one fails")
     q.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
                    help="parameters or modules to leave in float (e.g. experts: fused MoE experts are not quantized "
                         "yet); any other floating matrix that is not a quantized Linear is refused")
@@ -162,27 +167,48 @@ def _check_device(device: str | None) -> None:
 
 
 def _quantize(a) -> None:
-    """A model folder goes disk to disk (streaming.quantize_folder: one decoder layer in memory at a time); the
-    embedded demo model is loaded and quantized in memory."""
+    """A model folder goes disk to disk (pipeline/streamed.py: one decoder layer in memory at a time); the
+    embedded demo model is loaded and quantized in memory. Under torchrun every rank runs this with the same
+    arguments (one process group; each rank on its own GPU when the layers run on CUDA); rank 0 writes."""
+    import torch
+
+    from .pipeline.world import World, init_from_env
+
+    if a.group_size != -1 and a.group_size <= 0:
+        raise UsageError(f"--group-size must be a positive divisor of the hidden sizes or -1, got {a.group_size}")
+    if a.calib_shards <= 0:
+        raise UsageError(f"--calib-shards must be a positive int, got {a.calib_shards}")
+    if a.timeout <= 0:
+        raise UsageError(f"--timeout must be positive seconds, got {a.timeout}")
+    started = init_from_env(a.device, a.timeout)
+    try:
+        _quantize_ranked(a, World())
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize_ranked(a, world) -> None:
     import torch
 
     from . import calibration
     from .checkpoint import check_out_dir, save_quantized
     from .pipeline import decoder_layers, quantize_model
 
-    if a.group_size != -1 and a.group_size <= 0:
-        raise UsageError(f"--group-size must be a positive divisor of the hidden sizes or -1, got {a.group_size}")
+    if world.size > 1 and a.device == "cuda":
+        a.device = f"cuda:{torch.cuda.current_device()}"
     # everything that can be checked before the model loads and the run starts
-    try:
-        check_out_dir(a.out, a.overwrite)
-    except FileExistsError as exc:
-        raise UsageError(f"--out: {exc}") from None
+    if world.rank == 0:  # (the only rank that writes)
+        try:
+            check_out_dir(a.out, a.overwrite)
+        except FileExistsError as exc:
+            raise UsageError(f"--out: {exc}") from None
     _check_device(a.device)
     _check_model_path(a.model)
     text = None if a.method == "rtn" else _read_text(a.text, a.model == "demo")
     in_memory = a.model == "demo"
     if not in_memory:
-        from .streaming import unstreamable
+        from .pipeline.streamed import unstreamable
 
         model = _skeleton(a.model)  # refuses a quantized or unsupported model first
         reason = unstreamable(a.model)
@@ -214,17 +240,21 @@ def _quantize(a) -> None:
                                       max_positions=max_pos)
     _steady_heap()
     options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
-                   act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float)
+                   act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float,
+                   calib_shards=a.calib_shards)
     if in_memory:
         quantize_model(model, calib, a.bits, a.group_size, **options)
+        if world.rank != 0:
+            return
         out = save_quantized(model, a.out, tokenizer=tokenizer, overwrite=a.overwrite)
     else:
-        from .streaming import quantize_folder
+        from .pipeline.streamed import quantize_folder
 
         dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
         out = quantize_folder(a.model, a.out, calib, a.bits, a.group_size, dtype=dtype, tokenizer=tokenizer,
                               overwrite=a.overwrite, **options)
-    print(f"wrote {out}")
+    if world.rank == 0:
+        print(f"wrote {out}")
 
 
 def _steady_heap() -> None:

@@ -2,10 +2,12 @@
 
 A ``resume_dir`` holds
 - ``layer_{i:04d}.safetensors``: layer i's quantized tensors (codes, scales, zeros, g_idx per module);
-- ``streams_{i:04d}.safetensors``: the inputs of layer i + 1 (the quantized stream, and GPTAQ's float one);
+- ``streams_{i:04d}_{s:04d}.safetensors``: virtual shard s's inputs of layer i + 1 (the quantized stream, and
+  GPTAQ's float one), written by the rank that runs the shard;
 - ``progress.json``: the manifest, replaced last by an atomic rename. It names every file of the state with
   its sha256, and holds the run's fingerprint (settings, calibration tokens, config, the weights outside the
-  decoder layers) and a hash of each finished layer's float weights.
+  decoder layers) and a hash of each finished layer's float weights. With several ranks (one folder that every rank
+sees), rank 0 writes the manifest once every rank's files of the layer are written and their hashes gathered.
 
 The manifest is the only commit point: a file it does not name (half written by a kill, the streams of an
 earlier layer) is never read, and is removed at the next commit. Files it names are checked against their
@@ -26,8 +28,8 @@ from torch import nn
 from ._fsync import fsync_dir
 
 MANIFEST = "progress.json"
-FORMAT = 2
-_OURS = re.compile(r"(progress\.json|(layer|streams)_\d{4}\.safetensors|\..*\.tmp.*)")
+FORMAT = 3  # 2: one streams file per layer
+_OURS = re.compile(r"(progress\.json|layer_\d{4}\.safetensors|streams_\d{4}(_\d{4})?\.safetensors|\..*\.tmp.*)")
 
 
 class ResumeError(ValueError):
@@ -122,9 +124,11 @@ class ResumeDir:
         if m["fingerprint"] != self.fingerprint:
             now = json.loads(json.dumps(self.settings, default=str))
             diff = {k: (m["settings"].get(k), v) for k, v in now.items() if m["settings"].get(k) != v}
+            hint = (" (cpu_threads: the torch threads per process, which decide a CPU run's bits: set OMP_NUM_THREADS "
+                    "as the first run had)" if "cpu_threads" in diff else "")
             raise ResumeError(f"resume_dir {self.path} holds a run with other arguments "
-                              f"({diff or 'same settings; other calibration data or model weights'}): refusing to "
-                              "resume; use another folder or delete it")
+                              f"({diff or 'same settings; other calibration data or model weights'}){hint}: refusing "
+                              "to resume; use another folder or delete it")
         done = m["done_layers"]
         if not 0 <= done <= len(m["layer_hashes"]):
             raise self._error(MANIFEST, f"has done_layers = {done!r} for {len(m['layer_hashes'])} layer hashes")
@@ -175,16 +179,23 @@ class ResumeDir:
         os.replace(tmp, os.path.join(self.path, fname))
         return digest
 
-    def commit(self, layer: int, layer_tensors: dict[str, torch.Tensor], streams: dict[str, torch.Tensor] | None,
-               layer_hashes: list[str], modules: dict) -> None:
-        """Write layer ``layer``'s files under new names, then the manifest naming them (the commit point), then
-        remove what the manifest no longer names."""
+    def commit(self, layer: int, layer_tensors: dict[str, torch.Tensor] | None, streams: dict[str, dict],
+               layer_hashes: list[str], modules: dict, world=None) -> None:
+        """Write layer ``layer``'s files under new names (``layer_tensors`` on rank 0, each rank its ``streams``:
+        file name -> tensors), then the manifest naming them (the commit point, rank 0), then remove what the
+        manifest no longer names. ``world`` (pipeline/world.py): the ranks, None for this process alone."""
         os.makedirs(self.path, exist_ok=True)
+        rank = 0 if world is None else world.rank
+        mine = {fname: self._write(fname, tensors) for fname, tensors in streams.items()}
+        if rank == 0:
+            mine[f"layer_{layer:04d}.safetensors"] = self._write(f"layer_{layer:04d}.safetensors", layer_tensors)
+        every = [mine] if world is None else world.gather_objects(mine)
+        if rank != 0:
+            return
         files = dict((self.manifest or {}).get("files", {}))
         files = {k: v for k, v in files.items() if not k.startswith("streams_")}
-        files[f"layer_{layer:04d}.safetensors"] = self._write(f"layer_{layer:04d}.safetensors", layer_tensors)
-        if streams is not None:
-            files[f"streams_{layer:04d}.safetensors"] = self._write(f"streams_{layer:04d}.safetensors", streams)
+        for part in every:
+            files.update(part)
         manifest = dict(format=FORMAT, fingerprint=self.fingerprint,
                         settings=json.loads(json.dumps(self.settings, default=str)), done_layers=layer + 1,
                         modules=modules, layer_hashes=layer_hashes[: layer + 1], files=files)

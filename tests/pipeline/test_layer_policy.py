@@ -41,9 +41,9 @@ def tiny_moe(family: str):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_fused_experts_refused_before_any_work(family, monkeypatch):
-    import maca_kernels.pipeline as pl
+    import maca_kernels.pipeline.run as pl
 
-    monkeypatch.setattr(pl, "_capture_first_inputs", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(pl, "capture_first_inputs", lambda *a: pytest.fail("work started"))
     model = tiny_moe(family)
     with pytest.raises(UncoveredParameterError, match=r"model.layers.0.mlp.experts.gate_up_proj \[4, \d+, 64\]"):
         quantize_model(model, random_sequences([16, 32], seed=1), **KW)

@@ -194,3 +194,16 @@ def test_save_load_same_logits(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     meta = loaded.config.quantization_config["meta"]
     assert meta["method"] == "gptq" and meta["weighting"] == "sequence"
+
+
+def test_stats_say_what_each_part_held():
+    """quantize_stats.memory_mb: the most each part held at once (GPTAQ: two working copies, two streams, the
+    Hessian and the cross term as fp32 sums, float64 totals and fp32 means)."""
+    model = tiny_model(seed=0, layers=2)
+    layer_bytes = sum(t.numel() * 4 for t in model.model.layers[0].state_dict().values())
+    quantize_model(model, random_sequences([16, 32, 32], seed=1), 4, 32, method="gptaq", progress=False, log=None)
+    mem = model.quantize_stats.memory_mb
+    assert mem["layer"] == round(2 * layer_bytes / 2**20, 3)
+    assert mem["activations"] == round(2 * 80 * 64 * 4 / 2**20, 3)  # 80 tokens of hidden 64, both streams
+    assert mem["hessian"] == round(2 * (4 + 8 + 4) * 128**2 / 2**20, 3)  # down_proj's input: d = 128
+    assert "solve" not in mem  # measured on CUDA only

@@ -22,7 +22,7 @@ from maca_kernels.pipeline import quantize_model  # noqa: E402
 from maca_kernels.resume import ResumeError  # noqa: E402
 
 LENGTHS = [16, 32, 48, 64]
-KW = dict(bits=4, group_size=32, progress=False, log=None)
+KW = dict(bits=4, group_size=32, calib_shards=2, progress=False, log=None)
 
 # Runs quantize_model with os.replace / os.remove turned into SIGKILL at the n-th call (the commit points).
 KILL_SCRIPT = """
@@ -41,7 +41,7 @@ def dying(real):
     return f
 os.replace, os.remove = dying(os.replace), dying(os.remove)
 quantize_model(tiny_model(seed=0, layers=2), random_sequences({lengths!r}, seed=1), bits=4, group_size=32,
-               method=sys.argv[3], resume_dir=sys.argv[1], progress=False, log=None)
+               method=sys.argv[3], resume_dir=sys.argv[1], calib_shards=2, progress=False, log=None)
 print("calls", calls[0])
 """
 
@@ -67,7 +67,7 @@ def uninterrupted():
 def _killed_run(tmp_path, kill_at: int, method: str) -> subprocess.CompletedProcess:
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT.format(here=str(Path(__file__).parent), lengths=LENGTHS))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the threads decide bits on a CPU
     return subprocess.run([sys.executable, str(script), str(tmp_path / "state"), str(kill_at), method],
                           capture_output=True, text=True, timeout=300, env=env)
 
@@ -83,7 +83,8 @@ def test_kill_at_every_commit_point_then_resume_is_bit_identical(tmp_path, unint
         p = _killed_run(tmp_path, kill_at, method)
         assert p.returncode == -signal.SIGKILL, (kill_at, p.stdout, p.stderr)
         assert_same(run(str(state), method), uninterrupted[method])
-    assert n_points == 7  # per layer: its file, its streams, the manifest; then the previous layer's streams removed
+    # per layer: its file, each shard's streams, the manifest; then the previous layer's streams removed
+    assert n_points == 2 * (1 + 2 + 1) + 2
 
 
 def test_changed_weights_are_refused(tmp_path):
@@ -116,9 +117,9 @@ def test_interrupted_run_leaves_the_model_as_it_was(tmp_path, uninterrupted, mon
     if where == "solve":
         callback = _interrupt_at("model.layers.1.mlp")
     else:  # Ctrl-C half way through swapping the QuantLinear modules in
-        import maca_kernels.pipeline as pl
+        import maca_kernels.pipeline.run as pl
 
-        real, n = pl._swap, [0]
+        real, n = pl.swap, [0]
 
         def swap(*a):
             n[0] += 1
@@ -126,7 +127,7 @@ def test_interrupted_run_leaves_the_model_as_it_was(tmp_path, uninterrupted, mon
                 raise KeyboardInterrupt
             return real(*a)
 
-        monkeypatch.setattr(pl, "_swap", swap)
+        monkeypatch.setattr(pl, "swap", swap)
         callback = None
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path), model=model, callback=callback)
@@ -189,8 +190,8 @@ DAMAGE = {
     "manifest old format": (lambda d: _edit_manifest(d, lambda m: m.__setitem__("format", 1)), "has format 1"),
     "module settings": (lambda d: _edit_manifest(d, lambda m: m["modules"]["model.layers.0.mlp.up_proj"].pop("bits")),
                         "incomplete or invalid settings"),
-    "streams truncated": (lambda d: _truncate(d / "streams_0000.safetensors"),
-                          "streams_0000.safetensors does not match"),
+    "streams truncated": (lambda d: _truncate(d / "streams_0000_0001.safetensors"),
+                          "streams_0000_0001.safetensors does not match"),
     "layer missing": (lambda d: (d / "layer_0000.safetensors").unlink(), "layer_0000.safetensors is missing"),
     "tensor missing": (lambda d: _rewrite_layer(d, lambda t: t.pop("model.layers.0.mlp.up_proj.scales")),
                        "has no tensor 'model.layers.0.mlp.up_proj.scales'"),
@@ -220,19 +221,19 @@ def test_one_working_copy_at_a_time(monkeypatch, method):
     float copy), whatever the depth."""
     import weakref
 
-    import maca_kernels.pipeline as pl
+    import maca_kernels.pipeline.run as pl
 
-    alive, real_linears, real_layer = [], pl._linears, pl._quantize_layer
+    alive, real_linears, real_layer = [], pl.linears, pl._quantize_layer
 
     def linears(layer, *args):
         out = real_linears(layer, *args)
         alive.extend(weakref.ref(m) for m in out.values())
         return out
 
-    def quantize_layer(source, *a, **k):
+    def quantize_layer(job, source, *a, **k):
         assert not [r for r in alive if r() is not None and r() not in set(real_linears(source).values())]
-        return real_layer(source, *a, **k)
+        return real_layer(job, source, *a, **k)
 
-    monkeypatch.setattr(pl, "_linears", linears)
+    monkeypatch.setattr(pl, "linears", linears)
     monkeypatch.setattr(pl, "_quantize_layer", quantize_layer)
     run(method=method, model=tiny_model(seed=0, layers=3))

@@ -1,5 +1,5 @@
-"""quantize_folder (streaming.py): a model folder quantized into a checkpoint folder one decoder layer at a time,
-bit for bit the checkpoint that quantize_model + save_quantized write for the same arguments; resumable; its peak
+"""quantize_folder (pipeline/streamed.py): a model folder quantized into a checkpoint folder one decoder layer at a
+time, bit for bit the checkpoint that quantize_model + save_quantized write for the same arguments; resumable; its peak
 memory flat in the number of layers."""
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_a_checkpoint_transformers_converts_is_refused_clearly(tmp_path):
     quantize_folder reads tensors by the model's names, so it says so (the CLI then loads the whole model)."""
     from test_layer_policy import tiny_moe
 
-    from maca_kernels.streaming import unstreamable
+    from maca_kernels.pipeline.streamed import unstreamable
 
     tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
     assert "not in the checkpoint under these names" in unstreamable(tmp_path / "moe")

@@ -111,6 +111,12 @@ class HessianAccumulator:
         self.n_tokens += plan.n_tokens
         return self
 
+    def sums(self) -> list[torch.Tensor]:
+        """The running sums, checked finite: ``[Σ w XᵀX]``, and ``Σ w ΔXᵀX`` after it with the cross term. What a
+        reduction of one's own takes (e.g. partial sums added in a fixed order across ranks)."""
+        self._check_deferred()
+        return [self.H] + ([self.dXXt] if self.cross_term else [])
+
     def _check_compatible(self, other: HessianAccumulator) -> None:
         if not isinstance(other, HessianAccumulator):
             raise TypeError(f"can only merge a HessianAccumulator, got {type(other).__name__}")

@@ -3,9 +3,10 @@ ever holding the whole model. The model is built on the meta device; what lies o
 (embeddings, final norm, head, rotary tables) is read from the safetensors shards; each decoder layer is read
 (memory-mapped, then cast to ``dtype``) when the pipeline reaches it, quantized, its packed tensors and other
 weights written to the output shards in order, and released. The pipeline is ``quantize_model``'s own
-(pipeline.py: the same checks, calibration batches, solves, resume state), so the checkpoint is bit for bit
+(run.py: the same checks, calibration shards, solves, resume state, ranks), so the checkpoint is bit for bit
 the one that ``quantize_model`` on the loaded model followed by ``save_quantized`` writes, with the same
-arguments and ``dtype``; only the shard being filled waits in memory.
+arguments and ``dtype``; only the shard being filled waits in memory. Under ``torchrun`` every rank reads the
+layers it runs from the same folder and rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import SAFE_WEIGHTS_INDEX_NAME as INDEX
-from .checkpoint import SAFE_WEIGHTS_NAME as SINGLE
-from .checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
-from .nn import QuantLinear
-from .pipeline import _linears, _module_settings, _peak_memory_mb, _prepare, _run, _say, _swap, quantize_model
+from ..checkpoint import SAFE_WEIGHTS_INDEX_NAME as INDEX
+from ..checkpoint import SAFE_WEIGHTS_NAME as SINGLE
+from ..checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
+from ..nn import QuantLinear
+from .model import decoder_layers, linears, module_settings, swap
+from .run import _peak_memory_mb, _prepare, _run, _say, quantize_model
+from .world import World
 
 
 class ShardReader:
@@ -97,8 +100,6 @@ def _skeleton(folder: Path, reader: ShardReader, dtype: torch.dtype, device):
     """The model on the meta device with everything outside its decoder layers real: read from the checkpoint,
     or computed as transformers computes it (rotary tables and other non-persistent buffers)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .pipeline import decoder_layers
 
     config = AutoConfig.from_pretrained(folder)
     if getattr(config, "quantization_config", None) is not None:
@@ -192,11 +193,11 @@ def _plan(config, dtype, job) -> list[tuple[str, torch.Tensor]]:
     o = job.opts
     for i, layer in enumerate(job.layers):
         prefix = f"{job.layers_name}.{i}."
-        for name, lin in _linears(layer, o["keep_float"], prefix).items():
-            s = _module_settings(prefix + name, job.base, o["overrides"])
+        for name, lin in linears(layer, o["keep_float"], prefix).items():
+            s = module_settings(prefix + name, job.base, o["overrides"])
             q = QuantLinear(lin.in_features, lin.out_features, s["bits"], s["group_size"], bias=lin.bias is not None,
                             checkpoint_format=o["checkpoint_format"], device="meta")
-            _swap(model, prefix + name, q)
+            swap(model, prefix + name, q)
     return list(_dedupe_tied(model, model.state_dict(keep_vars=True)).items())
 
 
@@ -208,13 +209,15 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     the checkpoint's); ``options``: ``quantize_model``'s (method, weighting, act_order, overrides, keep_float,
     device, resume_dir, ...). The checkpoint equals ``quantize_model`` on the model loaded with
     ``from_pretrained(model_dir, dtype=dtype)`` followed by ``save_quantized(..., tokenizer, max_shard_size)``,
-    bit for bit. Returns the folder; ``quantize_folder.last_stats`` holds the run's QuantizeStats."""
+    bit for bit. Under ``torchrun`` every rank calls it with the same arguments (the folders on a file system every
+    rank sees, or a copy of the model folder at the same path on each machine); rank 0 writes ``out_dir``. Returns
+    the folder; ``quantize_folder.last_stats`` holds the run's QuantizeStats (each rank's own)."""
     from transformers import GenerationConfig
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model_dir {folder}: no config.json (not a Hugging Face model folder)")
-    out = check_out_dir(out_dir, overwrite)  # refused before any work
+    out = World().on_rank0(lambda: check_out_dir(out_dir, overwrite))  # refused before any work, on every rank
     max_bytes = _parse_size(max_shard_size)
     reader = ShardReader(folder)
     dtype = dtype or reader.float_dtype()
@@ -241,6 +244,10 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     real = _dedupe_tied(model, model.state_dict(keep_vars=True))
     inside = job.layers_name + "."
 
+    def release(i: int, packed: dict) -> None:
+        loader.index, loader.layer = None, None
+        _trim_heap()
+
     def write(tmp: Path) -> None:
         writer = _ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in plan], max_bytes)
         order = iter(n for n, _ in plan)
@@ -259,12 +266,13 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
             layer = loader(i)
             prefix = f"{job.layers_name}.{i}."
             for name, q in packed.items():  # the loaded copy is ours: its Linears give way to the QuantLinears
-                _swap(layer, name[len(prefix):], q)
+                swap(layer, name[len(prefix):], q)
+            t0 = time.perf_counter()
             for key, t in layer.state_dict().items():
                 writer.add(prefix + key, t)
                 pending = next(order, None)
-            loader.index, loader.layer = None, None  # released
-            _trim_heap()
+            job.stats.write_s += time.perf_counter() - t0
+            release(i, packed)
 
         try:
             _run(job, loader, on_layer)
@@ -275,8 +283,13 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
 
     has_head = any(n.startswith("lm_head.") and n.endswith(".qweight") for n, _ in plan)
     float_dtypes = {t.dtype for _, t in plan if t.is_floating_point()}
-    result = write_checkpoint(out, config, job.qcfg, has_head, float_dtypes, generation, tokenizer, write, overwrite)
-    job.stats.peak_memory_mb = _peak_memory_mb(job.device)
+    if job.world.rank == 0:
+        result = write_checkpoint(out, config, job.qcfg, has_head, float_dtypes, generation, tokenizer, write,
+                                  overwrite)
+    else:  # the same layers and collectives; nothing written
+        _run(job, loader, release)
+        result = Path(out_dir)
+    job.stats.peak_memory_mb = max(job.stats.peak_memory_mb, _peak_memory_mb(job.device))
     job.stats.load_s += loader.load_s
     quantize_folder.last_stats = job.stats
     _say(opts["log"], job.stats.summary() + f" (wall {time.perf_counter() - job.t_start:.1f} s; reading layers "

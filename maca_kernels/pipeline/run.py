@@ -1,0 +1,523 @@
+"""``quantize_model``: sequential, layer-by-layer GPTQ / GPTAQ / RTN of a Hugging Face causal LM, on one process or
+on the ranks of a ``torchrun`` launch (the single process is the world of one: the same code path).
+
+Layer i's inputs come from the already-quantized layers < i: the first layer's inputs are captured once (the
+embedding output and the keyword arguments the model passes its layers), then each finished layer maps them to the
+next layer's inputs. Inside a layer the linear modules are grouped by shared input (q/k/v, gate/up) and quantized
+in true-sequential order (o_proj sees quantized q/k/v, down_proj sees quantized gate/up): each group's Hessian is
+accumulated from forward passes that stop at the group. GPTAQ carries the full-precision stream alongside and
+feeds the cross term ``ΔXᵀX`` (``ΔX = X_fp − X``).
+
+The calibration set is cut into virtual shards (shards.py); each rank runs its shards, each shard's Hessian sums
+are its own and the shards' sums are added in shard order in float64 (world.py), so the bits depend on the shards,
+never on the number of ranks. A group's modules are solved on the ranks schedule.py assigns and the results
+broadcast to all. Calibration sequences of one length in a shard run as one unpadded batch, so padding never
+enters a Hessian. The caller's model is only read until the end: each layer is quantized in a working copy and the
+QuantLinear modules go in together, so an exception leaves the model as it was. With ``resume_dir`` each finished
+layer is committed (state.py, resume.py); a rerun with the same arguments and weights, on any number of ranks,
+continues there with bit-identical results, and one with other arguments or weights refuses to.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..formats.gptq import check_bits, check_checkpoint_format, check_group_size
+from ..layer_policy import check_layers, quantized_linears
+from ..nn import QuantLinear
+from ..ops.gptq import GPTQResult, gptq_quantize
+from ..ops.gptq.rtn import rtn_quantize
+from ..ops.hessian.accumulator import HessianAccumulator
+from ..resume import ResumeDir
+from .model import (
+    Batch,
+    capture_first_inputs,
+    decoder_layers,
+    first,
+    group_linears,
+    input_of,
+    linears,
+    module_settings,
+    swap,
+)
+from .schedule import assign_solves
+from .shards import Shards, make_shards
+from .state import (
+    LayerHashes,
+    fingerprint,
+    rebuild,
+    result_tensors,
+    resumed_layer,
+    resumed_streams,
+    stream_tensors,
+    streams_file,
+)
+from .world import ShardSums, World
+
+METHODS = ("gptq", "gptaq", "rtn")
+
+
+@dataclass
+class QuantizeStats:
+    """Where the time went and what each module got (``quantize_model`` returns it on ``model.quantize_stats``;
+    with several ranks, each rank's own)."""
+
+    forward_s: float = 0.0
+    hessian_s: float = 0.0
+    reduce_s: float = 0.0  # the collectives: shards' Hessian sums, solved modules (0 on one rank)
+    solve_s: float = 0.0  # this rank's solves
+    pack_s: float = 0.0
+    load_s: float = 0.0  # reading layers from disk (quantize_folder)
+    write_s: float = 0.0  # writing the checkpoint's shards (quantize_folder)
+    peak_memory_mb: float = 0.0
+    # the largest each part held at once, MB: "layer" (the working copies of a layer, GPTAQ's float one included),
+    # "activations" (this rank's inputs of a layer, both streams), "hessian" (a group's sums, their float64 total
+    # and the mean); on CUDA also "solve": the solver's measured peak above what was allocated when it started
+    memory_mb: dict = field(default_factory=dict)
+    world_size: int = 1
+    modules: dict = field(default_factory=dict)  # name -> {loss, damp, bits, group_size, sym, seconds}
+
+    def held(self, part: str, tensors) -> None:
+        mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        self.memory_mb[part] = round(max(self.memory_mb.get(part, 0.0), mb), 3)
+
+    def summary(self) -> str:
+        total = self.forward_s + self.hessian_s + self.reduce_s + self.solve_s + self.pack_s
+        ranks = f" (rank's share of {self.world_size})" if self.world_size > 1 else ""
+        return (f"quantize_model: {total:.1f} s{ranks} = forward {self.forward_s:.1f} s + Hessian "
+                f"{self.hessian_s:.1f} s + reduce {self.reduce_s:.1f} s + solve {self.solve_s:.1f} s + packing "
+                f"{self.pack_s:.1f} s; peak memory {self.peak_memory_mb:.0f} MB; {len(self.modules)} modules")
+
+
+def quantize_model(
+    model: nn.Module,
+    calib,
+    bits: int = 4,
+    group_size: int = 128,
+    *,
+    method: str = "gptq",
+    weighting: str = "sequence",
+    sym: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    mse: bool = False,
+    alpha: float = 0.25,
+    reg: float | None = None,
+    overrides: dict[str, dict] | None = None,
+    keep_float: Sequence[str] = (),
+    checkpoint_format: str = "gptq",
+    device: str | torch.device | None = None,
+    max_batch_tokens: int = 16384,
+    calib_shards: int = 8,
+    resume_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    callback: Callable[[str, torch.Tensor | None, GPTQResult], None] | None = None,
+) -> nn.Module:
+    """Quantize the decoder layers' linear modules of a Hugging Face causal LM in place; returns the model
+    with ``QuantLinear`` modules, ``model.config.quantization_config`` set and ``model.quantize_stats``.
+
+    ``calib``: a ``Calibration`` (``maca_kernels.calibration``), a LongTensor [n, L] or a list of 1-D token
+    tensors. ``method`` "gptq" | "gptaq" | "rtn" (RTN needs no calibration: pass ``calib=None``).
+    ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``overrides`` maps a
+    module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``keep_float`` names
+    parameters or modules to leave in float (patterns as ``overrides``); every other floating matrix of a
+    decoder layer must be a quantized ``nn.Linear`` or a router, else ``UncoveredParameterError`` is raised
+    before any work (``layer_policy.py``: fused MoE experts are not quantized yet). ``device``: where
+    each layer runs while it is quantized (the model may stay on the CPU). ``calib_shards``: the virtual shards
+    the calibration set is cut into (at most one per sequence), the unit of data parallelism: the result depends on
+    it, not on the number of ranks. ``resume_dir``: a folder for the per-layer state (``resume.py``); a rerun with
+    the same arguments and weights resumes after the last committed layer, bit-identical to an uninterrupted run;
+    other arguments or weights, or a damaged folder, are refused (``ResumeError``). An exception leaves ``model``
+    as it was.
+
+    Under ``torchrun`` (a default process group is initialised) every rank calls this with the same arguments and
+    its own copy of the model: each runs its shards' forward passes, Hessian sums are combined in a fixed order,
+    each module is solved on one rank and shared, and every rank returns the same quantized model, bit for bit
+    the one a single process makes. Logging and progress come from rank 0 only.
+    ``callback(name, H, result)`` runs after each module's solve, on the rank that solved it (e.g. to keep
+    Hessians for analysis; ``H`` is the mean Hessian ``2/N·Σ`` the solve used, None for RTN). lm_head and the
+    embeddings stay unquantized.
+    """
+    opts = dict(method=method, weighting=weighting, sym=sym, act_order=act_order, static_groups=static_groups,
+                damp=damp, block_size=block_size, mse=mse, alpha=alpha, reg=reg, overrides=overrides,
+                keep_float=keep_float, checkpoint_format=checkpoint_format, device=device,
+                max_batch_tokens=max_batch_tokens, calib_shards=calib_shards, resume_dir=resume_dir,
+                progress=progress, log=log, callback=callback)
+    # The caller's model is only read until every layer is done: each layer is quantized in a working copy, and
+    # the QuantLinear modules go in at the end. An exception or Ctrl-C leaves the model as it was.
+    results: dict[str, QuantLinear] = {}
+    was_training = model.training
+    try:
+        job = _prepare(model, calib, bits, group_size, opts)
+        _run(job, None, lambda i, packed: results.update(packed))
+        t0 = time.perf_counter()
+        _install(model, results, job.home, job.qcfg)
+        job.stats.pack_s += time.perf_counter() - t0
+    except BaseException:
+        model.train(was_training)
+        raise
+    job.stats.peak_memory_mb = max(job.stats.peak_memory_mb, _peak_memory_mb(job.device))
+    model.quantize_stats = job.stats
+    _say(job.opts["log"], job.stats.summary() + f" (wall {time.perf_counter() - job.t_start:.1f} s)")
+    return model
+
+
+@dataclass
+class _Job:
+    """One run's checked settings and state (quantize_model and the streamed pipeline share it)."""
+
+    model: nn.Module
+    layers_name: str
+    layers: nn.ModuleList  # structure only for a streamed model (meta tensors): layers come from load_layer
+    home: torch.device
+    device: torch.device
+    opts: dict
+    base: dict
+    solve_kw: dict
+    world: World
+    shards: Shards
+    qcfg: dict
+    stats: QuantizeStats
+    t_start: float
+    state: ResumeDir | None = None
+    read: Callable | None = None  # a streamed model's tensors outside the layers that are read only when needed
+
+    @property
+    def mine(self) -> list[int]:
+        return self.shards.of(self.world.rank)
+
+
+def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
+    """Every argument checked before any forward pass (a bad setting fails at once, not at the first solve or
+    after the last); the model set to eval."""
+    method, weighting, keep_float = opts["method"], opts["weighting"], opts["keep_float"]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if weighting not in ("sequence", "token"):
+        raise ValueError(f"weighting must be 'sequence' or 'token', got {weighting!r}")
+    bits = check_bits(bits)
+    check_checkpoint_format(opts["checkpoint_format"])
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {group_size!r}")
+    shards = opts["calib_shards"]
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0:
+        raise ValueError(f"calib_shards must be a positive int, got {shards!r}")
+    _refuse_quantized(model)
+    if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
+        raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
+    keep_float = opts["keep_float"] = tuple(keep_float)
+    layers_name, layers = decoder_layers(model)
+    check_layers(layers_name, layers, keep_float)  # no floating matrix left in float silently (layer_policy.py)
+    for i, layer in enumerate(layers):  # every module's group size divides its in_features
+        prefix = f"{layers_name}.{i}."
+        for name, lin in quantized_linears(layer, keep_float, prefix).items():
+            s = module_settings(prefix + name, dict(bits=bits, group_size=group_size), opts["overrides"])
+            check_group_size(s["group_size"], lin.in_features, f" ({prefix + name})")
+    home = next(p.device for p in model.parameters() if not p.is_meta)
+    device = torch.device(opts["device"]) if opts["device"] is not None else home
+    solve_kw = {k: opts[k] for k in ("sym", "act_order", "static_groups", "damp", "block_size", "mse", "reg")}
+    world = World()
+    groups = [] if method == "rtn" else _lengths_groups(calib)
+    if method != "rtn" and not any(g.numel() for g in groups):
+        raise ValueError("calib holds no sequences")
+    if world.rank != 0:  # one voice
+        opts["log"], opts["progress"] = None, False
+    qcfg = _quant_config(bits, group_size, opts["sym"], opts["act_order"], opts["static_groups"],
+                         opts["checkpoint_format"], method, weighting, calib, opts["overrides"], keep_float,
+                         opts["damp"], opts["mse"])
+    model.eval()
+    return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
+                world, make_shards(groups, shards, opts["max_batch_tokens"], world.size), qcfg,
+                QuantizeStats(world_size=world.size), time.perf_counter())
+
+
+def _lengths_groups(calib) -> list[torch.Tensor]:
+    """Calibration → list of LongTensor [n, L] (sequences of one length per tensor)."""
+    if hasattr(calib, "by_length"):
+        return [t for _, t in sorted(calib.by_length().items())]
+    if isinstance(calib, torch.Tensor) and calib.dim() == 2:
+        return [calib]
+    if isinstance(calib, (list, tuple)) and all(isinstance(s, torch.Tensor) and s.dim() == 1 for s in calib):
+        by_len: dict[int, list[torch.Tensor]] = {}
+        for s in calib:
+            by_len.setdefault(s.numel(), []).append(s)
+        return [torch.stack(v) for _, v in sorted(by_len.items())]
+    raise TypeError("calib must be a Calibration, a LongTensor [n, L] or a list of 1-D LongTensors")
+
+
+def _run(job: _Job, load_layer, on_layer) -> None:
+    """The layers in order (``load_layer(i)``: layer i with its weights; None: the model's own), each finished one
+    handed to ``on_layer(i, packed)``; resumable (``opts["resume_dir"]``)."""
+    o = job.opts
+    load_layer = load_layer or job.layers.__getitem__
+    # what decides the bits: the shards and their batching set the Hessian's summation order, the device the
+    # arithmetic, and on a CPU the threads per process (MKL's matmuls and factorizations split their sums by thread
+    # count); the number of ranks does not
+    cpu_threads = torch.get_num_threads() if job.device.type == "cpu" else None
+    settings = dict(method=o["method"], weighting=o["weighting"], base=job.base, overrides=o["overrides"],
+                    alpha=o["alpha"], **job.solve_kw, max_batch_tokens=o["max_batch_tokens"],
+                    calib_shards=o["calib_shards"], device=job.device.type, cpu_threads=cpu_threads,
+                    keep_float=sorted(o["keep_float"]))
+    manifest = layer_hashes = None
+    if o["resume_dir"] is not None:
+        layer_hashes = LayerHashes(len(job.layers), load_layer)
+        id_batches = [ids for batches in job.shards.batches for ids in batches]
+        job.state = ResumeDir(o["resume_dir"], fingerprint(job.model, job.layers_name, id_batches, settings,
+                                                           job.read), settings)
+        manifest = job.state.read_manifest(layer_hashes)
+        job.world.barrier()  # every rank has read it before rank 0 commits again
+    with torch.no_grad():
+        _quantize_layers(job, load_layer, manifest, layer_hashes, on_layer)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if quantized:
+        raise ValueError(f"the model is already quantized ({len(quantized)} QuantLinear modules, e.g. "
+                         f"{quantized[0]!r}): quantize_model takes a model with float weights")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise ValueError("model.config.quantization_config is set: the model is already quantized; quantize_model "
+                         "takes a model with float weights")
+
+
+def _quantize_layers(job: _Job, load_layer, manifest, layer_hashes, on_layer) -> None:
+    """Every decoder layer in order: ``load_layer(i)`` gives layer i (read only), ``on_layer(i, packed)`` takes
+    its QuantLinear modules by name (packed on the CPU: a finished layer keeps nothing else)."""
+    o, state, stats, n_layers = job.opts, job.state, job.stats, len(job.layers)
+    done_layers = manifest["done_layers"] if manifest else 0
+    for i in range(done_layers):
+        layer = load_layer(i)
+        prefix = f"{job.layers_name}.{i}."
+        mods = linears(layer, o["keep_float"], prefix)
+        resumed = resumed_layer(state, manifest, job.layers_name, i, mods)
+        on_layer(i, {name: _packed(r, mods[name[len(prefix):]], o["checkpoint_format"])
+                     for name, r in resumed.items()})
+        del layer, resumed
+    if done_layers:
+        stats.modules.update(manifest["modules"])
+        _say(o["log"], f"resuming after layer {done_layers - 1} of {n_layers} ({state.path})")
+
+    q: dict[int, list[Batch]] = {}  # shard -> its batches' inputs of the current layer (this rank's shards)
+    fp: dict[int, list[Batch]] | None = None  # GPTAQ's full-precision stream
+    gptaq = o["method"] == "gptaq"
+    if o["method"] != "rtn" and done_layers < n_layers:
+        t0 = time.perf_counter()
+        captured = {s: capture_first_inputs(job.model, job.shards.batches[s], job.device) for s in job.mine}
+        stats.forward_s += time.perf_counter() - t0
+        if done_layers:  # the inputs of the next layer, with the keyword arguments captured afresh
+            fp = {} if gptaq else None
+            for s, firsts in captured.items():
+                q[s], fps = resumed_streams(state, done_layers - 1, s, firsts, gptaq, job.device)
+                if gptaq:
+                    fp[s] = fps
+        else:
+            q = captured
+            fp = {s: list(b) for s, b in q.items()} if gptaq else None  # the streams part after layer 0
+
+    bar = _progress(range(done_layers, n_layers), o["progress"], n_layers, done_layers)
+    group_cache: dict[tuple, list[list[str]]] = {}
+    for i in bar:
+        layer_results, packed, q, fp = _quantize_layer(job, load_layer(i), f"{job.layers_name}.{i}.", q, fp,
+                                                       group_cache)
+        if state is not None:
+            streams = {} if o["method"] == "rtn" else {
+                streams_file(i, s): stream_tensors(q[s], fp[s] if gptaq else None) for s in job.mine}
+            state.commit(i, result_tensors(layer_results), streams, layer_hashes, stats.modules, job.world)
+        del layer_results
+        on_layer(i, packed)
+
+
+def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cache):
+    """One decoder layer, quantized in a working copy (the caller's layer stays as it is; the copy is freed on
+    return). Returns its results (CPU), their QuantLinear modules and the next layer's inputs."""
+    o, stats, world = job.opts, job.stats, job.world
+    layer = copy.deepcopy(source).to(job.device)
+    fp_layer = copy.deepcopy(layer) if o["method"] == "gptaq" else None
+    mods = linears(layer, o["keep_float"], prefix)
+    stats.held("layer", [*layer.state_dict().values(), *(fp_layer.state_dict().values() if fp_layer else ())])
+    stats.held("activations", [b.hidden for bs in [*q.values(), *(fp or {}).values()] for b in bs])
+    layer_results: dict[str, GPTQResult] = {}
+    packed: dict[str, QuantLinear] = {}
+    if o["method"] == "rtn":
+        groups = [list(mods)]  # no Hessian: every module at once
+    else:  # decoder layers repeat one structure: find the groups once per set of module names (rank 0 holds a shard)
+        shape_key = tuple(mods)
+        if shape_key not in group_cache:
+            found = group_linears(layer, mods, q[job.mine[0]][0]) if world.rank == 0 else None
+            group_cache[shape_key] = world.broadcast_object(found)
+        groups = group_cache[shape_key]
+    for group in groups:
+        H = dxxt = None
+        if o["method"] != "rtn":
+            fp_mod = linears(fp_layer, o["keep_float"], prefix)[group[0]] if fp_layer is not None else None
+            H, dxxt = _group_hessian(job, layer, fp_layer, mods[group[0]], fp_mod, q, fp)
+        _solve_group(job, prefix, group, mods, H, dxxt, layer_results, packed)
+    if o["method"] != "rtn":
+        t0 = time.perf_counter()
+        q = {s: [Batch(first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in bs] for s, bs in q.items()}
+        if fp_layer is not None:
+            fp = {s: [Batch(first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in bs] for s, bs in fp.items()}
+        stats.forward_s += time.perf_counter() - t0
+    return layer_results, packed, q, fp
+
+
+def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
+    """Mean Hessian (and GPTAQ cross term) of the input shared by one group: each of this rank's shards summed on
+    its own, the shards' sums added in shard order in float64 over all ranks, then normalised once."""
+    stats, d, gptaq = job.stats, module.in_features, fp_layer is not None
+    sums = ShardSums(job.world, job.shards.owner)
+    for s in job.mine:
+        acc = HessianAccumulator(d, weighting=job.opts["weighting"], cross_term=gptaq, device=job.device)
+        for bi, b in enumerate(q[s]):
+            t0 = time.perf_counter()
+            x = input_of(layer, module, b)
+            x_fp = input_of(fp_layer, fp_module, fp[s][bi]) if gptaq else None
+            t1 = time.perf_counter()
+            n, L = x.shape[0], x.shape[1]
+            acc.add(x, [L] * n, x_fp=x_fp)  # 16-bit activations go to the tensor cores as they are
+            stats.forward_s += t1 - t0
+            stats.hessian_s += time.perf_counter() - t1
+        sums.add(s, acc.sums(), (acc.n_sequences, acc.n_tokens))
+    t0 = time.perf_counter()
+    totals, (n_sequences, n_tokens) = sums.total([(d, d)] * (2 if gptaq else 1), job.device)
+    stats.reduce_s += time.perf_counter() - t0
+    n = n_sequences if job.opts["weighting"] == "sequence" else n_tokens
+    mean = [t.to(torch.float32) * (2.0 / n) for t in totals]  # as HessianAccumulator.finalize on the fp32 sum
+    stats.held("hessian", [*totals, *mean, *(t for part in sums.mine.values() for t in part)] +
+               (acc.sums() if job.mine else []))
+    return mean[0], (mean[1] if gptaq else None)
+
+
+def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, H, dxxt, layer_results, packed) -> None:
+    """The group's modules solved on the ranks schedule.py assigns, shared with every rank, and written into the
+    working copy (later groups and the next layer see the quantized weights)."""
+    o, stats, world = job.opts, job.stats, job.world
+    full = {name: prefix + name for name in group}
+    settings = {name: module_settings(full[name], job.base, o["overrides"]) for name in group}
+    shapes = {full[n]: tuple(mods[n].weight.shape) for n in group}
+    owner = assign_solves(shapes, o["method"], world.size)
+    local = {}
+    for name in group:
+        if owner[full[name]] != world.rank:
+            continue
+        s, W = settings[name], mods[name].weight.data
+        cuda = W.device.type == "cuda"
+        if cuda:  # (the run's peak so far is kept before the device's counter restarts)
+            stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(W.device))
+            before = torch.cuda.memory_allocated(W.device)
+            torch.cuda.reset_peak_memory_stats(W.device)
+        t0 = time.perf_counter()
+        if o["method"] == "rtn":
+            r = rtn_quantize(W, s["bits"], s["group_size"], job.solve_kw["sym"], mse=job.solve_kw["mse"],
+                             name=full[name])
+        else:
+            r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=o["alpha"], name=full[name],
+                              **job.solve_kw)
+        dt = time.perf_counter() - t0
+        stats.solve_s += dt
+        if cuda:
+            mb = (torch.cuda.max_memory_allocated(W.device) - before) / 2**20
+            stats.memory_mb["solve"] = round(max(stats.memory_mb.get("solve", 0.0), mb), 3)
+        local[full[name]] = {"codes": r.codes.to("cpu", torch.uint8), "scales": r.scales.cpu(),
+                             "zeros": r.zeros.to("cpu", torch.int32), "g_idx": r.g_idx.to("cpu", torch.int32),
+                             "numbers": torch.tensor([float(r.loss), float(r.damp), dt], dtype=torch.float64)}
+        if o["callback"] is not None:
+            o["callback"](full[name], H, r)
+        del r
+    layout = {}
+    for name in group:
+        (N, K), gs = shapes[full[name]], settings[name]["group_size"]
+        G = 1 if gs == -1 else K // gs
+        layout[full[name]] = (("codes", (N, K), torch.uint8), ("scales", (N, G), torch.float32),
+                              ("zeros", (N, G), torch.int32), ("g_idx", (K,), torch.int32),
+                              ("numbers", (3,), torch.float64))
+    t0 = time.perf_counter()
+    shared = world.share(owner, local, layout)
+    stats.reduce_s += time.perf_counter() - t0
+    for name in group:
+        rec, s = shared[full[name]], settings[name]
+        loss, damp, dt = rec["numbers"].tolist()
+        m = dict(loss=loss, damp=damp, bits=s["bits"], group_size=s["group_size"], sym=job.solve_kw["sym"])
+        r = rebuild(full[name], {f"{full[name]}.{k}": v for k, v in rec.items()}, m)
+        W = mods[name].weight.data
+        W.copy_(r.weight.to(W.device, W.dtype))  # every rank the same bits, whichever solved it
+        layer_results[full[name]] = r
+        t0 = time.perf_counter()
+        packed[full[name]] = _packed(r, mods[name], o["checkpoint_format"])
+        stats.pack_s += time.perf_counter() - t0
+        stats.modules[full[name]] = dict(m, seconds=round(dt, 4))
+        _say(o["log"], f"{full[name]}: {s['bits']}-bit g{s['group_size']}, loss {loss:.4g}, damp {damp:.3g}, "
+                       f"{dt:.2f} s")
+
+
+def _packed(r: GPTQResult, linear: nn.Linear, checkpoint_format: str) -> QuantLinear:
+    """The QuantLinear of one solved module on the CPU (its bias in fp16): what a finished layer keeps."""
+    bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float16)
+    return QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format)
+
+
+def _install(model: nn.Module, results: dict[str, QuantLinear], home, qcfg: dict) -> None:
+    """Replace each quantized Linear by its QuantLinear and set the config; all or nothing."""
+    new = {name: q.to(home) for name, q in results.items()}
+    swapped: list[tuple[str, nn.Module]] = []
+    had_cfg = "quantization_config" in vars(model.config)
+    try:
+        for name, q in new.items():
+            swapped.append((name, swap(model, name, q)))
+        model.config.quantization_config = qcfg
+    except BaseException:
+        for name, old in reversed(swapped):
+            swap(model, name, old)
+        if had_cfg:
+            model.config.quantization_config = None  # _refuse_quantized saw None there
+        else:
+            vars(model.config).pop("quantization_config", None)
+        raise
+
+
+def _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_format, method, weighting, calib,
+                  overrides, keep_float, damp, mse) -> dict:
+    from ..checkpoint import quantization_config
+
+    meta = {"method": method, "weighting": weighting,
+            "calibration": calib.describe() if hasattr(calib, "describe") else None}
+    if overrides:
+        meta["overrides"] = overrides
+    if keep_float:
+        meta["keep_float"] = list(keep_float)
+    return quantization_config(bits, group_size, sym, act_order, checkpoint_format, meta, static_groups=static_groups,
+                               damp_percent=damp, mse=mse)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _say(log, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def _progress(it, enabled: bool, total: int, initial: int):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, total=total, initial=initial, desc="layers", unit="layer")
+
+
+__all__ = ["METHODS", "QuantizeStats", "quantize_model"]
