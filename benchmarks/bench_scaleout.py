@@ -1,9 +1,9 @@
 """The pipeline on several processes: quantize_folder of a random Llama (hidden 2048, intermediate 8192, bf16 on
 disk, float32 in memory) with 2, 4 and 8 decoder layers, one process with 2 threads against two ranks of one
 thread each under torchrun (gloo), on the CPU. The figures: wall time of each, the time split per rank (load,
-forward, Hessian, reduce = the collectives including waits for the other rank, solve, write) and each process's
-peak RSS. Both write the same checkpoint only at equal threads per process (MKL's sums follow the thread count), so
-this compares speed, not bits.
+forward, Hessian, waiting for the other rank, the collectives themselves, solve, write) and each
+process's peak RSS. Both write the same checkpoint only at equal threads per process (MKL's sums follow the
+thread count), so this compares speed, not bits.
 
     python -m benchmarks.bench_scaleout [--layers 2 4 8]
 """
@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.common import environment, print_table, write_results
 
-COLUMNS = ["layers", "ranks", "threads", "wall_s", "rank", "load_s", "forward_s", "hessian_s", "reduce_s", "solve_s",
-           "write_s", "peak_mb"]
+COLUMNS = ["layers", "ranks", "threads", "wall_s", "rank", "load_s", "forward_s", "hessian_s", "wait_s", "reduce_s",
+           "solve_s", "write_s", "peak_mb"]
 WORKER = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     for layers in a.layers:
         w = {rk: next(r["wall_s"] for r in rows if r["layers"] == layers and r["ranks"] == rk) for rk in (1, 2)}
         print(f"{layers} layers: 2 ranks x 1 thread / 1 rank x 2 threads = {w[2] / w[1]:.2f}")
-    print("wall_s: the whole launch (process start to exit, torchrun's rendezvous included); the parts: each rank's own")
+    print("wall_s: the whole launch (process start to exit, torchrun's rendezvous included); the parts: each rank's")
     print("wrote", write_results("scaleout", environment(), rows))
 
 

@@ -136,8 +136,11 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
     elif cell.method in ("gptq", "gptaq"):
         calib = calibration_for(cell, texts, cfg, max_pos)
         entry["calibration"] = calib.describe() | {"checks": check_bookkeeping(calib, texts, cfg)}
+        # one calibration shard: the summation order of the published runs (study/runs/), which 8 shards would
+        # change in the last bits and, through GPTQ's rounding, perplexities by several percent (README)
         quantize_model(model, calib, cell.bits, cfg.group_size, method=cell.method,
-                       weighting=SCHEMES[cell.scheme][1], reg=cell.reg or None, progress=False, log=None)
+                       weighting=SCHEMES[cell.scheme][1], reg=cell.reg or None, calib_shards=1, progress=False,
+                       log=None)
     entry["quantize_s"] = round(time.perf_counter() - t0, 2)
     if getattr(model, "quantize_stats", None) is not None:
         entry["time_split"] = model.quantize_stats.summary()

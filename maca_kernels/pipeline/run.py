@@ -71,7 +71,8 @@ class QuantizeStats:
 
     forward_s: float = 0.0
     hessian_s: float = 0.0
-    reduce_s: float = 0.0  # the collectives: shards' Hessian sums, solved modules (0 on one rank)
+    wait_s: float = 0.0  # waiting for the other ranks before a collective (their share of work took longer)
+    reduce_s: float = 0.0  # the collectives themselves: shards' Hessian sums, solved modules shared
     solve_s: float = 0.0  # this rank's solves
     pack_s: float = 0.0
     load_s: float = 0.0  # reading layers from disk (quantize_folder)
@@ -89,11 +90,12 @@ class QuantizeStats:
         self.memory_mb[part] = round(max(self.memory_mb.get(part, 0.0), mb), 3)
 
     def summary(self) -> str:
-        total = self.forward_s + self.hessian_s + self.reduce_s + self.solve_s + self.pack_s
-        ranks = f" (rank's share of {self.world_size})" if self.world_size > 1 else ""
+        total = self.forward_s + self.hessian_s + self.wait_s + self.reduce_s + self.solve_s + self.pack_s
+        ranks = (f" (rank's share of {self.world_size}; waiting {self.wait_s:.1f} s + collectives "
+                 f"{self.reduce_s:.1f} s)" if self.world_size > 1 else "")
         return (f"quantize_model: {total:.1f} s{ranks} = forward {self.forward_s:.1f} s + Hessian "
-                f"{self.hessian_s:.1f} s + reduce {self.reduce_s:.1f} s + solve {self.solve_s:.1f} s + packing "
-                f"{self.pack_s:.1f} s; peak memory {self.peak_memory_mb:.0f} MB; {len(self.modules)} modules")
+                f"{self.hessian_s:.1f} s + solve {self.solve_s:.1f} s + packing {self.pack_s:.1f} s; peak memory "
+                f"{self.peak_memory_mb:.0f} MB; {len(self.modules)} modules")
 
 
 def quantize_model(
@@ -388,6 +390,7 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
             stats.forward_s += t1 - t0
             stats.hessian_s += time.perf_counter() - t1
         sums.add(s, acc.sums(), (acc.n_sequences, acc.n_tokens))
+    _wait(job)
     t0 = time.perf_counter()
     totals, (n_sequences, n_tokens) = sums.total([(d, d)] * (2 if gptaq else 1), job.device)
     stats.reduce_s += time.perf_counter() - t0
@@ -396,6 +399,14 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
     stats.held("hessian", [*totals, *mean, *(t for part in sums.mine.values() for t in part)] +
                (acc.sums() if job.mine else []))
     return mean[0], (mean[1] if gptaq else None)
+
+
+def _wait(job: _Job) -> None:
+    """Meet the other ranks before a collective, so that its time is its own and the waiting is counted apart."""
+    if job.world.size > 1:
+        t0 = time.perf_counter()
+        job.world.barrier()
+        job.stats.wait_s += time.perf_counter() - t0
 
 
 def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, H, dxxt, layer_results, packed) -> None:
@@ -441,6 +452,7 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, H, dxxt, 
         layout[full[name]] = (("codes", (N, K), torch.uint8), ("scales", (N, G), torch.float32),
                               ("zeros", (N, G), torch.int32), ("g_idx", (K,), torch.int32),
                               ("numbers", (3,), torch.float64))
+    _wait(job)
     t0 = time.perf_counter()
     shared = world.share(owner, local, layout)
     stats.reduce_s += time.perf_counter() - t0
