@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import environment, print_table, write_results
 
 COLUMNS = ["layers", "ranks", "threads", "wall_s", "rank", "load_s", "forward_s", "hessian_s", "wait_s", "reduce_s",
-           "solve_s", "write_s", "peak_mb"]
+           "ordered", "solve_s", "write_s", "peak_mb"]
 WORKER = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     s = mk.quantize_folder.last_stats
     row = dict(rank=int(os.environ.get("RANK", "0")), world=s.world_size, threads=torch.get_num_threads(),
                wall_s=wall, load_s=s.load_s, forward_s=s.forward_s, hessian_s=s.hessian_s, wait_s=s.wait_s,
-               reduce_s=s.reduce_s, solve_s=s.solve_s, pack_s=s.pack_s, write_s=s.write_s,
+               reduce_s=s.reduce_s, ordered=s.ordered_entries, solve_s=s.solve_s, pack_s=s.pack_s, write_s=s.write_s,
                peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("ROW " + json.dumps(row), flush=True)
     if torch.distributed.is_initialized():

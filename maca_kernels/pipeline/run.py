@@ -75,6 +75,7 @@ class QuantizeStats:
     reduce_s: float = 0.0  # the collectives themselves: shards' Hessian sums, solved modules shared
     solve_s: float = 0.0  # this rank's solves
     pack_s: float = 0.0
+    ordered_entries: int = 0  # Hessian entries whose shards' values spanned too many orders for any-order float64
     load_s: float = 0.0  # reading layers from disk (quantize_folder)
     write_s: float = 0.0  # writing the checkpoint's shards (quantize_folder)
     peak_memory_mb: float = 0.0
@@ -394,6 +395,7 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
     t0 = time.perf_counter()
     totals, (n_sequences, n_tokens) = sums.total([(d, d)] * (2 if gptaq else 1), job.device)
     stats.reduce_s += time.perf_counter() - t0
+    stats.ordered_entries += sums.wide
     n = n_sequences if job.opts["weighting"] == "sequence" else n_tokens
     mean = [t.to(torch.float32) * (2.0 / n) for t in totals]  # as HessianAccumulator.finalize on the fp32 sum
     stats.held("hessian", [*totals, *mean, *(t for part in sums.mine.values() for t in part)] +

@@ -3,17 +3,18 @@
 A world is this process alone (rank 0 of 1) or the ranks of torch.distributed's default process group, as
 ``torchrun`` starts them (gloo on CPUs, NCCL on GPUs). Every rank enters every collective here in the same order:
 what each rank does is derived from metadata every rank holds (shards.py, schedule.py), never from what another
-rank happened to do. On one rank no collective runs at all.
+rank happened to do. On one rank no collective runs at all. Per layer group: an all_reduce of the Hessian sums
+(float64) and of their entries' exponent ranges (ShardSums), a gather of the few entries that need the shard order,
+and one broadcast of solved modules per rank that solved any (share).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
 import torch
-
-_BUCKET_BYTES = 256 << 20  # the most one all_gather of Hessian rows holds on each rank
 
 
 class World:
@@ -73,16 +74,6 @@ class World:
         self.dist.all_reduce(t)
         return [int(v) for v in t.tolist()]
 
-    def gather_rows(self, local: list[torch.Tensor], slots: int, r0: int, r1: int, d: int) -> list[torch.Tensor]:
-        """Rows r0:r1 of every rank's ``local`` fp32 tensors ([rows, d] each, padded to ``slots`` per rank): one
-        all_gather; entry [rank * slots + slot] of the result."""
-        buf = torch.zeros(slots, r1 - r0, d, dtype=torch.float32, device=self.device)
-        for j, t in enumerate(local):
-            buf[j].copy_(t[r0:r1])
-        out = [torch.empty_like(buf) for _ in range(self.size)]
-        self.dist.all_gather(out, buf)
-        return [row for part in out for row in part]
-
     def share(self, owner: dict[str, int], local: dict[str, dict[str, torch.Tensor]], layout: dict) -> dict:
         """Each module's record (named tensors) from the rank that made it to every rank: one broadcast of a flat
         bucket per rank that owns any. ``layout[name]``: ((key, shape, dtype), ...), known to every rank."""
@@ -117,15 +108,19 @@ def _nbytes(shape, dtype) -> int:
 
 
 class ShardSums:
-    """Σ over the virtual shards of each shard's sums, added in shard order in float64 whatever the world size.
-    One rank folds each shard in as it finishes (its shards come in order); several ranks keep their shards' fp32
-    sums and ``total`` gathers them a block of rows at a time (at most ``_BUCKET_BYTES`` per rank per collective)."""
+    """Σ over the virtual shards of each shard's fp32 sums, in float64, bit for bit the same whatever the world size:
+    the sum in shard order. One rank folds each shard in as it finishes (its shards come in order). Several ranks
+    use that fp32 values whose exponents span at most ``_exact_span(S)`` binary orders have every partial sum exact
+    in float64, so any order gives the shard-order bits: one float64 all_reduce serves those entries (with one of
+    each entry's exponent range, 2 bytes per entry), and only the entries whose shards' values span more are
+    gathered and added in shard order."""
 
     def __init__(self, world: World, owner: list[int]) -> None:
         self.world, self.owner = world, owner
         self.mine: dict[int, list[torch.Tensor]] = {}
         self.folded: list[torch.Tensor] | None = None
         self.counts = [0, 0]
+        self.wide = 0  # entries that took the ordered path (several ranks)
 
     def add(self, shard: int, sums: list[torch.Tensor], counts: tuple[int, int]) -> None:
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
@@ -144,22 +139,67 @@ class ShardSums:
             if self.folded is None:
                 return [torch.zeros(s, dtype=torch.float64, device=device) for s in shapes], counts
             return self.folded, counts
-        w = self.world
-        slots = max(1, max(self.owner.count(r) for r in range(w.size)))
-        slot = {s: sorted(x for x in range(len(self.owner)) if self.owner[x] == r).index(s)
-                for r in range(w.size) for s in range(len(self.owner)) if self.owner[s] == r}
-        totals = []
-        for k, (rows, d) in enumerate(shapes):
-            local = [self.mine[s][k] for s in sorted(self.mine)]
-            total = torch.zeros(rows, d, dtype=torch.float64, device=device)
-            step = max(1, _BUCKET_BYTES // (w.size * slots * d * 4))
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                parts = w.gather_rows(local, slots, r0, r1, d)
-                for s in range(len(self.owner)):  # shard order, whichever rank ran it
-                    total[r0:r1] += parts[self.owner[s] * slots + slot[s]].to(device)
-            totals.append(total)
-        return totals, counts
+        return [self._total(k, shape, device) for k, shape in enumerate(shapes)], counts
+
+    def _total(self, k: int, shape, device) -> torch.Tensor:
+        w, comm = self.world, self.world.device
+        local = [self.mine[s][k].to(comm) for s in sorted(self.mine)]
+        total = torch.zeros(shape, dtype=torch.float64, device=comm)
+        # each entry's largest and smallest nonzero |value| over this rank's shards, compared as the int32 patterns
+        # of fp32 magnitudes (their order is the floats' order); in place in three buffers, one pass each
+        top = torch.zeros(shape, dtype=torch.int32, device=comm)
+        low = torch.full(shape, _INT32_MAX, dtype=torch.int32, device=comm)
+        bits = torch.empty(shape, dtype=torch.int32, device=comm)
+        for t in local:
+            total += t  # exact wherever the span is narrow: the order is free there
+            torch.bitwise_and(t.contiguous().view(torch.int32), _INT32_MAX, out=bits)  # |t|
+            torch.maximum(top, bits, out=top)
+            bits.sub_(1).bitwise_and_(_INT32_MAX)  # a zero becomes the largest pattern: the smallest nonzero wins
+            torch.minimum(low, bits, out=low)
+        del bits
+        none = low == _INT32_MAX  # zero in every shard of this rank: no say in the smallest exponent
+        low.masked_fill_(none, -1).add_(1)
+        span = torch.stack([_exponent(top), torch.where(none, 0, 255 - _exponent(low))])
+        del top, low, none
+        w.dist.all_reduce(span, op=w.dist.ReduceOp.MAX)  # [max exponent, 255 - min exponent] over every shard
+        w.dist.all_reduce(total)
+        wide = ((span[0].int() + span[1].int() - 255) > _exact_span(len(self.owner))) & (span[0] > 0)
+        wide = wide.flatten().nonzero().flatten()
+        del span
+        if wide.numel():  # (the same entries on every rank)
+            self.wide += wide.numel()
+            slots = max(self.owner.count(r) for r in range(w.size))
+            vals = torch.zeros(slots, wide.numel(), dtype=torch.float32, device=comm)
+            for j, t in enumerate(local):
+                vals[j] = t.flatten()[wide]
+            parts = [torch.empty_like(vals) for _ in range(w.size)]
+            w.dist.all_gather(parts, vals)
+            ordered = torch.zeros(wide.numel(), dtype=torch.float64, device=comm)
+            seen = [0] * w.size
+            for s in range(len(self.owner)):  # shard order, whichever rank ran it
+                r = self.owner[s]
+                ordered += parts[r][seen[r]]
+                seen[r] += 1
+            total.view(-1)[wide] = ordered
+        return total.to(device)
+
+
+_INT32_MAX = 0x7FFFFFFF
+
+
+def _exponent(magnitude_bits: torch.Tensor) -> torch.Tensor:
+    """The biased fp32 exponent (uint8) of magnitudes given as int32 bit patterns: 0 for zero, 1 for a subnormal
+    (the exponent its last bit shares with the smallest normals)."""
+    e = (magnitude_bits >> 23).to(torch.uint8)
+    return torch.where((e == 0) & (magnitude_bits != 0), 1, e).to(torch.uint8)
+
+
+def _exact_span(n_shards: int) -> int:
+    """The widest exponent span (binary orders) of n fp32 values whose every partial sum is exact in float64: the
+    values are multiples of the smallest one's last bit, 2^(e_min − 23), and below n·2^(e_max + 1) in magnitude,
+    so they count at most n·2^(span + 24) last bits, which fit float64's 53 bits when span ≤ 29 − log2 n (one
+    order of margin kept)."""
+    return 28 - math.ceil(math.log2(max(n_shards, 1)))
 
 
 def init_from_env(device: str | None, timeout_s: float) -> bool:

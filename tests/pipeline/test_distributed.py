@@ -100,6 +100,22 @@ def test_a_dead_rank_stops_the_run_and_the_rerun_resumes_with_the_same_bits(src,
     same_folders(tmp_path / "whole", tmp_path / "out")
 
 
+def test_shard_sums_are_the_shard_order_sums_on_any_world(tmp_path):
+    """Entries whose shards' values span few binary orders are exact in float64 in any order (one all_reduce);
+    the others (here: 2^30, 2^-30, -2^30, 2^-30, ...) are gathered and added in shard order, as one rank adds them."""
+    script = str(HERE / "dist_sums.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.pt"), "1"], check=True, env=ENV, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script,
+                        str(tmp_path / "two.pt"), "2"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["counts"] == two["counts"] == [6, 60]
+    for a, b in zip(one["totals"], two["totals"], strict=True):
+        assert torch.equal(a, b)
+    assert one["totals"][0][0, 0] == 1 + 2.0**-30  # the shard order's float64 sum (ranks' own sums first give 1)
+    assert two["wide"] == 4  # [0, 0] and [3, 4] of both sums went the ordered way, and nothing else
+
+
 def test_shards_are_fixed_by_the_calibration_not_the_world():
     groups = [torch.arange(n * L).reshape(n, L) for n, L in ((3, 16), (2, 32), (1, 48), (2, 64), (1, 80))]
     one = make_shards(groups, 1, 100, world_size=1)
