@@ -21,6 +21,8 @@ continues there with bit-identical results, and one with other arguments or weig
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -238,10 +240,27 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     qcfg = _quant_config(bits, group_size, opts["sym"], opts["act_order"], opts["static_groups"],
                          opts["checkpoint_format"], method, weighting, calib, opts["overrides"], keep_float,
                          opts["damp"], opts["mse"])
+    if world.size > 1:
+        world.same_everywhere(_arguments_digest(model, groups, bits, group_size, opts, device),
+                              "arguments, calibration tokens or model structure")
     model.eval()
     return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
                 world, make_shards(groups, shards, opts["max_batch_tokens"], world.size), qcfg,
                 QuantizeStats(world_size=world.size), time.perf_counter())
+
+
+def _arguments_digest(model, groups, bits, group_size, opts, device) -> str:
+    """What every rank must agree on before the first collective (not the weights: those are checked by the resume
+    state, and hashing a big model's weights on every rank would cost minutes)."""
+    h = hashlib.sha256()
+    skip = ("log", "progress", "callback", "device")  # per rank (each its own GPU) or not affecting the collectives
+    h.update(json.dumps([bits, group_size, device.type, {k: v for k, v in opts.items() if k not in skip}],
+                        sort_keys=True, default=str).encode())
+    h.update(str(getattr(model, "config", "")).encode())
+    for ids in groups:
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.to(torch.int64).contiguous().numpy())
+    return h.hexdigest()
 
 
 def _lengths_groups(calib) -> list[torch.Tensor]:

@@ -59,8 +59,24 @@ class World:
             raise error
         if sent is not None:
             kind, message = sent
-            raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(message)
+            try:
+                error = kind(message) if isinstance(kind, type) and issubclass(kind, Exception) else None
+            except Exception:  # an exception type that takes other arguments
+                error = None
+            raise error or RuntimeError(f"rank 0: {message}")
         return result
+
+    def same_everywhere(self, digest: str, what: str) -> None:
+        """Raise on every rank unless every rank holds the same ``digest`` (of its arguments): ranks given different
+        arguments would enter different collectives and wait on each other until the timeout."""
+        if self.size == 1:
+            return
+        every = [None] * self.size
+        self.dist.all_gather_object(every, digest)
+        other = [r for r, d in enumerate(every) if d != every[0]]
+        if other:
+            raise ValueError(f"ranks {other} were given other {what} than rank 0: every rank must call with the same "
+                             "arguments")
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--in-memory", action="store_true")
     p.add_argument("--die-after-layer", type=int, default=None, help="rank 1 exits at its first solve past this layer")
+    p.add_argument("--rank1-method", default=None, help="rank 1 is given another method (a user's mistake)")
     a = p.parse_args()
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -35,6 +36,8 @@ def main() -> None:
         torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
         started = True
     rank = int(os.environ.get("RANK", "0"))
+    if rank == 1 and a.rank1_method:
+        a.method = a.rank1_method
 
     def callback(name, H, result):
         if a.die_after_layer is not None and rank == 1 and int(name.split(".")[2]) > a.die_after_layer:

@@ -100,6 +100,13 @@ def test_a_dead_rank_stops_the_run_and_the_rerun_resumes_with_the_same_bits(src,
     same_folders(tmp_path / "whole", tmp_path / "out")
 
 
+def test_ranks_given_other_arguments_stop_before_any_work(src, tmp_path):
+    t0 = time.perf_counter()
+    p = torchrun(2, src, tmp_path / "out", "--method", "gptq", "--rank1-method", "gptaq", check=False)
+    assert p.returncode != 0 and time.perf_counter() - t0 < 120
+    assert "ranks [1] were given other arguments" in p.stderr, p.stderr[-3000:]
+
+
 def test_shard_sums_are_the_shard_order_sums_on_any_world(tmp_path):
     """Entries whose shards' values span few binary orders are exact in float64 in any order (one all_reduce);
     the others (here: 2^30, 2^-30, -2^30, 2^-30, ...) are gathered and added in shard order, as one rank adds them."""
