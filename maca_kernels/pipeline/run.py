@@ -21,8 +21,6 @@ continues there with bit-identical results, and one with other arguments or weig
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +56,7 @@ from .state import (
     result_tensors,
     resumed_layer,
     resumed_streams,
+    run_hash,
     stream_tensors,
     streams_file,
 )
@@ -252,15 +251,10 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
 def _arguments_digest(model, groups, bits, group_size, opts, device) -> str:
     """What every rank must agree on before the first collective (not the weights: those are checked by the resume
     state, and hashing a big model's weights on every rank would cost minutes)."""
-    h = hashlib.sha256()
     skip = ("log", "progress", "callback", "device")  # per rank (each its own GPU) or not affecting the collectives
-    h.update(json.dumps([bits, group_size, device.type, {k: v for k, v in opts.items() if k not in skip}],
-                        sort_keys=True, default=str).encode())
-    h.update(str(getattr(model, "config", "")).encode())
-    for ids in groups:
-        h.update(str(tuple(ids.shape)).encode())
-        h.update(ids.to(torch.int64).contiguous().numpy())
-    return h.hexdigest()
+    settings = dict(bits=bits, group_size=group_size, device=device.type,
+                    **{k: v for k, v in opts.items() if k not in skip})
+    return run_hash(model, groups, settings).hexdigest()
 
 
 def _lengths_groups(calib) -> list[torch.Tensor]:

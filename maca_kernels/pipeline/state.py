@@ -17,15 +17,21 @@ from .model import Batch
 SAVED_FIELDS = ("codes", "scales", "zeros", "g_idx")  # the weight follows from them exactly
 
 
-def fingerprint(model, layers_name: str, id_batches, settings: dict, read=None) -> str:
-    """Settings, calibration tokens, config and every weight outside the decoder layers (each finished layer's
-    weights are checked on their own against the manifest; ``read(name)`` gives those a streamed model has not
-    read yet)."""
+def run_hash(model, id_batches, settings: dict):
+    """sha256 of the settings, the calibration tokens (batch by batch) and the model's config: what every rank must
+    agree on before its first collective, and the start of the resume fingerprint."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for ids in id_batches:
         h.update(str(tuple(ids.shape)).encode())
         h.update(ids.to(torch.int64).contiguous().numpy())
     h.update(str(getattr(model, "config", "")).encode())
+    return h
+
+
+def fingerprint(model, layers_name: str, id_batches, settings: dict, read=None) -> str:
+    """``run_hash`` and every weight outside the decoder layers (each finished layer's weights are checked on their
+    own against the manifest; ``read(name)`` gives those a streamed model has not read yet)."""
+    h = run_hash(model, id_batches, settings)
     outside = {k: (lambda k=k: read(k)) if v.is_meta and read is not None else v
                for k, v in model.state_dict().items() if not k.startswith(layers_name + ".")}
     h.update(tensors_hash(outside).encode())
@@ -113,5 +119,5 @@ def resumed_streams(state: ResumeDir, layer: int, shard: int, first: list[Batch]
     return q, fp
 
 
-__all__ = ["LayerHashes", "fingerprint", "rebuild", "result_tensors", "resumed_layer", "resumed_streams",
+__all__ = ["LayerHashes", "fingerprint", "rebuild", "run_hash", "result_tensors", "resumed_layer", "resumed_streams",
            "stream_tensors", "streams_file"]
