@@ -54,21 +54,45 @@ def bench_cpu(tokens: int = 8192) -> list[dict]:
     return rows
 
 
-def bench_gpu(tokens: int = 32768) -> list[dict]:
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=32000)
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+def random_llama(shape: dict, layers: int, tokens: int, dtype=torch.bfloat16, method: str = "gptq",
+                 device: str = "cuda", activations: str = "auto") -> dict:
+    """A random-weight Llama of ``shape`` cut to ``layers`` decoder layers, kept on the CPU while each layer runs on
+    ``device``; a MaCa mix of random sequences (128/512/1024/2048 tokens, 1/2 of the tokens in the 128s) scaled to
+    ``tokens``; 4-bit g128. One row: the time split, time per layer, peak memory and what each part held."""
     import transformers as tf
 
-    config = tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                            num_hidden_layers=4, vocab_size=32000, max_position_embeddings=4096)
+    config = tf.LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=4096)
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = tf.LlamaForCausalLM(config).to(dtype).eval()
     g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, 32000, (n,), generator=g) for n in [128] * 64 + [512] * 16 + [1024] * 8 + [2048] * 4]
-    seqs = seqs[: max(1, tokens * len(seqs) // 32768)]
+    mix = [128] * 64 + [512] * 16 + [1024] * 8 + [2048] * 4  # 32768 tokens
+    seqs = [torch.randint(0, shape["vocab_size"], (n,), generator=g) for n in mix * max(1, tokens // 32768)]
+    seqs = seqs[: max(1, tokens * len(mix) // 32768)]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    quantize_model(model, seqs, 4, 128, method="gptq", device="cuda", progress=False, log=None)
-    torch.cuda.synchronize()
-    return [_row(torch.cuda.get_device_name(), "Llama-3-8B shape, 4 layers", "gptq", "maca mix",
-                 sum(s.numel() for s in seqs), time.perf_counter() - t0, model.quantize_stats)]
+    quantize_model(model, seqs, 4, min(128, shape["hidden_size"]), method=method, device=device,
+                   activations=activations, progress=False, log=None)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    st = model.quantize_stats
+    kind = "Llama-3-8B shape" if shape == LLAMA3_8B else "tiny Llama"
+    name = f"{kind}, {layers} layers, {str(dtype).removeprefix('torch.')}"
+    row = _row(torch.cuda.get_device_name() if cuda else "cpu", name, method, "maca mix",
+               sum(s.numel() for s in seqs), wall, st)
+    row.update(per_layer_s=wall / layers, activations_on=st.activations_on, memory_mb=dict(st.memory_mb))
+    return row
+
+
+def bench_gpu(tokens: int = 32768) -> list[dict]:
+    return [random_llama(LLAMA3_8B, 4, tokens)]
 
 
 def main() -> None:

@@ -12,7 +12,11 @@ are not used) and in at most about 8 minutes:
 3. benchmarks: the GPU cases of ``bench_hessian`` (including the GPTAQ cross term and the per-call
    overhead), ``bench_gptq`` and ``bench_quant_matmul``, with bounded autotuning
    (``MACA_KERNELS_TUNE=quick``) and short ``do_bench`` windows, each benchmark within a wall-time budget:
-   cases left when it runs out are skipped and reported as "not measured" with the reason.
+   cases left when it runs out are skipped and reported as "not measured" with the reason;
+4. pipeline: ``quantize_model`` on 2 layers of a random Llama-3-8B-shaped model (bf16, 32k MaCa tokens), GPTQ
+   with the streams on the GPU, then GPTAQ with them in pinned host memory: time per layer, its split, peak GPU
+   memory and what each part held (measured figures with no §5 target, for the README's projections); it runs
+   in what is left of the total when the §5 steps are done.
 
 It writes ``benchmarks/results/<date>-<gpu>.json`` and ``.md``: device, driver/CUDA, torch/triton/python
 versions, date, the test tier's counts, and every GPU row of SPEC §5 beside its target with pass/fail
@@ -49,7 +53,7 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 # Wall-time budgets in seconds. A benchmark starts no new case past its budget; a case still running at
 # budget + GRACE_S is interrupted. The whole run stops starting steps after TOTAL_S.
-BUDGETS_S = {"build": 75, "tests": 105, "hessian": 90, "gptq": 60, "quant_matmul": 120}
+BUDGETS_S = {"build": 75, "tests": 105, "hessian": 90, "gptq": 60, "quant_matmul": 120, "pipeline": 45}
 GRACE_S = 30
 TOTAL_S = 450
 GPU_WARMUP_MS, GPU_REP_MS = 10, 60  # do_bench windows (the benchmarks' defaults are 25 / 200)
@@ -68,6 +72,7 @@ DRY = {
     "per_call": dict(d=64, tokens=1024, calls=3, loops=1),
     "gptq": {(4096, 4096): (128, 128), (14336, 4096): (256, 128)},
     "gptq_tokens": 512,
+    "pipeline_tokens": 2048,
     "qmm": {(4096, 4096): (256, 256), (4096, 14336): (256, 512), (14336, 4096): (512, 256), (8192, 28672): (256, 384)},
 }
 
@@ -315,6 +320,15 @@ def render_markdown(doc: dict) -> str:
         value = _fmt_value(t["value"], t["unit"], dry)
         cells = (t["operation"], t["case"], t["measure"], _fmt_target(t), value, status)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if doc["raw"].get("pipeline"):
+        lines += ["", "## Pipeline (measured; no §5 target)", "",
+                  "| model | method | tokens | activations on | s per layer | forward s | Hessian s | solve s | "
+                  "peak MB | held MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in doc["raw"]["pipeline"]:
+            held = ", ".join(f"{k} {v:.0f}" for k, v in r["memory_mb"].items())
+            lines.append(f"| {r['model']} | {r['method']} | {r['tokens']} | {r['activations_on']} | "
+                         f"{r['per_layer_s']:.2f} | {r['forward_s']:.2f} | {r['hessian_s']:.2f} | {r['solve_s']:.2f} | "
+                         f"{r['peak_mb']:.0f} | {held} |")
     lines += ["", "## Steps", ""]
     for s in doc["steps"]:
         lines.append(f"- {s['name']}: {s['status']} ({s.get('seconds', 0):.0f} s)" + (f" — {s['note']}" if s.get("note")
@@ -709,6 +723,23 @@ def step_quant_matmul(run: Run) -> str:
     return run_cases(run, "quant_matmul", cases, BUDGETS_S["quant_matmul"])
 
 
+def step_pipeline(run: Run) -> str:
+    import torch
+
+    from benchmarks import bench_pipeline as bp
+
+    shape, tokens = (bp.TINY_LLAMA, DRY["pipeline_tokens"]) if run.dry else (bp.LLAMA3_8B, 32768)
+    device = "cpu" if run.dry else "cuda"
+    dtype = torch.float32 if run.dry else torch.bfloat16
+
+    def case(method: str, activations: str):
+        return [bp.random_llama(shape, 2, tokens, dtype, method, device, activations)], {}
+
+    cases = [Case("pipeline gptq, streams on the device", [], lambda: case("gptq", "device")),
+             Case("pipeline gptaq, streams in host memory", [], lambda: case("gptaq", "host"))]
+    return run_cases(run, "pipeline", cases, BUDGETS_S["pipeline"])
+
+
 STEPS: list[tuple[str, Callable[[Run], str]]] = [
     ("environment", step_environment),
     ("build", step_build),
@@ -716,12 +747,14 @@ STEPS: list[tuple[str, Callable[[Run], str]]] = [
     ("hessian", step_hessian),
     ("gptq", step_gptq),
     ("quant_matmul", step_quant_matmul),
+    ("pipeline", step_pipeline),
 ]
 
 STEP_KEYS = {
     "hessian": [k for k in TARGET_KEYS if k.startswith("hessian.")],
     "gptq": [k for k in TARGET_KEYS if k.startswith("gptq.")],
     "quant_matmul": [k for k in TARGET_KEYS if k.startswith("qmm.")],
+    "pipeline": [],  # measured figures without a target (the README's projections)
 }
 
 

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-shards", type=int, default=8,
                    help="virtual shards of the calibration set, the unit of data parallelism under torchrun: the "
                         "checkpoint depends on them, not on the number of ranks")
+    q.add_argument("--activations", default="auto", choices=("auto", "device", "host"),
+                   help="where calibration inputs wait between layers: on the device, in pinned host memory (for "
+                        "GPUs too small to hold them), or auto (the device while they take at most a quarter of it)")
     q.add_argument("--timeout", type=float, default=1800,
                    help="under torchrun: seconds a collective waits for a rank that stopped before this one fails")
     q.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
@@ -241,7 +244,7 @@ def _quantize_ranked(a, world) -> None:
     _steady_heap()
     options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
                    act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float,
-                   calib_shards=a.calib_shards)
+                   calib_shards=a.calib_shards, activations=a.activations)
     if in_memory:
         quantize_model(model, calib, a.bits, a.group_size, **options)
         if world.rank != 0:

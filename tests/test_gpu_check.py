@@ -57,7 +57,8 @@ def test_dry_run_end_to_end(tmp_path):
     md = jsons[0].with_suffix(".md").read_text()
 
     assert doc["dry_run"] is True and doc["status"] == "complete"
-    assert [s["name"] for s in doc["steps"]] == ["environment", "build", "tests", "hessian", "gptq", "quant_matmul"]
+    assert [s["name"] for s in doc["steps"]] == ["environment", "build", "tests", "hessian", "gptq", "quant_matmul",
+                                                 "pipeline"]
     assert all(s["status"] in ("ok", "skipped") for s in doc["steps"]), doc["steps"]
     env = doc["environment"]
     for k in ("date", "python", "torch", "triton", "device"):
@@ -82,6 +83,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert sum(r["status"] == "dry run" for r in rows.values()) >= len(EXPECTED) - 2 - len(cuda_gemv)
     assert "pass" not in doc["summary"] or doc["summary"]["pass"] == 0
     assert md.startswith("# DRY RUN") and "| pass |" not in md and "| fail |" not in md
+    pipe = doc["raw"]["pipeline"]  # both pipeline cases ran: time per layer, where the streams waited, the parts held
+    assert [(r["method"], r["activations_on"]) for r in pipe] == [("gptq", "cpu"), ("gptaq", "cpu")]
+    assert all(r["per_layer_s"] > 0 and r["memory_mb"]["hessian"] > 0 for r in pipe)
+    assert "## Pipeline (measured; no §5 target)" in md and "| tiny Llama, 2 layers, float32 | gptaq |" in md
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
     after = set(os.listdir(gc.RESULTS_DIR)) if os.path.isdir(gc.RESULTS_DIR) else set()
     assert after == results_before  # nothing written to benchmarks/results/

@@ -36,6 +36,7 @@ from ..ops.gptq import GPTQResult, gptq_quantize
 from ..ops.gptq.rtn import rtn_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
+from .activations import check_place, keep, store_for, use
 from .model import (
     Batch,
     capture_first_inputs,
@@ -85,6 +86,7 @@ class QuantizeStats:
     # and the mean); on CUDA also "solve": the solver's measured peak above what was allocated when it started
     memory_mb: dict = field(default_factory=dict)
     world_size: int = 1
+    activations_on: str = ""  # where the calibration streams waited between uses
     modules: dict = field(default_factory=dict)  # name -> {loss, damp, bits, group_size, sym, seconds}
 
     def held(self, part: str, tensors) -> None:
@@ -122,6 +124,7 @@ def quantize_model(
     device: str | torch.device | None = None,
     max_batch_tokens: int = 16384,
     calib_shards: int = 8,
+    activations: str = "auto",
     resume_dir: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
@@ -139,7 +142,10 @@ def quantize_model(
     before any work (``layer_policy.py``: fused MoE experts are not quantized yet). ``device``: where
     each layer runs while it is quantized (the model may stay on the CPU). ``calib_shards``: the virtual shards
     the calibration set is cut into (at most one per sequence), the unit of data parallelism: the result depends on
-    it, not on the number of ranks. ``resume_dir``: a folder for the per-layer state (``resume.py``); a rerun with
+    it, not on the number of ranks. ``activations``: where a layer's calibration inputs wait between uses, "device"
+    (where the layer runs), "host" (CPU memory, pinned; each micro-batch is sent to the GPU when used) or "auto" (the
+    device while the streams take at most a quarter of its free memory); exact either way. ``resume_dir``: a folder
+    for the per-layer state (``resume.py``); a rerun with
     the same arguments and weights resumes after the last committed layer, bit-identical to an uninterrupted run;
     other arguments or weights, or a damaged folder, are refused (``ResumeError``). An exception leaves ``model``
     as it was.
@@ -155,8 +161,8 @@ def quantize_model(
     opts = dict(method=method, weighting=weighting, sym=sym, act_order=act_order, static_groups=static_groups,
                 damp=damp, block_size=block_size, mse=mse, alpha=alpha, reg=reg, overrides=overrides,
                 keep_float=keep_float, checkpoint_format=checkpoint_format, device=device,
-                max_batch_tokens=max_batch_tokens, calib_shards=calib_shards, resume_dir=resume_dir,
-                progress=progress, log=log, callback=callback)
+                max_batch_tokens=max_batch_tokens, calib_shards=calib_shards, activations=activations,
+                resume_dir=resume_dir, progress=progress, log=log, callback=callback)
     # The caller's model is only read until every layer is done: each layer is quantized in a working copy, and
     # the QuantLinear modules go in at the end. An exception or Ctrl-C leaves the model as it was.
     results: dict[str, QuantLinear] = {}
@@ -194,6 +200,7 @@ class _Job:
     stats: QuantizeStats
     t_start: float
     state: ResumeDir | None = None
+    store: torch.device | None = None  # where the calibration streams wait (activations.py)
     read: Callable | None = None  # a streamed model's tensors outside the layers that are read only when needed
 
     @property
@@ -216,6 +223,7 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     shards = opts["calib_shards"]
     if isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0:
         raise ValueError(f"calib_shards must be a positive int, got {shards!r}")
+    check_place(opts["activations"])
     _refuse_quantized(model)
     if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
         raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
@@ -251,7 +259,7 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
 def _arguments_digest(model, groups, bits, group_size, opts, device) -> str:
     """What every rank must agree on before the first collective (not the weights: those are checked by the resume
     state, and hashing a big model's weights on every rank would cost minutes)."""
-    skip = ("log", "progress", "callback", "device")  # per rank (each its own GPU) or not affecting the collectives
+    skip = ("log", "progress", "callback", "device", "activations")  # per rank, or not affecting the collectives
     settings = dict(bits=bits, group_size=group_size, device=device.type,
                     **{k: v for k, v in opts.items() if k not in skip})
     return run_hash(model, groups, settings).hexdigest()
@@ -327,13 +335,17 @@ def _quantize_layers(job: _Job, load_layer, manifest, layer_hashes, on_layer) ->
     fp: dict[int, list[Batch]] | None = None  # GPTAQ's full-precision stream
     gptaq = o["method"] == "gptaq"
     if o["method"] != "rtn" and done_layers < n_layers:
+        job.store = store_for(o["activations"], job.device, _stream_bytes(job, gptaq))
+        stats.activations_on = str(job.store)
         t0 = time.perf_counter()
-        captured = {s: capture_first_inputs(job.model, job.shards.batches[s], job.device) for s in job.mine}
+        captured = {s: [Batch(keep(b.hidden, job.store), b.kwargs)
+                        for b in capture_first_inputs(job.model, job.shards.batches[s], job.device)]
+                    for s in job.mine}
         stats.forward_s += time.perf_counter() - t0
         if done_layers:  # the inputs of the next layer, with the keyword arguments captured afresh
             fp = {} if gptaq else None
             for s, firsts in captured.items():
-                q[s], fps = resumed_streams(state, done_layers - 1, s, firsts, gptaq, job.device)
+                q[s], fps = resumed_streams(state, done_layers - 1, s, firsts, gptaq, job.store)
                 if gptaq:
                     fp[s] = fps
         else:
@@ -369,7 +381,7 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     else:  # decoder layers repeat one structure: find the groups once per set of module names (rank 0 holds a shard)
         shape_key = tuple(mods)
         if shape_key not in group_cache:
-            found = group_linears(layer, mods, q[job.mine[0]][0]) if world.rank == 0 else None
+            found = group_linears(layer, mods, use(q[job.mine[0]][0], job.device)) if world.rank == 0 else None
             group_cache[shape_key] = world.broadcast_object(found)
         groups = group_cache[shape_key]
     for group in groups:
@@ -380,11 +392,23 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
         _solve_group(job, prefix, group, mods, H, dxxt, layer_results, packed)
     if o["method"] != "rtn":
         t0 = time.perf_counter()
-        q = {s: [Batch(first(layer(b.hidden, **b.kwargs)), b.kwargs) for b in bs] for s, bs in q.items()}
+        q = {s: [_forward(job, layer, b) for b in bs] for s, bs in q.items()}
         if fp_layer is not None:
-            fp = {s: [Batch(first(fp_layer(b.hidden, **b.kwargs)), b.kwargs) for b in bs] for s, bs in fp.items()}
+            fp = {s: [_forward(job, fp_layer, b) for b in bs] for s, bs in fp.items()}
         stats.forward_s += time.perf_counter() - t0
     return layer_results, packed, q, fp
+
+
+def _forward(job: _Job, layer, b: Batch) -> Batch:
+    """The next layer's input for one micro-batch."""
+    return Batch(keep(first(layer(use(b, job.device).hidden, **b.kwargs)), job.store), b.kwargs)
+
+
+def _stream_bytes(job: _Job, gptaq: bool) -> int:
+    """What this rank's calibration streams of one layer take (the hidden size and dtype of the embeddings)."""
+    emb = job.model.get_input_embeddings().weight
+    tokens = sum(ids.numel() for s in job.mine for ids in job.shards.batches[s])
+    return tokens * emb.shape[1] * emb.element_size() * (2 if gptaq else 1)
 
 
 def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
@@ -396,8 +420,8 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
         acc = HessianAccumulator(d, weighting=job.opts["weighting"], cross_term=gptaq, device=job.device)
         for bi, b in enumerate(q[s]):
             t0 = time.perf_counter()
-            x = input_of(layer, module, b)
-            x_fp = input_of(fp_layer, fp_module, fp[s][bi]) if gptaq else None
+            x = input_of(layer, module, use(b, job.device))
+            x_fp = input_of(fp_layer, fp_module, use(fp[s][bi], job.device)) if gptaq else None
             t1 = time.perf_counter()
             n, L = x.shape[0], x.shape[1]
             acc.add(x, [L] * n, x_fp=x_fp)  # 16-bit activations go to the tensor cores as they are
