@@ -656,6 +656,17 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _experts_in_place(model: nn.Module, qnames: list[str]) -> None:
+    """A fused-experts module (transformers 5) whose experts the checkpoint stores one by one
+    (``experts.{e}.gate_proj.qweight`` ...) becomes ``Experts`` with a place for each expert's modules."""
+    from .nn.experts import Experts
+    from .pipeline.experts import FusedExperts, fused_module_of
+
+    for parent in sorted({f for f in (fused_module_of(model, n) for n in qnames) if f is not None}):
+        ex = FusedExperts(parent, model.get_submodule(parent))
+        _set_module(model, parent, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate, ex.act()))
+
+
 def load_quantized(path, device="cpu", dtype: torch.dtype = torch.float16) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (or any GPTQ safetensors checkpoint with the same
     layout) from ``path``: the architecture from ``config.json`` (nothing is downloaded), QuantLinear in
@@ -685,6 +696,7 @@ def load_quantized(path, device="cpu", dtype: torch.dtype = torch.float16) -> nn
     model.config.quantization_config = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
 
     qnames = sorted({k[: -len(".qweight")] for k in header if k.endswith(".qweight")})
+    _experts_in_place(model, qnames)
     for name in qnames:
         try:
             lin = model.get_submodule(name)

@@ -28,7 +28,7 @@ from torch import nn
 from ._fsync import fsync_dir
 
 MANIFEST = "progress.json"
-FORMAT = 3  # 2: one streams file per layer
+FORMAT = 4  # 2: one streams file per layer; 3: without the experts' routing counts
 _OURS = re.compile(r"(progress\.json|layer_\d{4}\.safetensors|streams_\d{4}(_\d{4})?\.safetensors|\..*\.tmp.*)")
 
 
@@ -65,7 +65,7 @@ def file_sha256(path: str) -> str:
 
 
 _MANIFEST_TYPES = {"format": int, "fingerprint": str, "settings": dict, "done_layers": int, "modules": dict,
-                   "files": dict, "layer_hashes": list}
+                   "experts": dict, "files": dict, "layer_hashes": list}
 
 
 def _check_manifest(m) -> None:
@@ -180,10 +180,11 @@ class ResumeDir:
         return digest
 
     def commit(self, layer: int, layer_tensors: dict[str, torch.Tensor] | None, streams: dict[str, dict],
-               layer_hashes: list[str], modules: dict, world=None) -> None:
+               layer_hashes: list[str], modules: dict, world=None, experts: dict | None = None) -> None:
         """Write layer ``layer``'s files under new names (``layer_tensors`` on rank 0, each rank its ``streams``:
         file name -> tensors), then the manifest naming them (the commit point, rank 0), then remove what the
-        manifest no longer names. ``world`` (pipeline/world.py): the ranks, None for this process alone."""
+        manifest no longer names. ``world`` (pipeline/world.py): the ranks, None for this process alone. ``experts``:
+        the fused-experts modules' routing counts and policy so far (QuantizeStats.experts)."""
         os.makedirs(self.path, exist_ok=True)
         rank = 0 if world is None else world.rank
         mine = {fname: self._write(fname, tensors) for fname, tensors in streams.items()}
@@ -198,7 +199,7 @@ class ResumeDir:
             files.update(part)
         manifest = dict(format=FORMAT, fingerprint=self.fingerprint,
                         settings=json.loads(json.dumps(self.settings, default=str)), done_layers=layer + 1,
-                        modules=modules, layer_hashes=layer_hashes[: layer + 1], files=files)
+                        modules=modules, experts=experts or {}, layer_hashes=layer_hashes[: layer + 1], files=files)
         fsync_dir(self.path)  # the files' names are durable before the manifest names them
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{MANIFEST}.tmp")
         with os.fdopen(fd, "w") as f:

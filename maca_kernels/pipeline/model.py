@@ -95,11 +95,14 @@ def capture_first_inputs(model, id_batches, device) -> list[Batch]:
     return captured
 
 
-def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch) -> list[list[str]]:
-    """Linear modules grouped by the input they share, in the order the forward pass reaches them."""
-    seen: list[tuple[str, torch.Tensor]] = []
+def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch, experts: dict | None = None) -> list[list[str]]:
+    """Linear modules grouped by the input they share, in the order the forward pass reaches them; each
+    fused-experts module (``experts``: name -> module) a group of its own name, where the forward reaches it."""
+    seen: list[tuple[str, torch.Tensor | None]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: seen.append((n, args[0])))
              for name, m in mods.items()]
+    hooks += [m.register_forward_pre_hook(lambda mod, args, n=name: seen.append((n, None)))
+              for name, m in (experts or {}).items()]
     try:
         with torch.no_grad():
             layer(batch.hidden, **batch.kwargs)
@@ -109,17 +112,44 @@ def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch) -> list[list[
     groups: list[list[str]] = []
     inputs: list[torch.Tensor] = []
     for name, x in seen:
+        if x is None:  # fused experts
+            if [name] not in groups:
+                groups.append([name])
+                inputs.append(None)
+            continue
         for g, xi in zip(groups, inputs, strict=True):
-            if xi is x or (xi.shape == x.shape and xi.data_ptr() == x.data_ptr()):
+            if xi is not None and (xi is x or (xi.shape == x.shape and xi.data_ptr() == x.data_ptr())):
                 g.append(name)
                 break
         else:
             groups.append([name])
             inputs.append(x)
-    missing = set(mods) - {n for g in groups for n in g}
+    missing = (set(mods) | set(experts or {})) - {n for g in groups for n in g}
     if missing:
         raise RuntimeError(f"linear modules never called in a forward pass: {sorted(missing)}")
     return groups
+
+
+def routed_input(layer, experts: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a fused-experts module gets when ``layer`` runs on ``batch``: the tokens [n·L, d] (sequence-major) and
+    the experts each is routed to, [n·L, k] (the pass stops there)."""
+    seen = []
+
+    def grab(mod, args, kwargs):
+        names = ("hidden_states", "top_k_index")
+        seen.append([args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names)])
+        raise _Stop
+
+    handle = experts.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        layer(batch.hidden, **batch.kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(experts).__name__} was not reached in its layer's forward pass")
+    return seen[0][0], seen[0][1]
 
 
 def input_of(layer, module, batch: Batch) -> torch.Tensor:
@@ -143,4 +173,4 @@ def input_of(layer, module, batch: Batch) -> torch.Tensor:
 
 
 __all__ = ["Batch", "capture_first_inputs", "decoder_layers", "first", "group_linears", "input_of", "linears",
-           "module_settings", "swap"]
+           "module_settings", "routed_input", "swap"]

@@ -32,11 +32,13 @@ from torch import nn
 from ..formats.gptq import check_bits, check_checkpoint_format, check_group_size
 from ..layer_policy import check_layers, quantized_linears
 from ..nn import QuantLinear
-from ..ops.gptq import GPTQResult, gptq_quantize
+from ..nn.experts import Experts
+from ..ops.gptq import GPTQResult, gptq_factor, gptq_quantize
 from ..ops.gptq.rtn import rtn_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
 from .activations import check_place, keep, store_for, use
+from .experts import FusedExperts, check_forward, experts_hessians, find_experts, fused_module_of
 from .model import (
     Batch,
     capture_first_inputs,
@@ -64,6 +66,7 @@ from .state import (
 from .world import ShardSums, World
 
 METHODS = ("gptq", "gptaq", "rtn")
+MOE_CALIBRATIONS = ("routed", "all")
 
 
 @dataclass
@@ -86,6 +89,8 @@ class QuantizeStats:
     # and the mean); on CUDA also "solve": the solver's measured peak above what was allocated when it started
     memory_mb: dict = field(default_factory=dict)
     world_size: int = 1
+    # fused-experts module -> per expert: "tokens" routed to it, "sequences" with a routed token, "policy" applied
+    experts: dict = field(default_factory=dict)
     activations_on: str = ""  # where the calibration streams waited between uses
     modules: dict = field(default_factory=dict)  # name -> {loss, damp, bits, group_size, sym, seconds}
 
@@ -124,6 +129,8 @@ def quantize_model(
     device: str | torch.device | None = None,
     max_batch_tokens: int = 16384,
     calib_shards: int = 8,
+    moe_calibration: str = "routed",
+    moe_min_tokens: int = 128,
     activations: str = "auto",
     resume_dir: str | None = None,
     progress: bool = True,
@@ -138,8 +145,19 @@ def quantize_model(
     ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``overrides`` maps a
     module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``keep_float`` names
     parameters or modules to leave in float (patterns as ``overrides``); every other floating matrix of a
-    decoder layer must be a quantized ``nn.Linear`` or a router, else ``UncoveredParameterError`` is raised
-    before any work (``layer_policy.py``: fused MoE experts are not quantized yet). ``device``: where
+    decoder layer must be a quantized ``nn.Linear``, fused experts or a router, else ``UncoveredParameterError`` is
+    raised before any work (``layer_policy.py``).
+
+    Fused MoE experts (``pipeline/experts.py``) are quantized per expert (``experts.{e}.gate_proj`` / ``up_proj`` /
+    ``down_proj``); expert e's Hessian comes from the tokens routed to it. With ``weighting="sequence"`` each
+    sequence s with n_se > 0 tokens routed to e is one sample: ``H_e = 2/S_e · Σ_s (1/n_se) Σ_{t∈s→e} x_t x_tᵀ``
+    (S_e: those sequences); with "token", ``H_e = 2/N_e · Σ_{t→e} x_t x_tᵀ`` (N_e = Σ_s n_se). Gate and up share
+    H_e; down's comes from the expert's own ``act(gate)·up`` of those tokens. The router's weights do not enter
+    (as in GPTQ for dense modules). ``moe_calibration="routed"``: an expert with N_e < ``moe_min_tokens`` routed
+    tokens gets ``(N_e/m)·H_e + (1 − N_e/m)·H_e^all`` (m = moe_min_tokens; H^all: every token through that expert,
+    weighted as the run), so an expert no token reaches is solved on H^all, never on zeros. "all": every expert
+    sees every token (H^all for all). Per-expert counts and the policy applied go to ``quantize_stats.experts``
+    and the checkpoint's meta. ``device``: where
     each layer runs while it is quantized (the model may stay on the CPU). ``calib_shards``: the virtual shards
     the calibration set is cut into (at most one per sequence), the unit of data parallelism: the result depends on
     it, not on the number of ranks. ``activations``: where a layer's calibration inputs wait between uses, "device"
@@ -160,6 +178,7 @@ def quantize_model(
     """
     opts = dict(method=method, weighting=weighting, sym=sym, act_order=act_order, static_groups=static_groups,
                 damp=damp, block_size=block_size, mse=mse, alpha=alpha, reg=reg, overrides=overrides,
+                moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens,
                 keep_float=keep_float, checkpoint_format=checkpoint_format, device=device,
                 max_batch_tokens=max_batch_tokens, calib_shards=calib_shards, activations=activations,
                 resume_dir=resume_dir, progress=progress, log=log, callback=callback)
@@ -171,6 +190,7 @@ def quantize_model(
         job = _prepare(model, calib, bits, group_size, opts)
         _run(job, None, lambda i, packed: results.update(packed))
         t0 = time.perf_counter()
+        _moe_meta(job)
         _install(model, results, job.home, job.qcfg)
         job.stats.pack_s += time.perf_counter() - t0
     except BaseException:
@@ -224,15 +244,26 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     if isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0:
         raise ValueError(f"calib_shards must be a positive int, got {shards!r}")
     check_place(opts["activations"])
+    if opts["moe_calibration"] not in MOE_CALIBRATIONS:
+        raise ValueError(f"moe_calibration must be one of {MOE_CALIBRATIONS}, got {opts['moe_calibration']!r}")
+    m = opts["moe_min_tokens"]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"moe_min_tokens must be an int >= 0, got {m!r}")
     _refuse_quantized(model)
     if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
         raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
     keep_float = opts["keep_float"] = tuple(keep_float)
     layers_name, layers = decoder_layers(model)
     check_layers(layers_name, layers, keep_float)  # no floating matrix left in float silently (layer_policy.py)
+    probed = set()
     for i, layer in enumerate(layers):  # every module's group size divides its in_features
         prefix = f"{layers_name}.{i}."
-        for name, lin in quantized_linears(layer, keep_float, prefix).items():
+        mods, experts = _targets(layer, keep_float, prefix)
+        for ex in experts.values():  # our reading of each experts class checked on its first module, before any work
+            if type(ex.module) not in probed and not ex.module.down_proj.is_meta:
+                check_forward(ex)
+                probed.add(type(ex.module))
+        for name, lin in mods.items():
             s = module_settings(prefix + name, dict(bits=bits, group_size=group_size), opts["overrides"])
             check_group_size(s["group_size"], lin.in_features, f" ({prefix + name})")
     home = next(p.device for p in model.parameters() if not p.is_meta)
@@ -254,6 +285,16 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
                 world, make_shards(groups, shards, opts["max_batch_tokens"], world.size), qcfg,
                 QuantizeStats(world_size=world.size), time.perf_counter())
+
+
+def _targets(layer: nn.Module, keep_float, prefix: str) -> tuple[dict, dict[str, FusedExperts]]:
+    """What is quantized in a layer by name within it: its Linears and every expert's projections (views into the
+    fused parameters), and the fused-experts modules."""
+    experts = find_experts(layer, keep_float, prefix)
+    mods = dict(quantized_linears(layer, keep_float, prefix))
+    for ex in experts.values():
+        mods.update(ex.slices())
+    return mods, experts
 
 
 def _arguments_digest(model, groups, bits, group_size, opts, device) -> str:
@@ -290,6 +331,7 @@ def _run(job: _Job, load_layer, on_layer) -> None:
     cpu_threads = torch.get_num_threads() if job.device.type == "cpu" else None
     settings = dict(method=o["method"], weighting=o["weighting"], base=job.base, overrides=o["overrides"],
                     alpha=o["alpha"], **job.solve_kw, max_batch_tokens=o["max_batch_tokens"],
+                    moe_calibration=o["moe_calibration"], moe_min_tokens=o["moe_min_tokens"],
                     calib_shards=o["calib_shards"], device=job.device.type, cpu_threads=cpu_threads,
                     keep_float=sorted(o["keep_float"]))
     manifest = layer_hashes = None
@@ -322,13 +364,14 @@ def _quantize_layers(job: _Job, load_layer, manifest, layer_hashes, on_layer) ->
     for i in range(done_layers):
         layer = load_layer(i)
         prefix = f"{job.layers_name}.{i}."
-        mods = linears(layer, o["keep_float"], prefix)
+        mods = _targets(layer, o["keep_float"], prefix)[0]
         resumed = resumed_layer(state, manifest, job.layers_name, i, mods)
         on_layer(i, {name: _packed(r, mods[name[len(prefix):]], o["checkpoint_format"])
                      for name, r in resumed.items()})
         del layer, resumed
     if done_layers:
         stats.modules.update(manifest["modules"])
+        stats.experts.update(manifest["experts"])
         _say(o["log"], f"resuming after layer {done_layers - 1} of {n_layers} ({state.path})")
 
     q: dict[int, list[Batch]] = {}  # shard -> its batches' inputs of the current layer (this rank's shards)
@@ -360,7 +403,8 @@ def _quantize_layers(job: _Job, load_layer, manifest, layer_hashes, on_layer) ->
         if state is not None:
             streams = {} if o["method"] == "rtn" else {
                 streams_file(i, s): stream_tensors(q[s], fp[s] if gptaq else None) for s in job.mine}
-            state.commit(i, result_tensors(layer_results), streams, layer_hashes, stats.modules, job.world)
+            state.commit(i, result_tensors(layer_results), streams, layer_hashes, stats.modules, job.world,
+                         stats.experts)
         del layer_results
         on_layer(i, packed)
 
@@ -371,7 +415,9 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     o, stats, world = job.opts, job.stats, job.world
     layer = copy.deepcopy(source).to(job.device)
     fp_layer = copy.deepcopy(layer) if o["method"] == "gptaq" else None
-    mods = linears(layer, o["keep_float"], prefix)
+    mods, experts = _targets(layer, o["keep_float"], prefix)
+    for ex in experts.values():
+        check_forward(ex)
     stats.held("layer", [*layer.state_dict().values(), *(fp_layer.state_dict().values() if fp_layer else ())])
     stats.held("activations", [b.hidden for bs in [*q.values(), *(fp or {}).values()] for b in bs])
     layer_results: dict[str, GPTQResult] = {}
@@ -381,15 +427,22 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     else:  # decoder layers repeat one structure: find the groups once per set of module names (rank 0 holds a shard)
         shape_key = tuple(mods)
         if shape_key not in group_cache:
-            found = group_linears(layer, mods, use(q[job.mine[0]][0], job.device)) if world.rank == 0 else None
+            lin = {n: m for n, m in mods.items() if isinstance(m, nn.Module)}
+            found = (group_linears(layer, lin, use(q[job.mine[0]][0], job.device),
+                                   {n: ex.module for n, ex in experts.items()}) if world.rank == 0 else None)
             group_cache[shape_key] = world.broadcast_object(found)
         groups = group_cache[shape_key]
     for group in groups:
-        H = dxxt = None
-        if o["method"] != "rtn":
+        if o["method"] == "rtn":
+            _solve_group(job, prefix, group, mods, dict.fromkeys(group, (None, None)), layer_results, packed)
+        elif group[0] in experts:
+            fp_ex = find_experts(fp_layer, o["keep_float"], prefix)[group[0]] if fp_layer is not None else None
+            _quantize_experts(job, prefix, layer, fp_layer, experts[group[0]], fp_ex, mods, q, fp, layer_results,
+                              packed)
+        else:
             fp_mod = linears(fp_layer, o["keep_float"], prefix)[group[0]] if fp_layer is not None else None
             H, dxxt = _group_hessian(job, layer, fp_layer, mods[group[0]], fp_mod, q, fp)
-        _solve_group(job, prefix, group, mods, H, dxxt, layer_results, packed)
+            _solve_group(job, prefix, group, mods, dict.fromkeys(group, (H, dxxt)), layer_results, packed)
     if o["method"] != "rtn":
         t0 = time.perf_counter()
         q = {s: [_forward(job, layer, b) for b in bs] for s, bs in q.items()}
@@ -397,6 +450,31 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
             fp = {s: [_forward(job, fp_layer, b) for b in bs] for s, bs in fp.items()}
         stats.forward_s += time.perf_counter() - t0
     return layer_results, packed, q, fp
+
+
+def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts, fp_ex, mods, q, fp, layer_results,
+                      packed) -> None:
+    """A fused-experts module: every expert's gate and up on its routed tokens' Hessian, then its down on the
+    Hessian of its own quantized ``act(gate)·up`` (true-sequential inside the expert)."""
+    E = ex.num_experts
+    gate_up, counts = experts_hessians(job, layer, fp_layer, ex, fp_ex, q, fp, down=False)
+    names = {e: [f"{ex.name}.{e}.{p}" for p in ("gate_proj", "up_proj")] for e in range(E)}
+    _solve_group(job, prefix, [n for e in range(E) for n in names[e]], mods,
+                 {n: gate_up[e] for e in range(E) for n in names[e]}, layer_results, packed)
+    del gate_up
+    down, _ = experts_hessians(job, layer, fp_layer, ex, fp_ex, q, fp, down=True, counts=counts)
+    _solve_group(job, prefix, [f"{ex.name}.{e}.down_proj" for e in range(E)], mods,
+                 {f"{ex.name}.{e}.down_proj": down[e] for e in range(E)}, layer_results, packed)
+    policy = counts.policy(job.opts["moe_calibration"], job.opts["moe_min_tokens"])
+    job.stats.experts[prefix + ex.name] = dict(tokens=counts.tokens, sequences=counts.sequences, policy=policy)
+    if job.opts["moe_calibration"] == "routed":
+        none = [e for e in range(E) if policy[e] == "all tokens"]
+        few = [e for e in range(E) if policy[e] == "blended"]
+        if none:
+            _say(job.opts["log"], f"{prefix + ex.name}: experts {none} got no routed token: solved on every token")
+        if few:
+            _say(job.opts["log"], f"{prefix + ex.name}: experts {few} got fewer than {job.opts['moe_min_tokens']} "
+                                  "routed tokens: their Hessians blended with every token's")
 
 
 def _forward(job: _Job, layer, b: Batch) -> Batch:
@@ -448,19 +526,21 @@ def _wait(job: _Job) -> None:
         job.stats.wait_s += time.perf_counter() - t0
 
 
-def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, H, dxxt, layer_results, packed) -> None:
+def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, hessians: dict, layer_results, packed) -> None:
     """The group's modules solved on the ranks schedule.py assigns, shared with every rank, and written into the
-    working copy (later groups and the next layer see the quantized weights)."""
+    working copy (later groups and the next layer see the quantized weights). ``hessians``: name -> (H, dxxt)."""
     o, stats, world = job.opts, job.stats, job.world
     full = {name: prefix + name for name in group}
     settings = {name: module_settings(full[name], job.base, o["overrides"]) for name in group}
     shapes = {full[n]: tuple(mods[n].weight.shape) for n in group}
     owner = assign_solves(shapes, o["method"], world.size)
     local = {}
+    shared, shared_key = None, None  # one factorisation per Hessian for the modules in a row that share it
     for name in group:
         if owner[full[name]] != world.rank:
             continue
         s, W = settings[name], mods[name].weight.data
+        H, dxxt = hessians[name]
         cuda = W.device.type == "cuda"
         if cuda:  # (the run's peak so far is kept before the device's counter restarts)
             stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(W.device))
@@ -471,8 +551,13 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, H, dxxt, 
             r = rtn_quantize(W, s["bits"], s["group_size"], job.solve_kw["sym"], mse=job.solve_kw["mse"],
                              name=full[name])
         else:
+            if shared_key != (id(H), id(dxxt)):
+                shared = None  # freed before the next is made
+                shared = gptq_factor(H, act_order=job.solve_kw["act_order"], damp=job.solve_kw["damp"], dxxt=dxxt,
+                                     alpha=o["alpha"], reg=job.solve_kw["reg"], name=full[name])
+                shared_key = (id(H), id(dxxt))
             r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=o["alpha"], name=full[name],
-                              **job.solve_kw)
+                              factor=shared, **job.solve_kw)
         dt = time.perf_counter() - t0
         stats.solve_s += dt
         if cuda:
@@ -517,12 +602,25 @@ def _packed(r: GPTQResult, linear: nn.Linear, checkpoint_format: str) -> QuantLi
     return QuantLinear.from_gptq(r, bias=bias, checkpoint_format=checkpoint_format)
 
 
+def _moe_meta(job: _Job) -> None:
+    """The experts' calibration policy and per-expert counts, in the checkpoint's meta."""
+    if job.stats.experts:
+        job.qcfg["meta"]["moe"] = dict(calibration=job.opts["moe_calibration"], min_tokens=job.opts["moe_min_tokens"],
+                                       experts=job.stats.experts)
+
+
 def _install(model: nn.Module, results: dict[str, QuantLinear], home, qcfg: dict) -> None:
-    """Replace each quantized Linear by its QuantLinear and set the config; all or nothing."""
+    """Replace each quantized Linear by its QuantLinear, each fused-experts module by ``Experts`` of QuantLinear
+    modules, and set the config; all or nothing."""
     new = {name: q.to(home) for name, q in results.items()}
     swapped: list[tuple[str, nn.Module]] = []
     had_cfg = "quantization_config" in vars(model.config)
+    fused = sorted({f for f in map(lambda n: fused_module_of(model, n), new) if f is not None})
     try:
+        for name in fused:  # per-expert places first, filled below
+            ex = FusedExperts(name, model.get_submodule(name))
+            swapped.append((name, swap(model, name, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate,
+                                                                    ex.act()))))
         for name, q in new.items():
             swapped.append((name, swap(model, name, q)))
         model.config.quantization_config = qcfg

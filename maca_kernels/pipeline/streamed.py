@@ -25,8 +25,9 @@ from ..checkpoint import SAFE_WEIGHTS_INDEX_NAME as INDEX
 from ..checkpoint import SAFE_WEIGHTS_NAME as SINGLE
 from ..checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
 from ..nn import QuantLinear
-from .model import decoder_layers, linears, module_settings, swap
-from .run import _peak_memory_mb, _prepare, _run, _say, quantize_model
+from ..nn.experts import Experts
+from .model import decoder_layers, module_settings, swap
+from .run import _peak_memory_mb, _prepare, _run, _say, _targets, quantize_model
 from .world import World
 
 
@@ -193,7 +194,10 @@ def _plan(config, dtype, job) -> list[tuple[str, torch.Tensor]]:
     o = job.opts
     for i, layer in enumerate(job.layers):
         prefix = f"{job.layers_name}.{i}."
-        for name, lin in linears(layer, o["keep_float"], prefix).items():
+        mods, experts = _targets(layer, o["keep_float"], prefix)
+        for name, ex in experts.items():  # a place for each expert's modules (as quantize_model installs them)
+            swap(model, prefix + name, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate, ex.act()))
+        for name, lin in mods.items():
             s = module_settings(prefix + name, job.base, o["overrides"])
             q = QuantLinear(lin.in_features, lin.out_features, s["bits"], s["group_size"], bias=lin.bias is not None,
                             checkpoint_format=o["checkpoint_format"], device="meta")

@@ -132,11 +132,11 @@ class ShardSums:
         self.world, self.owner = world, owner
         self.mine: dict[int, list[torch.Tensor]] = {}
         self.folded: list[torch.Tensor] | None = None
-        self.counts = [0, 0]
+        self.counts: list[int] | None = None  # summed over this rank's shards: (sequences, tokens), or any ints
         self.wide = 0  # entries that took the ordered path (several ranks)
 
     def add(self, shard: int, sums: list[torch.Tensor], counts: tuple[int, int]) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.counts = list(counts) if self.counts is None else [a + b for a, b in zip(self.counts, counts, strict=True)]
         if self.world.size > 1:
             self.mine[shard] = sums
             return
@@ -145,9 +145,9 @@ class ShardSums:
         for acc, t in zip(self.folded, sums, strict=True):
             acc += t
 
-    def total(self, shapes: list[tuple[int, int]], device) -> tuple[list[torch.Tensor], list[int]]:
-        """The float64 totals (on ``device``) and the summed counts."""
-        counts = self.world.sum_int(self.counts)
+    def total(self, shapes: list[tuple[int, ...]], device, n_counts: int = 2) -> tuple[list[torch.Tensor], list[int]]:
+        """The float64 totals (on ``device``) and the summed counts (``n_counts`` of them)."""
+        counts = self.world.sum_int(self.counts if self.counts is not None else [0] * n_counts)
         if self.world.size == 1:
             if self.folded is None:
                 return [torch.zeros(s, dtype=torch.float64, device=device) for s in shapes], counts

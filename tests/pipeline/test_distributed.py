@@ -71,6 +71,20 @@ def test_in_memory_rtn_and_more_ranks_than_shards(src, tmp_path):
     same_folders(tmp_path / "rtn1", tmp_path / "rtn2")
 
 
+def test_moe_experts_on_two_and_three_ranks(tmp_path):
+    """Fused experts (Qwen3-MoE): each expert's routed Hessians summed over the shards in shard order, its solves
+    spread over the ranks; GPTAQ (both streams route through the experts)."""
+    from tiny_models import tiny_moe
+
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    args = ("--in-memory", "--method", "gptaq", "--shards", "3")
+    alone(tmp_path / "moe", tmp_path / "one", *args)
+    torchrun(2, tmp_path / "moe", tmp_path / "two", *args)
+    torchrun(3, tmp_path / "moe", tmp_path / "three", *args)
+    same_folders(tmp_path / "one", tmp_path / "two")
+    same_folders(tmp_path / "one", tmp_path / "three")
+
+
 def test_two_nodes_on_one_machine(src, tmp_path):
     alone(src, tmp_path / "one")
     port = free_port()

@@ -1,6 +1,7 @@
-"""No floating matrix of a decoder layer is left in float silently: fused MoE experts (transformers 5) are refused
-before any work unless keep_float names them; routers and norms stay in float by policy; keep_float also keeps
-chosen Linears in float, recorded in the checkpoint's meta."""
+"""No floating matrix of a decoder layer is left in float silently: fused MoE experts (transformers 5) are quantized
+(test_moe.py) or, in a variant the pipeline does not reproduce, refused before any work unless keep_float names
+them; other 3-D parameters are refused the same way; routers and norms stay in float by policy; keep_float also
+keeps chosen Linears in float, recorded in the checkpoint's meta."""
 
 from __future__ import annotations
 
@@ -11,41 +12,33 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import random_sequences, tiny_model  # noqa: E402
+from tiny_models import random_sequences, tiny_model, tiny_moe  # noqa: E402
 
 import maca_kernels as mk  # noqa: E402
 from maca_kernels.layer_policy import UncoveredParameterError  # noqa: E402
 from maca_kernels.nn import QuantLinear  # noqa: E402
 from maca_kernels.pipeline import quantize_model  # noqa: E402
+from maca_kernels.pipeline.experts import UnsupportedExpertsError  # noqa: E402
 
 KW = dict(bits=4, group_size=32, progress=False, log=None)
 
 
-def tiny_moe(family: str):
-    import transformers as tf
-
-    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  num_experts_per_tok=2, max_position_embeddings=256)
-    if family == "mixtral":
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=4))
-    else:
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
-                                                         num_experts=4, head_dim=16))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return model.eval()
-
-
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_fused_experts_refused_before_any_work(family, monkeypatch):
+def test_unsupported_experts_and_stray_matrices_refused_before_any_work(family, monkeypatch):
     import maca_kernels.pipeline.run as pl
 
     monkeypatch.setattr(pl, "capture_first_inputs", lambda *a: pytest.fail("work started"))
     model = tiny_moe(family)
-    with pytest.raises(UncoveredParameterError, match=r"model.layers.0.mlp.experts.gate_up_proj \[4, \d+, 64\]"):
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, experts.gate_up_proj.shape[1]))  # GPT-OSS-like
+    with pytest.raises(UnsupportedExpertsError, match=r"model.layers.1.mlp.experts \(\w+Experts\): parameters "
+                                                      r"\['down_proj', 'gate_up_proj', 'gate_up_proj_bias'\].*"
+                                                      r"keep_float=\('experts',\)"):
+        quantize_model(model, random_sequences([16, 32], seed=1), **KW)
+    model = tiny_moe(family)
+    model.model.layers[0].mlp.lookup = torch.nn.Module()
+    model.model.layers[0].mlp.lookup.table = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    with pytest.raises(UncoveredParameterError, match=r"model.layers.0.mlp.lookup.table \[2, 3, 4\] \(Module\)"):
         quantize_model(model, random_sequences([16, 32], seed=1), **KW)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
@@ -80,12 +73,12 @@ def test_keep_float_linears_and_bad_patterns():
 
 
 def test_cli(tmp_path, capsys):
-    from maca_kernels.cli import EXIT_USAGE, main
+    from maca_kernels.cli import main
 
     tiny_moe("mixtral").save_pretrained(tmp_path / "moe")
     q = ["quantize", "--model", str(tmp_path / "moe"), "--method", "rtn", "--group-size", "32"]
-    assert main([*q, "--out", str(tmp_path / "a")]) == EXIT_USAGE
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "experts.gate_up_proj" in err[-1] and "--keep-float experts" in err[-1]
+    assert main([*q, "--out", str(tmp_path / "a")]) == 0  # the experts quantized
+    with __import__("safetensors").safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.mlp.experts.3.down_proj.qweight" in f.keys()
     assert main([*q, "--out", str(tmp_path / "b"), "--keep-float", "experts"]) == 0
     assert (tmp_path / "b" / "model.safetensors").exists()

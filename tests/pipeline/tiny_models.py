@@ -1,4 +1,5 @@
-"""Tiny random-weight causal LMs built in the tests (no download): Llama, Qwen2/3, Mistral, Gemma2/3 shapes."""
+"""Tiny random-weight causal LMs built in the tests (no download): Llama, Qwen2/3, Mistral, Gemma2/3 shapes, and
+Mixtral / Qwen3-MoE with fused experts."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ class ByteTokenizer:
 
     def save_pretrained(self, path):
         pass
+
+
+def tiny_moe(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256)
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=4))
+    else:
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
+                                                         num_experts=4, head_dim=16))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    return model.eval()

@@ -1,4 +1,5 @@
-"""GPTQ / GPTAQ quantization of one layer: ``gptq_quantize(W, H, ...)``.
+"""GPTQ / GPTAQ quantization of one layer: ``gptq_quantize(W, H, ...)``; ``gptq_factor(H, ...)`` once for several
+weights solved against one Hessian.
 
 ``prepare.py`` validates and does the dense linear algebra (dead columns, regularisation, act-order,
 damping escalation, Cholesky of H⁻¹, GPTAQ's P); the column sweep runs in the Triton kernel on CUDA
@@ -12,7 +13,7 @@ import contextlib
 
 import torch
 
-from .prepare import NotPositiveDefiniteError, check_inputs, ieee_fp32_matmul, prepare
+from .prepare import HessianFactor, NotPositiveDefiniteError, check_inputs, factor, ieee_fp32_matmul, prepare
 from .quantizer import check_scales
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
@@ -45,6 +46,33 @@ def _assemble(W, H, prep, codes_pos, dyn_scales, dyn_zeros, bits, group_size, sy
                       sym, perm)
 
 
+def gptq_factor(
+    H: torch.Tensor,
+    *,
+    act_order: bool = False,
+    damp: float = 0.01,
+    dxxt: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    reg: float | None = None,
+    saliency: torch.Tensor | None = None,
+    name: str | None = None,
+    damp_steps=None,
+) -> HessianFactor:
+    """The part of a GPTQ solve that depends on ``H`` alone (damping, act-order, the Cholesky factor of H⁻¹, GPTAQ's
+    P), to pass as ``gptq_quantize(W, H, ..., factor=f)`` for every weight that shares ``H`` (q/k/v, gate/up, an
+    expert's gate/up): one factorisation instead of one per weight, the same bits. The arguments are
+    ``gptq_quantize``'s; each solve must ask for the same ones."""
+    damp_steps = None if damp_steps is None else tuple(damp_steps)
+    if not isinstance(H, torch.Tensor) or H.dim() != 2:
+        got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise ValueError(f"H must be a floating-point [K, K] tensor, got {got}{f' (layer {name})' if name else ''}")
+    probe = torch.zeros(1, H.shape[1], device=H.device)  # the checks of gptq_quantize, for H's side
+    check_inputs(probe, H, 4, -1, 128, damp, dxxt, alpha, reg, saliency, name, damp_steps=damp_steps)
+    with ieee_fp32_matmul():
+        return factor(H, act_order=act_order, damp=damp, dxxt=dxxt, alpha=alpha, reg=reg, saliency=saliency,
+                      name=name, damp_steps=damp_steps)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -67,6 +95,7 @@ def gptq_quantize(
     scales: torch.Tensor | None = None,
     zeros: torch.Tensor | None = None,
     damp_steps=None,
+    factor: HessianFactor | None = None,
 ) -> GPTQResult:
     """Quantize ``W`` [N, K] (out × in) against the layer Hessian ``H`` [K, K] with GPTQ.
 
@@ -82,7 +111,8 @@ def gptq_quantize(
     groups; true integer zeros in [0, 2^bits − 1]) and GPTQ only chooses the codes: e.g. parameters from
     another tool's observer. ``damp_steps``: the increasing fractions tried after ``damp`` when H is not
     positive definite (default: this library's schedule; ``()`` fails at once with
-    ``NotPositiveDefiniteError``).
+    ``NotPositiveDefiniteError``). ``factor``: ``gptq_factor(H, ...)`` made with this call's act_order, damp,
+    dxxt, alpha, reg, saliency and damp_steps, shared by the weights solved against ``H``.
     """
     damp_steps = None if damp_steps is None else tuple(damp_steps)  # a generator would be used up by the check
     if not isinstance(sym, bool):
@@ -90,6 +120,10 @@ def gptq_quantize(
     check_inputs(W, H, bits, group_size, block_size, damp, dxxt, alpha, reg, saliency, name,
                  scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
     bits = int(bits)  # checked: an int or an integer-like (e.g. numpy's), as the extension wants it
+    if factor is not None:
+        _check_factor(factor, W, dict(act_order=bool(act_order), damp=damp, alpha=alpha if dxxt is not None else None,
+                                      reg=reg or None, gptaq=dxxt is not None, saliency=saliency is not None,
+                                      damp_steps=damp_steps), name)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
@@ -104,7 +138,7 @@ def gptq_quantize(
         prep = prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=dxxt,
                        alpha=alpha, reg=reg, saliency=saliency, name=name, scales=scales, zeros=zeros,
-                       damp_steps=damp_steps)
+                       damp_steps=damp_steps, shared=factor)
         if backend == "triton":
             from ..._triton_utils import check_triton_device
             from .triton_kernel import gptq_sweep_triton
@@ -121,4 +155,17 @@ def gptq_quantize(
         return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss, name)
 
 
-__all__ = ["GPTQResult", "NotPositiveDefiniteError", "gptq_quantize"]
+def _check_factor(f, W, want: dict, name) -> None:
+    where = f" (layer {name})" if name else ""
+    if not isinstance(f, HessianFactor):
+        raise ValueError(f"factor must come from gptq_factor, got {type(f).__name__}{where}")
+    if f.U.shape[0] != W.shape[1] or f.U.device != W.device:
+        raise ValueError(f"factor is for K = {f.U.shape[0]} on {f.U.device}, W is [N, {W.shape[1]}] on {W.device}"
+                         f"{where}")
+    other = {k: (f.settings[k], v) for k, v in want.items() if f.settings[k] != v}
+    if other:
+        said = ", ".join(f"{k}={a!r} (this call: {b!r})" for k, (a, b) in other.items())
+        raise ValueError(f"factor was made with {said}: pass gptq_quantize the arguments gptq_factor had{where}")
+
+
+__all__ = ["GPTQResult", "HessianFactor", "NotPositiveDefiniteError", "gptq_factor", "gptq_quantize"]

@@ -133,15 +133,24 @@ def _upper_inverse_factor(H: torch.Tensor, mean_diag: float, damp: float) -> tor
     return U
 
 
-def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, block_size, mse,
-            dxxt=None, alpha=0.25, reg=None, saliency=None, name=None, scales=None, zeros=None,
-            damp_steps=None) -> Prepared:
-    W = W.detach().to(torch.float32).clone()
+@dataclass
+class HessianFactor:
+    """What a GPTQ solve derives from H alone (``gptq_factor``): every weight solved against the same Hessian with
+    the same settings can share it, with the bits of its own factorisation (q/k/v, gate/up, an expert's gate/up)."""
+
+    dead: torch.Tensor  # [K] bool: columns with diag(H) = 0 (zeroed in W)
+    perm: torch.Tensor  # [K] processing order → original column
+    U: torch.Tensor  # [K, K] upper Cholesky factor of (H + damp)⁻¹ in processing order
+    P: torch.Tensor | None  # [K, K] GPTAQ correction (strictly upper), or None
+    damp: float  # damping fraction actually used
+    settings: dict  # what it was made with (act_order, damp, reg, alpha, ...): a solve must ask for the same
+
+
+def factor(H, *, act_order, damp, dxxt=None, alpha=0.25, reg=None, saliency=None, name=None,
+           damp_steps=None) -> HessianFactor:
     H = H.detach().to(torch.float32).clone()
-    K = W.shape[1]
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     if dxxt is not None:
         dxxt = dxxt.detach().to(torch.float32).clone()
         dxxt[:, dead] = 0.0
@@ -152,27 +161,12 @@ def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, bloc
         # normalised diag(H), so reg is a fraction of mean(diag H) like damp.
         s = saliency.to(H) if saliency is not None else H.diagonal() / mean_diag
         H.diagonal().add_(reg * mean_diag * s)
-
-    # Parameters fixed before the sweep: given by the caller, static groups, or the single group of
-    # group_size = -1 (taken from the original weights, as GPTQ does).
-    static_scale = static_zero = None
-    g = group_size if group_size > 0 else K
-    if scales is not None:
-        static_scale, static_zero = scales.to(torch.float32).clone(), zeros.to(torch.float32).clone()
-    elif static_groups or group_size <= 0:
-        params = [find_params(W[:, i : i + g], bits, sym, mse) for i in range(0, K, g)]
-        static_scale = torch.stack([p[0] for p in params], dim=1)
-        static_zero = torch.stack([p[1] for p in params], dim=1)
-
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        H = H[perm][:, perm]
         dxxt = None if dxxt is None else dxxt[perm][:, perm]
     else:
-        perm = torch.arange(K, device=W.device)
-    positions = torch.arange(K, device=W.device)
-    group_of_pos = perm // g if static_scale is not None else positions // g
-
+        perm = torch.arange(H.shape[0], device=H.device)
     U, used = None, damp
     steps = (damp,) + tuple(s for s in DAMP_STEPS if s > damp) if damp_steps is None else (damp, *damp_steps)
     for used in steps:
@@ -189,7 +183,35 @@ def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, bloc
     P = None
     if dxxt is not None and alpha:
         P = alpha * ((dxxt @ U.T).triu(1)) @ U
+    settings = dict(act_order=bool(act_order), damp=damp, alpha=alpha if dxxt is not None else None, reg=reg or None,
+                    gptaq=dxxt is not None, saliency=saliency is not None, damp_steps=damp_steps)
+    return HessianFactor(dead, perm, U, P, float(used), settings)
+
+
+def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, block_size, mse,
+            dxxt=None, alpha=0.25, reg=None, saliency=None, name=None, scales=None, zeros=None,
+            damp_steps=None, shared: HessianFactor | None = None) -> Prepared:
+    """The weight's side of a solve, with the Hessian's side from ``shared`` or made here."""
+    f = shared if shared is not None else factor(H, act_order=act_order, damp=damp, dxxt=dxxt, alpha=alpha, reg=reg,
+                                                  saliency=saliency, name=name, damp_steps=damp_steps)
+    W = W.detach().to(torch.float32).clone()
+    K = W.shape[1]
+    W[:, f.dead] = 0.0
+    # Parameters fixed before the sweep: given by the caller, static groups, or the single group of
+    # group_size = -1 (taken from the original weights, as GPTQ does).
+    static_scale = static_zero = None
+    g = group_size if group_size > 0 else K
+    if scales is not None:
+        static_scale, static_zero = scales.to(torch.float32).clone(), zeros.to(torch.float32).clone()
+    elif static_groups or group_size <= 0:
+        params = [find_params(W[:, i : i + g], bits, sym, mse) for i in range(0, K, g)]
+        static_scale = torch.stack([p[0] for p in params], dim=1)
+        static_zero = torch.stack([p[1] for p in params], dim=1)
+    if act_order:
+        W = W[:, f.perm]
+    positions = torch.arange(K, device=W.device)
+    group_of_pos = f.perm // g if static_scale is not None else positions // g
     # Dynamic groups must not straddle blocks: their parameters are taken from up-to-date weights.
     if group_size > 0 and not static_groups:
         block_size = max(1, block_size // group_size) * group_size
-    return Prepared(W, U, P, perm, float(used), group_of_pos, static_scale, static_zero, block_size)
+    return Prepared(W, f.U, f.P, f.perm, f.damp, group_of_pos, static_scale, static_zero, block_size)

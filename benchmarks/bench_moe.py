@@ -1,0 +1,72 @@
+"""One mixture-of-experts decoder layer shaped like Qwen3-30B-A3B (hidden 2048, 128 experts of width 768, 8 active
+per token, 32 query / 4 KV heads of 128): ``quantize_model`` GPTQ 4-bit g128 with MaCa calibration of random tokens,
+time per layer split into forward passes, Hessians (the experts' routed sums included) and solves, and the solves of
+the experts on their own (384 of them: gate, up and down of 128 experts).
+
+    python -m benchmarks.bench_moe [--cpu] [--gpu] [--experts 128] [--tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import run_benchmark
+from maca_kernels import quantize_model
+
+COLUMNS = ["device", "experts", "tokens", "wall_s", "forward_s", "hessian_s", "solve_s", "experts_solve_s",
+           "attn_solve_s", "min_tokens", "peak_mb"]
+QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts_per_tok=8, vocab_size=1024)
+
+
+def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> dict:
+    import transformers as tf
+
+    config = tf.Qwen3MoeConfig(**QWEN3_30B_A3B, num_experts=experts, num_hidden_layers=1,
+                               max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # the default init is tiny: weights of a trained model's scale
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    mix = [128] * 16 + [512] * 4 + [1024] * 2 + [2048]  # 8192 tokens, half of them in the 128s
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g) for n in mix * max(1, tokens // 8192)]
+    seqs = seqs[: max(1, tokens * len(mix) // 8192)]
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    quantize_model(model, seqs, 4, 128, device=device, progress=False, log=None)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    st = model.quantize_stats
+    solve = {k: v["seconds"] for k, v in st.modules.items()}
+    tok = st.experts["model.layers.0.mlp.experts"]["tokens"]
+    return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                experts=experts, tokens=sum(s.numel() for s in seqs), wall_s=wall, forward_s=st.forward_s,
+                hessian_s=st.hessian_s, solve_s=st.solve_s,
+                experts_solve_s=sum(v for k, v in solve.items() if ".experts." in k),
+                attn_solve_s=sum(v for k, v in solve.items() if ".self_attn." in k),
+                min_tokens=min(tok), peak_mb=st.peak_memory_mb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=4096)
+    a, _ = p.parse_known_args()
+    run_benchmark("moe", __doc__, lambda: [one_layer(a.experts, a.tokens, "cpu")],
+                  lambda: [one_layer(a.experts, max(a.tokens, 32768), "cuda", torch.bfloat16)], COLUMNS,
+                  "seconds per part of one decoder layer; experts_solve_s / attn_solve_s: the solves of the experts' "
+                  "and the attention's modules; min_tokens: the fewest routed to one expert; peak_mb: peak RSS on the "
+                  "CPU, peak allocated on a GPU")
+
+
+if __name__ == "__main__":
+    main()
