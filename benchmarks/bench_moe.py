@@ -16,8 +16,8 @@ import torch
 from benchmarks.common import run_benchmark
 from maca_kernels import quantize_model
 
-COLUMNS = ["device", "experts", "tokens", "wall_s", "forward_s", "hessian_s", "solve_s", "experts_solve_s",
-           "attn_solve_s", "min_tokens", "peak_mb"]
+COLUMNS = ["device", "experts", "tokens", "wall_s", "forward_s", "hessian_s", "reduce_s", "solve_s", "experts_solve_s",
+           "attn_solve_s", "pack_s", "min_tokens", "peak_mb"]
 QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
                      num_key_value_heads=4, head_dim=128, num_experts_per_tok=8, vocab_size=1024)
 
@@ -34,9 +34,9 @@ def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> di
             if p.dim() >= 2:
                 p.normal_(0, 0.02)
     g = torch.Generator().manual_seed(1)
-    mix = [128] * 16 + [512] * 4 + [1024] * 2 + [2048]  # 8192 tokens, half of them in the 128s
-    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g) for n in mix * max(1, tokens // 8192)]
-    seqs = seqs[: max(1, tokens * len(mix) // 8192)]
+    share = {128: 1 / 2, 512: 1 / 4, 1024: 1 / 8, 2048: 1 / 8}  # of the tokens, a MaCa mix
+    mix = [n for n, f in share.items() for _ in range(max(1, round(tokens * f / n)))]
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g) for n in mix]
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -50,7 +50,7 @@ def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> di
     tok = st.experts["model.layers.0.mlp.experts"]["tokens"]
     return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
                 experts=experts, tokens=sum(s.numel() for s in seqs), wall_s=wall, forward_s=st.forward_s,
-                hessian_s=st.hessian_s, solve_s=st.solve_s,
+                hessian_s=st.hessian_s, reduce_s=st.reduce_s, solve_s=st.solve_s, pack_s=st.pack_s,
                 experts_solve_s=sum(v for k, v in solve.items() if ".experts." in k),
                 attn_solve_s=sum(v for k, v in solve.items() if ".self_attn." in k),
                 min_tokens=min(tok), peak_mb=st.peak_memory_mb)

@@ -549,6 +549,7 @@ def write_checkpoint(out_dir, config, qcfg: dict, quantized_head: bool, float_dt
     tmp.mkdir()
     _ACTIVE.add(tmp)
     try:
+        write_tensors(tmp)  # first: a streamed run completes qcfg (e.g. the experts' routing counts) as it goes
         cfg = copy.deepcopy(config)
         cfg.quantization_config = copy.deepcopy(qcfg)
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -564,7 +565,6 @@ def write_checkpoint(out_dir, config, qcfg: dict, quantized_head: bool, float_dt
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_tensors(tmp)
         written = sorted(p.name for p in tmp.iterdir())
         (tmp / OWN_FILES).write_text(json.dumps({"written_by": "maca_kernels", "files": written}, indent=1) + "\n")
         mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)  # safetensors creates its files 0600

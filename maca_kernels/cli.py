@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-shards", type=int, default=8,
                    help="virtual shards of the calibration set, the unit of data parallelism under torchrun: the "
                         "checkpoint depends on them, not on the number of ranks")
+    q.add_argument("--moe-calibration", default="routed", choices=("routed", "all"),
+                   help="MoE experts' Hessians: from the tokens routed to each (blended with every token's below "
+                        "--moe-min-tokens), or from every token")
+    q.add_argument("--moe-min-tokens", type=int, default=128,
+                   help="routed tokens below which an expert's Hessian is blended with every token's")
     q.add_argument("--activations", default="auto", choices=("auto", "device", "host"),
                    help="where calibration inputs wait between layers: on the device, in pinned host memory (for "
                         "GPUs too small to hold them), or auto (the device while they take at most a quarter of it)")
@@ -179,6 +184,8 @@ def _quantize(a) -> None:
 
     if a.group_size != -1 and a.group_size <= 0:
         raise UsageError(f"--group-size must be a positive divisor of the hidden sizes or -1, got {a.group_size}")
+    if a.moe_min_tokens < 0:
+        raise UsageError(f"--moe-min-tokens must be an int >= 0, got {a.moe_min_tokens}")
     if a.calib_shards <= 0:
         raise UsageError(f"--calib-shards must be a positive int, got {a.calib_shards}")
     if a.timeout <= 0:
@@ -244,7 +251,8 @@ def _quantize_ranked(a, world) -> None:
     _steady_heap()
     options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
                    act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float,
-                   calib_shards=a.calib_shards, activations=a.activations)
+                   calib_shards=a.calib_shards, activations=a.activations, moe_calibration=a.moe_calibration,
+                   moe_min_tokens=a.moe_min_tokens)
     if in_memory:
         quantize_model(model, calib, a.bits, a.group_size, **options)
         if world.rank != 0:

@@ -7,8 +7,10 @@ the rest: a floating matrix is never left in float silently.
   custom gate) raises ``UnsupportedExpertsError`` instead.
 - Kept in float (the stated policy): 1-D parameters (norm scales, biases); routers (a module whose class name
   contains "Router", as transformers 5's ``*TopKRouter``, or an ``nn.Linear`` named ``gate`` / ``router`` beside
-  an ``experts`` module); every parameter ``keep_float`` names (a pattern matches a dotted name, its last part, or
-  any one part, as ``overrides`` does: ``"experts"``, ``"down_proj"``, ``"mlp.experts.down_proj"``).
+  an ``experts`` module); scalar gates (an ``nn.Linear`` with one output, e.g. Qwen2-MoE's
+  ``shared_expert_gate``: one value per token, nothing to pack); every parameter ``keep_float`` names (a pattern
+  matches a dotted name, its last part, or any one part, as ``overrides`` does: ``"experts"``, ``"down_proj"``,
+  ``"mlp.experts.down_proj"``).
 - Anything else raises ``UncoveredParameterError`` before any work is done, naming each parameter (e.g. a 3-D
   tensor of a module that is not a fused-experts module); ``keep_float`` keeps it in float knowingly.
 """
@@ -36,6 +38,8 @@ def _is_router(layer: nn.Module, name: str, module: nn.Module) -> bool:
         return True
     parent_name, _, child = name.rpartition(".")
     parent = layer.get_submodule(parent_name) if parent_name else layer
+    if isinstance(module, nn.Linear) and module.out_features == 1:
+        return True  # a scalar gate
     return isinstance(module, nn.Linear) and child in ("gate", "router") and hasattr(parent, "experts")
 
 

@@ -11,7 +11,6 @@ expert) is refused by name instead of being quantized wrongly.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer_policy import matches
-from .model import routed_input
 
 
 class UnsupportedExpertsError(ValueError):
@@ -182,93 +180,21 @@ def fused_module_of(model: nn.Module, name: str) -> str | None:
     return parent if _is_fused(m) else None
 
 
-@dataclass
-class ExpertCounts:
-    tokens: list[int]  # routed to each expert, over the whole calibration set
-    sequences: list[int]  # sequences with at least one token routed to each expert
+def make_room(root: nn.Module, names) -> list[tuple[str, nn.Module]]:
+    """Each fused-experts module of ``root`` that holds one of ``names`` (``<experts>.<e>.<projection>``) replaced by
+    an ``Experts`` module with a float Linear on the meta device in each place, ready for its QuantLinears; returns
+    (name, the fused module) of each replacement, to undo it."""
+    from ..nn.experts import Experts
 
-    def policy(self, moe_calibration: str, min_tokens: int) -> list[str]:
-        if moe_calibration == "all":
-            return ["all tokens"] * len(self.tokens)
-        return ["all tokens" if n == 0 else ("routed" if n >= min_tokens else "blended") for n in self.tokens]
-
-
-def experts_hessians(job, layer, fp_layer, ex: FusedExperts, fp_ex: FusedExperts | None, q, fp, down: bool,
-                     counts: ExpertCounts | None = None):
-    """Every expert's mean Hessian (and GPTAQ cross term) of its gate/up input (``down=False``) or of its down
-    input (``down=True``), with the policy of ``quantize_model``'s docstring. Each of this rank's shards is summed
-    on its own and the shards' sums added in shard order in float64 (world.ShardSums), as for dense modules.
-    Returns ({expert: (H, dxxt)}, ExpertCounts); ``counts`` (from the gate/up pass) says which experts need the
-    all-token Hessian of their down input."""
-    from ..ops.hessian.accumulator import HessianAccumulator
-    from .activations import use
-    from .world import ShardSums
-
-    o, E, gptaq = job.opts, ex.num_experts, fp_layer is not None
-    d = ex.intermediate if down else ex.hidden
-    policy = counts.policy(o["moe_calibration"], o["moe_min_tokens"]) if counts is not None else None
-    # the all-token Hessians: gate/up share one (the block's input); down needs one per expert that uses it
-    every = ([e for e in range(E) if policy[e] != "routed"] if down else [None])
-    sums = ShardSums(job.world, job.shards.owner)
-
-    def acc():
-        return HessianAccumulator(d, weighting=o["weighting"], cross_term=gptaq, device=job.device)
-
-    t_fwd = t_h = 0.0
-    for s in job.mine:
-        routed, alls = [acc() for _ in range(E)], [acc() for _ in every]
-        for bi, b in enumerate(q[s]):
-            t0 = time.perf_counter()
-            n, L = b.hidden.shape[:2]
-            x, idx = routed_input(layer, ex.module, use(b, job.device))
-            x_fp = routed_input(fp_layer, fp_ex.module, use(fp[s][bi], job.device))[0] if gptaq else None
-            t1 = time.perf_counter()
-            for e in range(E):
-                tok = (idx == e).any(-1).nonzero().flatten()  # ascending: grouped by sequence (token t is in t // L)
-                if tok.numel() == 0:
-                    continue
-                per_seq = torch.bincount(tok // L, minlength=n)
-                xe, xfe = x[tok], (x_fp[tok] if gptaq else None)
-                if down:
-                    xe, xfe = ex.inner(e, xe), (fp_ex.inner(e, xfe) if gptaq else None)
-                routed[e].add(xe, per_seq[per_seq > 0].tolist(), x_fp=xfe)
-            for a, e in zip(alls, every, strict=True):
-                xa = ex.inner(e, x) if down else x
-                xfa = (fp_ex.inner(e, x_fp) if down else x_fp) if gptaq else None
-                a.add(xa, [L] * n, x_fp=xfa)
-            t_fwd, t_h = t_fwd + t1 - t0, t_h + time.perf_counter() - t1
-        parts = [t for a in [*routed, *alls] for t in a.sums()]
-        sums.add(s, parts, [a.n_sequences for a in routed] + [a.n_tokens for a in routed] +
-                 [v for a in alls for v in (a.n_sequences, a.n_tokens)])
-    job.stats.forward_s += t_fwd
-    job.stats.hessian_s += t_h
-    k = 2 if gptaq else 1
-    t0 = time.perf_counter()
-    totals, c = sums.total([(d, d)] * (k * (E + len(every))), job.device, n_counts=2 * E + 2 * len(every))
-    job.stats.reduce_s += time.perf_counter() - t0
-    job.stats.ordered_entries += sums.wide
-    got = ExpertCounts(tokens=c[E:2 * E], sequences=c[:E])
-    policy = policy or got.policy(o["moe_calibration"], o["moe_min_tokens"])
-    by_seq = o["weighting"] == "sequence"
-
-    def mean(j: int, n: int) -> list[torch.Tensor]:
-        return [totals[j * k + i] * (2.0 / n) if n else torch.zeros_like(totals[j * k + i]) for i in range(k)]
-
-    out = {}
-    for e in range(E):
-        routed = mean(e, got.sequences[e] if by_seq else got.tokens[e])
-        if policy[e] == "routed":
-            parts = routed
-        else:
-            j = E + (every.index(e) if down else 0)
-            n_seq, n_tok = c[2 * E + 2 * (j - E)], c[2 * E + 2 * (j - E) + 1]
-            alls = mean(j, n_seq if by_seq else n_tok)
-            w = got.tokens[e] / o["moe_min_tokens"] if policy[e] == "blended" else 0.0
-            parts = [w * r + (1 - w) * a for r, a in zip(routed, alls, strict=True)]
-        out[e] = (parts[0].to(torch.float32), parts[1].to(torch.float32) if gptaq else None)
-    job.stats.held("hessian", [*totals, *(t for p in out.values() for t in p if t is not None)])
-    return out, got
+    done = []
+    for name in sorted({f for f in (fused_module_of(root, n) for n in names) if f is not None}):
+        ex = FusedExperts(name, root.get_submodule(name))
+        parent, _, child = name.rpartition(".")
+        owner = root.get_submodule(parent) if parent else root
+        setattr(owner, child, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate, ex.act()))
+        done.append((name, ex.module))
+    return done
 
 
-__all__ = ["PROJECTIONS", "ExpertCounts", "ExpertSlice", "FusedExperts", "UnsupportedExpertsError", "check_forward",
-           "experts_hessians", "find_experts", "fused_module_of"]
+__all__ = ["PROJECTIONS", "ExpertSlice", "FusedExperts", "UnsupportedExpertsError", "check_forward", "find_experts",
+           "fused_module_of", "make_room"]

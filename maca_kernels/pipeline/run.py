@@ -32,13 +32,13 @@ from torch import nn
 from ..formats.gptq import check_bits, check_checkpoint_format, check_group_size
 from ..layer_policy import check_layers, quantized_linears
 from ..nn import QuantLinear
-from ..nn.experts import Experts
 from ..ops.gptq import GPTQResult, gptq_factor, gptq_quantize
 from ..ops.gptq.rtn import rtn_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
+from . import expert_hessians as eh
 from .activations import check_place, keep, store_for, use
-from .experts import FusedExperts, check_forward, experts_hessians, find_experts, fused_module_of
+from .experts import FusedExperts, check_forward, find_experts, make_room
 from .model import (
     Batch,
     capture_first_inputs,
@@ -53,6 +53,7 @@ from .model import (
 from .schedule import assign_solves
 from .shards import Shards, make_shards
 from .state import (
+    SAVED_FIELDS,
     LayerHashes,
     fingerprint,
     rebuild,
@@ -420,7 +421,7 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
         check_forward(ex)
     stats.held("layer", [*layer.state_dict().values(), *(fp_layer.state_dict().values() if fp_layer else ())])
     stats.held("activations", [b.hidden for bs in [*q.values(), *(fp or {}).values()] for b in bs])
-    layer_results: dict[str, GPTQResult] = {}
+    layer_results: dict[str, dict] = {}  # name -> the tensors a resume commit writes (only with resume_dir)
     packed: dict[str, QuantLinear] = {}
     if o["method"] == "rtn":
         groups = [list(mods)]  # no Hessian: every module at once
@@ -454,27 +455,34 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
 
 def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts, fp_ex, mods, q, fp, layer_results,
                       packed) -> None:
-    """A fused-experts module: every expert's gate and up on its routed tokens' Hessian, then its down on the
-    Hessian of its own quantized ``act(gate)·up`` (true-sequential inside the expert)."""
-    E = ex.num_experts
-    gate_up, counts = experts_hessians(job, layer, fp_layer, ex, fp_ex, q, fp, down=False)
-    names = {e: [f"{ex.name}.{e}.{p}" for p in ("gate_proj", "up_proj")] for e in range(E)}
-    _solve_group(job, prefix, [n for e in range(E) for n in names[e]], mods,
-                 {n: gate_up[e] for e in range(E) for n in names[e]}, layer_results, packed)
-    del gate_up
-    down, _ = experts_hessians(job, layer, fp_layer, ex, fp_ex, q, fp, down=True, counts=counts)
-    _solve_group(job, prefix, [f"{ex.name}.{e}.down_proj" for e in range(E)], mods,
-                 {f"{ex.name}.{e}.down_proj": down[e] for e in range(E)}, layer_results, packed)
-    policy = counts.policy(job.opts["moe_calibration"], job.opts["moe_min_tokens"])
+    """A fused-experts module, a chunk of experts at a time (expert_hessians.py): each expert's gate and up on its
+    routed tokens' Hessian, then its down on the Hessian of its own quantized ``act(gate)·up``."""
+    o, gptaq = job.opts, fp_layer is not None
+    t0 = time.perf_counter()
+    routed = eh.capture(job, layer, fp_layer, ex, fp_ex, q, fp)
+    job.stats.forward_s += time.perf_counter() - t0
+    job.stats.held("activations", [t for rs in routed.values() for r in rs for t in (r.x, r.x_fp) if t is not None])
+    counts = eh.count(job, ex, routed)
+    policy = counts.policy(o["moe_calibration"], o["moe_min_tokens"])
+    block = eh.block_hessian(job, routed, gptaq, ex.hidden) if any(p != "routed" for p in policy) else None
+    for chunk in eh.chunks(ex, gptaq):
+        hs = eh.chunk_hessians(job, ex, fp_ex, routed, chunk, counts, policy, False, block)
+        names = {e: [f"{ex.name}.{e}.{p}" for p in ("gate_proj", "up_proj")] for e in chunk}
+        _solve_group(job, prefix, [n for e in chunk for n in names[e]], mods,
+                     {n: hs[e] for e in chunk for n in names[e]}, layer_results, packed)
+        hs = eh.chunk_hessians(job, ex, fp_ex, routed, chunk, counts, policy, True, None)
+        _solve_group(job, prefix, [f"{ex.name}.{e}.down_proj" for e in chunk], mods,
+                     {f"{ex.name}.{e}.down_proj": hs[e] for e in chunk}, layer_results, packed)
+        del hs
     job.stats.experts[prefix + ex.name] = dict(tokens=counts.tokens, sequences=counts.sequences, policy=policy)
-    if job.opts["moe_calibration"] == "routed":
-        none = [e for e in range(E) if policy[e] == "all tokens"]
-        few = [e for e in range(E) if policy[e] == "blended"]
+    if o["moe_calibration"] == "routed":
+        none = [e for e, p in enumerate(policy) if p == "all tokens"]
+        few = [e for e, p in enumerate(policy) if p == "blended"]
         if none:
-            _say(job.opts["log"], f"{prefix + ex.name}: experts {none} got no routed token: solved on every token")
+            _say(o["log"], f"{prefix + ex.name}: experts {none} got no routed token: solved on every token")
         if few:
-            _say(job.opts["log"], f"{prefix + ex.name}: experts {few} got fewer than {job.opts['moe_min_tokens']} "
-                                  "routed tokens: their Hessians blended with every token's")
+            _say(o["log"], f"{prefix + ex.name}: experts {few} got fewer than {o['moe_min_tokens']} routed tokens: "
+                           "their Hessians blended with every token's")
 
 
 def _forward(job: _Job, layer, b: Batch) -> Batch:
@@ -498,10 +506,11 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
         acc = HessianAccumulator(d, weighting=job.opts["weighting"], cross_term=gptaq, device=job.device)
         for bi, b in enumerate(q[s]):
             t0 = time.perf_counter()
-            x = input_of(layer, module, use(b, job.device))
-            x_fp = input_of(fp_layer, fp_module, use(fp[s][bi], job.device)) if gptaq else None
+            n, L = b.hidden.shape[:2]
+            x = _by_sequence(input_of(layer, module, use(b, job.device)), n, L, module)
+            x_fp = _by_sequence(input_of(fp_layer, fp_module, use(fp[s][bi], job.device)), n, L, module) if gptaq \
+                else None
             t1 = time.perf_counter()
-            n, L = x.shape[0], x.shape[1]
             acc.add(x, [L] * n, x_fp=x_fp)  # 16-bit activations go to the tensor cores as they are
             stats.forward_s += t1 - t0
             stats.hessian_s += time.perf_counter() - t1
@@ -516,6 +525,16 @@ def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
     stats.held("hessian", [*totals, *mean, *(t for part in sums.mine.values() for t in part)] +
                (acc.sums() if job.mine else []))
     return mean[0], (mean[1] if gptaq else None)
+
+
+def _by_sequence(x: torch.Tensor, n: int, L: int, module) -> torch.Tensor:
+    """A module's input as [n, L, d]: an MoE block flattens its tokens to [n·L, d], sequence-major; some attentions
+    add a dimension of one ([n, 1, L, r] in DeepSeek's MLA)."""
+    lead = [s for s in x.shape[:-1] if s != 1]
+    if lead in ([n, L], [n * L]) or (n * L == 1 and not lead) or (n == 1 and lead == [L]) or (L == 1 and lead == [n]):
+        return x.reshape(n, L, x.shape[-1])
+    raise RuntimeError(f"{type(module).__name__} sees inputs of shape {tuple(x.shape)} for a batch of {n} sequences "
+                       f"of {L} tokens: not every token (experts kept as separate Linears are not supported yet)")
 
 
 def _wait(job: _Job) -> None:
@@ -587,7 +606,8 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, hessians:
         r = rebuild(full[name], {f"{full[name]}.{k}": v for k, v in rec.items()}, m)
         W = mods[name].weight.data
         W.copy_(r.weight.to(W.device, W.dtype))  # every rank the same bits, whichever solved it
-        layer_results[full[name]] = r
+        if job.state is not None:  # what the resume commit writes: codes as bytes, never the float weight
+            layer_results[full[name]] = {f: rec[f] for f in SAVED_FIELDS}
         t0 = time.perf_counter()
         packed[full[name]] = _packed(r, mods[name], o["checkpoint_format"])
         stats.pack_s += time.perf_counter() - t0
@@ -615,12 +635,8 @@ def _install(model: nn.Module, results: dict[str, QuantLinear], home, qcfg: dict
     new = {name: q.to(home) for name, q in results.items()}
     swapped: list[tuple[str, nn.Module]] = []
     had_cfg = "quantization_config" in vars(model.config)
-    fused = sorted({f for f in map(lambda n: fused_module_of(model, n), new) if f is not None})
     try:
-        for name in fused:  # per-expert places first, filled below
-            ex = FusedExperts(name, model.get_submodule(name))
-            swapped.append((name, swap(model, name, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate,
-                                                                    ex.act()))))
+        swapped += make_room(model, new)  # per-expert places first, filled below
         for name, q in new.items():
             swapped.append((name, swap(model, name, q)))
         model.config.quantization_config = qcfg

@@ -50,8 +50,9 @@ def stream_tensors(q_batches: list[Batch], fp_batches: list[Batch] | None) -> di
     return out
 
 
-def result_tensors(results: dict[str, GPTQResult]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{f}": getattr(r, f) for name, r in results.items() for f in SAVED_FIELDS}
+def result_tensors(results: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """A layer's solved modules as the resume file stores them (codes as bytes: bits ≤ 8)."""
+    return {f"{name}.{f}": rec[f] for name, rec in results.items() for f in SAVED_FIELDS}
 
 
 def rebuild(name: str, tensors: dict[str, torch.Tensor], m: dict) -> GPTQResult:

@@ -26,8 +26,9 @@ from ..checkpoint import SAFE_WEIGHTS_NAME as SINGLE
 from ..checkpoint import _dedupe_tied, _parse_size, _ShardWriter, check_out_dir, write_checkpoint
 from ..nn import QuantLinear
 from ..nn.experts import Experts
+from .experts import make_room
 from .model import decoder_layers, module_settings, swap
-from .run import _peak_memory_mb, _prepare, _run, _say, _targets, quantize_model
+from .run import _moe_meta, _peak_memory_mb, _prepare, _run, _say, _targets, quantize_model
 from .world import World
 
 
@@ -243,8 +244,8 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
     plan = _plan(config, dtype, job)
     try:
         generation = GenerationConfig.from_pretrained(folder)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
+    except OSError:  # as from_pretrained makes it for a folder without one: from config.json
+        generation = GenerationConfig.from_pretrained(folder, config_file_name="config.json", _from_model_config=True)
     real = _dedupe_tied(model, model.state_dict(keep_vars=True))
     inside = job.layers_name + "."
 
@@ -269,6 +270,7 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
             emit_until_layer()
             layer = loader(i)
             prefix = f"{job.layers_name}.{i}."
+            make_room(layer, [name[len(prefix):] for name in packed])  # per-expert places for fused experts
             for name, q in packed.items():  # the loaded copy is ours: its Linears give way to the QuantLinears
                 swap(layer, name[len(prefix):], q)
             t0 = time.perf_counter()
@@ -280,6 +282,7 @@ def quantize_folder(model_dir, out_dir, calib, bits: int = 4, group_size: int = 
 
         try:
             _run(job, loader, on_layer)
+            _moe_meta(job)
             emit_until_layer()
             writer.finish()
         finally:

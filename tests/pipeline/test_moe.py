@@ -187,6 +187,29 @@ def test_save_load_same_logits_per_expert_tensors(family, tmp_path):
     assert loaded.config.quantization_config["meta"]["moe"]["experts"] == model.quantize_stats.experts
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3"])
+def test_other_moe_families(family, tmp_path):
+    """Shared experts beside the routed ones (their scalar gate kept in float), MLA attention, a dense first layer:
+    every matrix of the decoder layers quantized or kept by the policy, and the checkpoint loads back."""
+    model = tiny_moe(family)
+    layers = model.model.layers
+    float_matrices = {f"model.layers.{i}.{n}" for i, layer in enumerate(layers) for n, p in layer.named_parameters()
+                      if p.dim() >= 2}
+    quantize_model(model, random_sequences(SEQS, seed=1), **dict(KW, group_size=16))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    routers = {n for n in float_matrices if n.endswith(("gate.weight", "shared_expert_gate.weight"))}
+    fused = {n for n in float_matrices if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    linears = float_matrices - routers - fused
+    assert {n + ".weight" for n in quantized if ".experts." not in n} == linears
+    assert {n.rpartition(".")[0] for n in fused} == {n.rsplit(".", 2)[0] for n in quantized if ".experts." in n}
+    assert len(model.quantize_stats.experts) == sum(isinstance(layer.mlp.experts, Experts) for layer in layers
+                                                    if hasattr(layer.mlp, "experts"))
+    out = mk.save_quantized(model, tmp_path / "ck")
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(mk.load_quantized(out, dtype=torch.float32)(ids).logits, model(ids).logits)
+
+
 def test_bad_policy_arguments_and_a_forward_we_do_not_reproduce():
     seqs = random_sequences([16], seed=1)
     with pytest.raises(ValueError, match=r"moe_calibration must be one of \('routed', 'all'\), got 'some'"):
@@ -219,3 +242,63 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.config.quantization_config == full.config.quantization_config  # routing counts of layer 0 too
+
+
+def test_cli_options(tmp_path, capsys, monkeypatch):
+    import json
+
+    from tiny_models import ByteTokenizer
+
+    from maca_kernels.cli import EXIT_USAGE, main
+
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: ByteTokenizer())
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 400)
+    q = ["quantize", "--model", str(tmp_path / "moe"), "--group-size", "32", "--text", str(text), "--calib-tokens",
+         "512", "--lengths", "32", "64"]
+    assert main([*q, "--out", str(tmp_path / "a"), "--moe-min-tokens", "-1"]) == EXIT_USAGE
+    assert "--moe-min-tokens must be an int >= 0, got -1" in capsys.readouterr().err
+    assert main([*q, "--out", str(tmp_path / "b"), "--moe-calibration", "all", "--moe-min-tokens", "7"]) == 0
+    moe = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["meta"]["moe"]
+    assert moe["calibration"] == "all" and moe["min_tokens"] == 7
+    assert moe["experts"]["model.layers.1.mlp.experts"]["policy"] == ["all tokens"] * 4
+
+
+def test_chunks_of_experts_give_the_same_bits(monkeypatch):
+    """Experts taken one per chunk (a budget too small for two Hessians) or all at once: the same checkpoint."""
+    import maca_kernels.pipeline.expert_hessians as eh
+
+    fused = eh.FusedExperts("", tiny_moe("mixtral").model.layers[0].mlp.experts)
+    assert eh.chunks(fused, True) == [[0, 1, 2, 3]]
+    whole, _, _ = run("mixtral", method="gptaq", keep_float=(), moe_min_tokens=40)
+    monkeypatch.setattr(eh, "CHUNK_BYTES", 1)
+    assert eh.chunks(fused, True) == [[0], [1], [2], [3]]
+    one, _, _ = run("mixtral", method="gptaq", keep_float=(), moe_min_tokens=40)
+    a, b = whole.state_dict(), one.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert one.quantize_stats.experts == whole.quantize_stats.experts
+
+
+def test_a_folder_with_fused_experts_streams_disk_to_disk(tmp_path):
+    """A checkpoint that stores the experts fused (as the model holds them) is read one layer at a time, and the
+    output is the in-memory pipeline's, byte for byte."""
+    from safetensors.torch import save_file
+    from test_streaming import same_folders
+    from transformers import AutoModelForCausalLM
+
+    from maca_kernels.pipeline.streamed import unstreamable
+
+    src = tmp_path / "src"
+    model = tiny_moe("qwen3_moe")
+    model.config.save_pretrained(src)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert unstreamable(src) is None
+    calib = random_sequences(SEQS, seed=1)
+    mk.quantize_folder(src, tmp_path / "streamed", calib, 4, 32, dtype=torch.float32, method="gptaq", progress=False,
+                       log=None)
+    whole = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    quantize_model(whole, calib, 4, 32, method="gptaq", progress=False, log=None)
+    mk.save_quantized(whole, tmp_path / "memory")
+    same_folders(tmp_path / "memory", tmp_path / "streamed")

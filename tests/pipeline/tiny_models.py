@@ -62,9 +62,21 @@ def tiny_moe(family: str):
                   num_experts_per_tok=2, max_position_embeddings=256)
     if family == "mixtral":
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**common, intermediate_size=128, num_local_experts=4))
-    else:
+    elif family == "qwen3_moe":
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
                                                          num_experts=4, head_dim=16))
+    elif family == "qwen2_moe":  # a shared expert beside the routed ones, with a scalar gate
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
+                                                         shared_expert_intermediate_size=64, num_experts=4))
+    elif family == "olmoe":
+        model = tf.OlmoeForCausalLM(tf.OlmoeConfig(**common, intermediate_size=64, num_experts=4, eos_token_id=None))
+    elif family == "deepseek_v3":  # MLA attention, a dense first layer, a shared expert
+        model = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            **dict(common, num_key_value_heads=4), intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4,
+            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16,
+            qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1))
+    else:
+        raise ValueError(family)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
