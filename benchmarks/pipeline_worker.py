@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -30,7 +29,7 @@ def main() -> None:
     row = dict(rank=int(os.environ.get("RANK", "0")), world=s.world_size, threads=torch.get_num_threads(),
                wall_s=wall, load_s=s.load_s, forward_s=s.forward_s, hessian_s=s.hessian_s, wait_s=s.wait_s,
                reduce_s=s.reduce_s, ordered=s.ordered_entries, solve_s=s.solve_s, pack_s=s.pack_s, write_s=s.write_s,
-               peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+               peak_mb=s.peak_memory_mb)  # this process's own VmHWM (not ru_maxrss: that holds its parent's too)
     print("ROW " + json.dumps(row), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

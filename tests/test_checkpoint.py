@@ -411,6 +411,30 @@ def test_interop_v2_tied_bias_sharded(tmp_path, bits):
     _interop_check(model, out, f"b{bits}-asym-act-gptq_v2-tied-bias-sharded")
 
 
+def test_interop_gptqmodel_loads_moe_experts(tmp_path):
+    """GPTQModel.load (7.7) reads our per-expert MoE checkpoint (Qwen3-MoE, sym) into its own per-expert modules
+    with our logits. transformers + optimum do not: they load the model with the per-expert tensors left unused
+    and the fused experts uninitialised (the README says so), so this goes through GPTQModel itself."""
+    pytest.importorskip("gptqmodel")
+    import sys
+
+    from gptqmodel import GPTQModel
+
+    sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+    from tiny_models import random_sequences, tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    mk.quantize_model(model, random_sequences([16, 32, 32, 24], seed=1), 4, 32, sym=True, progress=False, log=None)
+    out = ckpt.save_quantized(model, tmp_path / "ck")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = logits(ckpt.load_quantized(out, dtype=torch.float16), ids)
+    theirs_model = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)
+    experts = theirs_model.model.model.layers[0].mlp.experts
+    assert len(experts) == 4 and all(hasattr(experts[e], p) for e in range(4) for p in ("gate_proj", "down_proj"))
+    theirs = logits(theirs_model.model, ids)
+    assert (ours - theirs).abs().max().item() <= 4e-3 * max(ours.abs().max().item(), 1.0)
+
+
 def test_round_trip_with_the_cuda_gemv_on(tmp_path):
     """A model whose layers keep only the CUDA GEMV's layout (mk.enable_cuda_gemv) saves the same checkpoint
     bit for bit, and loads back into it."""

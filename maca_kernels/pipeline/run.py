@@ -625,8 +625,9 @@ def _packed(r: GPTQResult, linear: nn.Linear, checkpoint_format: str) -> QuantLi
 def _moe_meta(job: _Job) -> None:
     """The experts' calibration policy and per-expert counts, in the checkpoint's meta."""
     if job.stats.experts:
-        job.qcfg["meta"]["moe"] = dict(calibration=job.opts["moe_calibration"], min_tokens=job.opts["moe_min_tokens"],
-                                       experts=job.stats.experts)
+        # "experts", not "moe": GPTQModel reads meta["moe"] as its own MoE settings
+        job.qcfg["meta"]["experts"] = dict(calibration=job.opts["moe_calibration"],
+                                           min_tokens=job.opts["moe_min_tokens"], modules=job.stats.experts)
 
 
 def _install(model: nn.Module, results: dict[str, QuantLinear], home, qcfg: dict) -> None:
@@ -667,7 +668,11 @@ def _quant_config(bits, group_size, sym, act_order, static_groups, checkpoint_fo
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:  # this process's own peak (ru_maxrss also holds the peak of its pre-exec address space: its parent's)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _say(log, msg: str) -> None:

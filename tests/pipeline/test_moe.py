@@ -94,8 +94,8 @@ def test_experts_with_few_tokens_are_blended_with_every_tokens_hessian():
         w = stats["tokens"][e] / m
         want = w * hand([x for x in mine if len(x)], "sequence") + (1 - w) * H_all
         assert close(seen[f"{EXPERTS}.{e}.gate_proj"][0], want)
-    meta = model.config.quantization_config["meta"]["moe"]
-    assert meta["calibration"] == "routed" and meta["min_tokens"] == m and meta["experts"][EXPERTS] == stats
+    meta = model.config.quantization_config["meta"]["experts"]
+    assert meta["calibration"] == "routed" and meta["min_tokens"] == m and meta["modules"][EXPERTS] == stats
 
 
 def test_all_tokens_policy_gives_every_expert_every_token():
@@ -184,7 +184,7 @@ def test_save_load_same_logits_per_expert_tensors(family, tmp_path):
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert loaded.config.quantization_config["meta"]["moe"]["experts"] == model.quantize_stats.experts
+    assert loaded.config.quantization_config["meta"]["experts"]["modules"] == model.quantize_stats.experts
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3"])
@@ -260,9 +260,9 @@ def test_cli_options(tmp_path, capsys, monkeypatch):
     assert main([*q, "--out", str(tmp_path / "a"), "--moe-min-tokens", "-1"]) == EXIT_USAGE
     assert "--moe-min-tokens must be an int >= 0, got -1" in capsys.readouterr().err
     assert main([*q, "--out", str(tmp_path / "b"), "--moe-calibration", "all", "--moe-min-tokens", "7"]) == 0
-    moe = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["meta"]["moe"]
+    moe = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["meta"]["experts"]
     assert moe["calibration"] == "all" and moe["min_tokens"] == 7
-    assert moe["experts"]["model.layers.1.mlp.experts"]["policy"] == ["all tokens"] * 4
+    assert moe["modules"]["model.layers.1.mlp.experts"]["policy"] == ["all tokens"] * 4
 
 
 def test_chunks_of_experts_give_the_same_bits(monkeypatch):
