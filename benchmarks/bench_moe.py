@@ -4,6 +4,7 @@ time per layer split into forward passes, Hessians (the experts' routed sums inc
 the experts on their own (384 of them: gate, up and down of 128 experts).
 
     python -m benchmarks.bench_moe [--cpu] [--gpu] [--experts 128] [--tokens 4096]
+    python -m benchmarks.bench_moe --factor     # 16 experts' gate and up: one factorisation each or one per weight
 """
 
 from __future__ import annotations
@@ -56,11 +57,40 @@ def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> di
                 min_tokens=min(tok), peak_mb=st.peak_memory_mb)
 
 
+def shared_factor(experts: int = 16, d: int = 2048, inter: int = 768) -> dict:
+    """Gate and up of ``experts`` experts (random correlated Hessians): each solve factorising H itself, against one
+    ``gptq_factor`` per expert shared by both (the pipeline's way). The same codes either way (checked)."""
+    import sys
+
+    sys.path.insert(0, "tests/ops/gptq")
+    from gptq_helpers import correlated_problem
+
+    from maca_kernels import gptq_factor, gptq_quantize
+
+    problems = [correlated_problem(2 * inter, d, seed=e, tokens=2 * d)[:2] for e in range(experts)]
+    t0 = time.perf_counter()
+    alone = [[gptq_quantize(w, H, 4, 128) for w in (W[:inter], W[inter:])] for W, H in problems]
+    t1 = time.perf_counter()
+    shared = []
+    for W, H in problems:
+        f = gptq_factor(H)
+        shared.append([gptq_quantize(w, H, 4, 128, factor=f) for w in (W[:inter], W[inter:])])
+    t2 = time.perf_counter()
+    same = all(torch.equal(a.codes, b.codes)
+               for pa, pb in zip(alone, shared, strict=True) for a, b in zip(pa, pb, strict=True))
+    return dict(experts=experts, shape=f"{inter}x{d}", separate_s=t1 - t0, shared_s=t2 - t1,
+                ratio=(t2 - t1) / (t1 - t0), same_codes=same)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--factor", action="store_true", help="only gate/up solves with and without a shared factor")
     a, _ = p.parse_known_args()
+    if a.factor:
+        print(shared_factor())
+        return
     run_benchmark("moe", __doc__, lambda: [one_layer(a.experts, a.tokens, "cpu")],
                   lambda: [one_layer(a.experts, max(a.tokens, 32768), "cuda", torch.bfloat16)], COLUMNS,
                   "seconds per part of one decoder layer; experts_solve_s / attn_solve_s: the solves of the experts' "
