@@ -23,10 +23,14 @@ QWEN3_30B_A3B = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_s
                      num_key_value_heads=4, head_dim=128, num_experts_per_tok=8, vocab_size=1024)
 
 
-def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> dict:
+TINY_MOE = dict(hidden_size=128, moe_intermediate_size=64, intermediate_size=256, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, vocab_size=256)
+
+
+def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32, shape: dict = QWEN3_30B_A3B) -> dict:
     import transformers as tf
 
-    config = tf.Qwen3MoeConfig(**QWEN3_30B_A3B, num_experts=experts, num_hidden_layers=1,
+    config = tf.Qwen3MoeConfig(**shape, num_experts=experts, num_hidden_layers=1,
                                max_position_embeddings=4096)
     torch.manual_seed(0)
     model = tf.Qwen3MoeForCausalLM(config).to(dtype).eval()
@@ -42,14 +46,17 @@ def one_layer(experts: int, tokens: int, device: str, dtype=torch.float32) -> di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    quantize_model(model, seqs, 4, 128, device=device, progress=False, log=None)
+    quantize_model(model, seqs, 4, min(128, shape["moe_intermediate_size"]), device=device, progress=False, log=None)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     st = model.quantize_stats
     solve = {k: v["seconds"] for k, v in st.modules.items()}
     tok = st.experts["model.layers.0.mlp.experts"]["tokens"]
+    kind = "Qwen3-30B-A3B shape" if shape == QWEN3_30B_A3B else "tiny Qwen3-MoE"
     return dict(device=torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                model=f"{kind}, {experts} experts, 1 layer, {str(dtype).removeprefix('torch.')}", method="gptq",
+                activations_on=st.activations_on, per_layer_s=wall, memory_mb=dict(st.memory_mb),
                 experts=experts, tokens=sum(s.numel() for s in seqs), wall_s=wall, forward_s=st.forward_s,
                 hessian_s=st.hessian_s, reduce_s=st.reduce_s, solve_s=st.solve_s, pack_s=st.pack_s,
                 experts_solve_s=sum(v for k, v in solve.items() if ".experts." in k),

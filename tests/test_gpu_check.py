@@ -84,7 +84,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert "pass" not in doc["summary"] or doc["summary"]["pass"] == 0
     assert md.startswith("# DRY RUN") and "| pass |" not in md and "| fail |" not in md
     pipe = doc["raw"]["pipeline"]  # both pipeline cases ran: time per layer, where the streams waited, the parts held
-    assert [(r["method"], r["activations_on"]) for r in pipe] == [("gptq", "cpu"), ("gptaq", "cpu")]
+    assert [(r["method"], r["activations_on"]) for r in pipe] == [("gptq", "cpu"), ("gptq", "cpu"), ("gptaq", "cpu")]
+    assert pipe[1]["model"] == "tiny Qwen3-MoE, 8 experts, 1 layer, float32"
     assert all(r["per_layer_s"] > 0 and r["memory_mb"]["hessian"] > 0 for r in pipe)
     assert "## Pipeline (measured; no §5 target)" in md and "| tiny Llama, 2 layers, float32 | gptaq |" in md
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
