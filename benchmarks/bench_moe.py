@@ -5,6 +5,7 @@ the experts on their own (384 of them: gate, up and down of 128 experts).
 
     python -m benchmarks.bench_moe [--cpu] [--gpu] [--experts 128] [--tokens 4096]
     python -m benchmarks.bench_moe --factor     # 16 experts' gate and up: one factorisation each or one per weight
+    python -m benchmarks.bench_moe --batched    # 16 experts' solves: gptq_quantize_batched vs one by one
 """
 
 from __future__ import annotations
@@ -89,14 +90,50 @@ def shared_factor(experts: int = 16, d: int = 2048, inter: int = 768) -> dict:
                 ratio=(t2 - t1) / (t1 - t0), same_codes=same)
 
 
+def batched_vs_looped(experts: int = 16, d: int = 2048, inter: int = 768, device: str = "cuda") -> dict:
+    """``experts`` gate projections (``inter`` × ``d``, 4-bit g128, act-order), each with its own Hessian: one
+    ``gptq_quantize`` after another, against one ``gptq_quantize_batched`` (on a GPU: one sweep launch per column
+    block for all). Both after a warm-up; the codes must agree bit for bit."""
+    from maca_kernels import gptq_quantize, gptq_quantize_batched
+
+    def sync(dev):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    g = torch.Generator().manual_seed(0)
+    Ws, Hs = [], []
+    for _ in range(experts):
+        X = torch.randn(2 * d, d, generator=g) * torch.exp(torch.randn(d, generator=g) * 0.5)
+        Hs.append((X.T @ X / (2 * d)).to(device))
+        Ws.append((torch.randn(inter, d, generator=g) * 0.02).to(device))
+    kw = dict(bits=4, group_size=min(128, d), act_order=True)
+    gptq_quantize(Ws[0], Hs[0], **kw), gptq_quantize_batched(Ws[:2], Hs[:2], **kw)  # compile / warm up
+    sync(device)
+    t0 = time.perf_counter()
+    looped = [gptq_quantize(W, H, **kw) for W, H in zip(Ws, Hs, strict=True)]
+    sync(device)
+    t1 = time.perf_counter()
+    batched = gptq_quantize_batched(Ws, Hs, **kw)
+    sync(device)
+    t2 = time.perf_counter()
+    same = all(torch.equal(a.codes, b.codes) for a, b in zip(looped, batched, strict=True))
+    return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", experts=experts,
+                shape=f"{inter}x{d}", group_size=kw["group_size"], looped_s=t1 - t0, batched_s=t2 - t1,
+                ratio=(t2 - t1) / (t1 - t0), same_codes=same)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--factor", action="store_true", help="only gate/up solves with and without a shared factor")
+    p.add_argument("--batched", action="store_true", help="only 16 experts' solves, batched vs one by one (a GPU)")
     a, _ = p.parse_known_args()
     if a.factor:
         print(shared_factor())
+        return
+    if a.batched:
+        print(batched_vs_looped(device="cuda" if torch.cuda.is_available() else "cpu"))
         return
     run_benchmark("moe", __doc__, lambda: [one_layer(a.experts, a.tokens, "cpu")],
                   lambda: [one_layer(a.experts, max(a.tokens, 32768), "cuda", torch.bfloat16)], COLUMNS,

@@ -321,11 +321,18 @@ def render_markdown(doc: dict) -> str:
         value = _fmt_value(t["value"], t["unit"], dry)
         cells = (t["operation"], t["case"], t["measure"], _fmt_target(t), value, status)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    if doc["raw"].get("pipeline"):
+    batches = [r for r in doc["raw"].get("pipeline", []) if r.get("kind") == "experts batched"]
+    for r in batches:
+        lines += ["", f"Experts' solves ({r['experts']} of {r['shape']}, 4-bit g{r['group_size']} act-order): "
+                      f"one by one {r['looped_s']:.3f} s, gptq_quantize_batched {r['batched_s']:.3f} s "
+                      f"({r['ratio']:.2f}×), codes {'identical' if r['same_codes'] else 'DIFFERENT'}"]
+    if any(r.get("kind") != "experts batched" for r in doc["raw"].get("pipeline", [])):
         lines += ["", "## Pipeline (measured; no §5 target)", "",
                   "| model | method | tokens | activations on | s per layer | forward s | Hessian s | solve s | "
                   "peak MB | held MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in doc["raw"]["pipeline"]:
+            if r.get("kind") == "experts batched":
+                continue
             held = ", ".join(f"{k} {v:.0f}" for k, v in r["memory_mb"].items())
             lines.append(f"| {r['model']} | {r['method']} | {r['tokens']} | {r['activations_on']} | "
                          f"{r['per_layer_s']:.2f} | {r['forward_s']:.2f} | {r['hessian_s']:.2f} | {r['solve_s']:.2f} | "
@@ -742,7 +749,12 @@ def step_pipeline(run: Run) -> str:
                                                                                                  tokens=32768)
         return [bm.one_layer(device=device, dtype=dtype, **kw)], {}
 
-    cases = [Case("pipeline gptq, streams on the device", [], lambda: case("gptq", "device")),
+    def batched():
+        kw = dict(experts=4, d=64, inter=32, device="cpu") if run.dry else dict(device="cuda")
+        return [dict(bm.batched_vs_looped(**kw), kind="experts batched")], {}
+
+    cases = [Case("pipeline: 16 experts' solves, batched vs one by one", [], batched),
+             Case("pipeline gptq, streams on the device", [], lambda: case("gptq", "device")),
              Case("pipeline: one Qwen3-30B-A3B-shaped MoE layer", [], moe),
              Case("pipeline gptaq, streams in host memory", [], lambda: case("gptaq", "host"))]
     return run_cases(run, "pipeline", cases, BUDGETS_S["pipeline"])

@@ -4,7 +4,7 @@ from . import calibration
 from .checkpoint import load_quantized, quantization_config, save_quantized
 from .formats.gptq import dequantize_gptq, pack_gptq, pack_gptq_zeros, pack_scales, unpack_gptq
 from .nn import QuantLinear, enable_cuda_gemv
-from .ops.gptq import GPTQResult, HessianFactor, gptq_factor, gptq_quantize
+from .ops.gptq import GPTQResult, HessianFactor, gptq_factor, gptq_quantize, gptq_quantize_batched
 from .ops.gptq.rtn import rtn_quantize
 from .ops.hessian import accumulate_hessian
 from .ops.hessian.accumulator import HessianAccumulator
@@ -28,6 +28,7 @@ __all__ = [
     "enable_cuda_gemv",
     "gptq_factor",
     "gptq_quantize",
+    "gptq_quantize_batched",
     "load_quantized",
     "pack_gptq",
     "pack_gptq_zeros",

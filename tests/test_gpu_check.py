@@ -83,7 +83,9 @@ def test_dry_run_end_to_end(tmp_path):
     assert sum(r["status"] == "dry run" for r in rows.values()) >= len(EXPECTED) - 2 - len(cuda_gemv)
     assert "pass" not in doc["summary"] or doc["summary"]["pass"] == 0
     assert md.startswith("# DRY RUN") and "| pass |" not in md and "| fail |" not in md
-    pipe = doc["raw"]["pipeline"]  # both pipeline cases ran: time per layer, where the streams waited, the parts held
+    batch, *pipe = doc["raw"]["pipeline"]  # every case ran: experts batched; time per layer, where streams waited
+    assert batch["kind"] == "experts batched" and batch["same_codes"] is True and batch["experts"] == 4
+    assert "gptq_quantize_batched" in md
     assert [(r["method"], r["activations_on"]) for r in pipe] == [("gptq", "cpu"), ("gptq", "cpu"), ("gptaq", "cpu")]
     assert pipe[1]["model"] == "tiny Qwen3-MoE, 8 experts, 1 layer, float32"
     assert all(r["per_layer_s"] > 0 and r["memory_mb"]["hessian"] > 0 for r in pipe)

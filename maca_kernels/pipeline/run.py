@@ -32,7 +32,7 @@ from torch import nn
 from ..formats.gptq import check_bits, check_checkpoint_format, check_group_size
 from ..layer_policy import check_layers, quantized_linears
 from ..nn import QuantLinear
-from ..ops.gptq import GPTQResult, gptq_factor, gptq_quantize
+from ..ops.gptq import GPTQResult, gptq_factor, gptq_quantize_batched
 from ..ops.gptq.rtn import rtn_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
@@ -554,40 +554,44 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, hessians:
     shapes = {full[n]: tuple(mods[n].weight.shape) for n in group}
     owner = assign_solves(shapes, o["method"], world.size)
     local = {}
-    shared, shared_key = None, None  # one factorisation per Hessian for the modules in a row that share it
-    for name in group:
-        if owner[full[name]] != world.rank:
-            continue
-        s, W = settings[name], mods[name].weight.data
-        H, dxxt = hessians[name]
-        cuda = W.device.type == "cuda"
-        if cuda:  # (the run's peak so far is kept before the device's counter restarts)
-            stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(W.device))
-            before = torch.cuda.memory_allocated(W.device)
-            torch.cuda.reset_peak_memory_stats(W.device)
+    for batch in _solve_batches([n for n in group if owner[full[n]] == world.rank], shapes, full, settings):
+        s = settings[batch[0]]
+        Ws = [mods[n].weight.data for n in batch]
+        dev = Ws[0].device
+        if dev.type == "cuda":  # (the run's peak so far is kept before the device's counter restarts)
+            stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(dev))
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         if o["method"] == "rtn":
-            r = rtn_quantize(W, s["bits"], s["group_size"], job.solve_kw["sym"], mse=job.solve_kw["mse"],
-                             name=full[name])
+            rs = [rtn_quantize(W, s["bits"], s["group_size"], job.solve_kw["sym"], mse=job.solve_kw["mse"],
+                               name=full[n]) for W, n in zip(Ws, batch, strict=True)]
         else:
-            if shared_key != (id(H), id(dxxt)):
-                shared = None  # freed before the next is made
-                shared = gptq_factor(H, act_order=job.solve_kw["act_order"], damp=job.solve_kw["damp"], dxxt=dxxt,
-                                     alpha=o["alpha"], reg=job.solve_kw["reg"], name=full[name])
-                shared_key = (id(H), id(dxxt))
-            r = gptq_quantize(W, H, s["bits"], s["group_size"], dxxt=dxxt, alpha=o["alpha"], name=full[name],
-                              factor=shared, **job.solve_kw)
-        dt = time.perf_counter() - t0
-        stats.solve_s += dt
-        if cuda:
-            mb = (torch.cuda.max_memory_allocated(W.device) - before) / 2**20
+            factors = {}  # one factorisation per Hessian: gate and up (q/k/v, an expert's gate and up) share it
+            for n in batch:
+                H, dxxt = hessians[n]
+                if (id(H), id(dxxt)) not in factors:
+                    factors[id(H), id(dxxt)] = gptq_factor(H, act_order=job.solve_kw["act_order"],
+                                                           damp=job.solve_kw["damp"], dxxt=dxxt, alpha=o["alpha"],
+                                                           reg=job.solve_kw["reg"], name=full[n])
+            hd = [hessians[n] for n in batch]
+            gptaq = hd[0][1] is not None
+            rs = gptq_quantize_batched(Ws, [h for h, _ in hd], s["bits"], s["group_size"], alpha=o["alpha"],
+                                       dxxts=[d for _, d in hd] if gptaq else None, names=[full[n] for n in batch],
+                                       factors=[factors[id(h), id(d)] for h, d in hd], **job.solve_kw)
+            del factors
+        dt = (time.perf_counter() - t0) / len(batch)  # a batch's time, shared by its modules
+        stats.solve_s += dt * len(batch)
+        if dev.type == "cuda":
+            mb = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
             stats.memory_mb["solve"] = round(max(stats.memory_mb.get("solve", 0.0), mb), 3)
-        local[full[name]] = {"codes": r.codes.to("cpu", torch.uint8), "scales": r.scales.cpu(),
-                             "zeros": r.zeros.to("cpu", torch.int32), "g_idx": r.g_idx.to("cpu", torch.int32),
-                             "numbers": torch.tensor([float(r.loss), float(r.damp), dt], dtype=torch.float64)}
-        if o["callback"] is not None:
-            o["callback"](full[name], H, r)
-        del r
+        for n, r in zip(batch, rs, strict=True):
+            local[full[n]] = {"codes": r.codes.to("cpu", torch.uint8), "scales": r.scales.cpu(),
+                              "zeros": r.zeros.to("cpu", torch.int32), "g_idx": r.g_idx.to("cpu", torch.int32),
+                              "numbers": torch.tensor([float(r.loss), float(r.damp), dt], dtype=torch.float64)}
+            if o["callback"] is not None:
+                o["callback"](full[n], hessians[n][0], r)
+        del rs
     layout = {}
     for name in group:
         (N, K), gs = shapes[full[name]], settings[name]["group_size"]
@@ -614,6 +618,19 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, hessians:
         stats.modules[full[name]] = dict(m, seconds=round(dt, 4))
         _say(o["log"], f"{full[name]}: {s['bits']}-bit g{s['group_size']}, loss {loss:.4g}, damp {damp:.3g}, "
                        f"{dt:.2f} s")
+
+
+MAX_BATCH = 16  # modules solved together (one sweep launch per column block on a GPU): 16 experts' factors and
+# stacked weights of a Qwen3-30B-A3B layer take ~0.5 GB
+
+
+def _solve_batches(names: list[str], shapes: dict, full: dict, settings: dict) -> list[list[str]]:
+    """This rank's modules of a group in runs of one shape and one setting, in group order, at most MAX_BATCH each
+    (on a CPU gptq_quantize_batched solves them one by one, so the bits never depend on the batching)."""
+    runs: dict[tuple, list[str]] = {}
+    for n in names:
+        runs.setdefault((shapes[full[n]], settings[n]["bits"], settings[n]["group_size"]), []).append(n)
+    return [run[i:i + MAX_BATCH] for run in runs.values() for i in range(0, len(run), MAX_BATCH)]
 
 
 def _packed(r: GPTQResult, linear: nn.Linear, checkpoint_format: str) -> QuantLinear:

@@ -10,6 +10,7 @@ reference with ``backend="reference"``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
@@ -155,6 +156,72 @@ def gptq_quantize(
         return _assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss, name)
 
 
+def gptq_quantize_batched(
+    Ws: Sequence[torch.Tensor],
+    Hs: Sequence[torch.Tensor],
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    *,
+    mse: bool = False,
+    dxxts: Sequence[torch.Tensor] | None = None,
+    alpha: float = 0.25,
+    reg: float | None = None,
+    backend: str | None = None,
+    names: Sequence[str] | None = None,
+    compute_loss: bool = True,
+    factors: Sequence[HessianFactor] | None = None,
+) -> list[GPTQResult]:
+    """``gptq_quantize`` of several weights of one shape, each against its own Hessian (a layer's experts), with the
+    same settings: on CUDA tensors one sweep launch per column block serves them all (the Triton kernel's second
+    grid axis), elsewhere they are solved one after another. Each result has the bits ``gptq_quantize`` gives that
+    weight alone. ``dxxts``, ``names``, ``factors``: one per weight, or None."""
+    Ws, Hs = list(Ws), list(Hs)
+    n = len(Ws)
+    for label, seq in (("Hs", Hs), ("dxxts", dxxts), ("names", names), ("factors", factors)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{label} must hold one entry per weight ({n}), got {len(seq)}")
+    if n == 0:
+        return []
+    shapes = {tuple(W.shape) for W in Ws if isinstance(W, torch.Tensor)}
+    if len(shapes) != 1 or len({W.device for W in Ws}) != 1:
+        raise ValueError(f"Ws must be tensors of one shape on one device, got shapes {sorted(shapes)}")
+    per = [dict(dxxt=None if dxxts is None else dxxts[i], name=None if names is None else names[i],
+                factor=None if factors is None else factors[i]) for i in range(n)]
+    kw = dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, static_groups=static_groups, damp=damp,
+              block_size=block_size, mse=mse, alpha=alpha, reg=reg, compute_loss=compute_loss)
+    if backend is None:
+        backend = "triton" if Ws[0].device.type == "cuda" else "cpp"
+    if backend != "triton":
+        return [gptq_quantize(W, H, backend=backend, **kw, **p) for W, H, p in zip(Ws, Hs, per, strict=True)]
+    from ..._triton_utils import check_triton_device
+    from .triton_kernel import gptq_sweep_triton_batched
+
+    check_triton_device(Ws[0], "gptq_quantize_batched")
+    for W, H, p in zip(Ws, Hs, per, strict=True):  # every argument checked before any work
+        check_inputs(W, H, bits, group_size, block_size, damp, p["dxxt"], alpha, reg, None, p["name"], mse=mse)
+        if p["factor"] is not None:
+            _check_factor(p["factor"], W, dict(act_order=bool(act_order), damp=damp, alpha=alpha if p["dxxt"] is not
+                                               None else None, reg=reg or None, gptaq=p["dxxt"] is not None,
+                                               saliency=False, damp_steps=None), p["name"])
+    if len({p["dxxt"] is None for p in per}) != 1:
+        raise ValueError("dxxts must be given for every weight or for none")
+    bits = int(bits)
+    with ieee_fp32_matmul():
+        preps = [prepare(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                         static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, dxxt=p["dxxt"],
+                         alpha=alpha, reg=reg, name=p["name"], shared=p["factor"])
+                 for W, H, p in zip(Ws, Hs, per, strict=True)]
+        with torch.cuda.device(Ws[0].device) if Ws[0].device.type == "cuda" else contextlib.nullcontext():
+            swept = gptq_sweep_triton_batched(preps, bits, group_size, sym, mse)
+        return [_assemble(W, H, prep, codes, scales, zeros, bits, group_size, sym, compute_loss, p["name"])
+                for W, H, prep, (codes, scales, zeros), p in zip(Ws, Hs, preps, swept, per, strict=True)]
+
+
 def _check_factor(f, W, want: dict, name) -> None:
     where = f" (layer {name})" if name else ""
     if not isinstance(f, HessianFactor):
@@ -168,4 +235,5 @@ def _check_factor(f, W, want: dict, name) -> None:
         raise ValueError(f"factor was made with {said}: pass gptq_quantize the arguments gptq_factor had{where}")
 
 
-__all__ = ["GPTQResult", "HessianFactor", "NotPositiveDefiniteError", "gptq_factor", "gptq_quantize"]
+__all__ = ["GPTQResult", "HessianFactor", "NotPositiveDefiniteError", "gptq_factor", "gptq_quantize",
+           "gptq_quantize_batched"]

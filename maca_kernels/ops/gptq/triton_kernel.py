@@ -5,6 +5,8 @@ block's columns in registers: find the group's parameters when a dynamic group s
 column, ``err = (w − q)/U_ii``, rank-1 update of the rest of the block (GPTAQ: plus ``w ⊗ P_i,:``).
 It writes the codes, the new groups' scales/zeros, and the block's ``Err`` and ``W_blk`` (values at
 quantization time); the lazy update of the later columns is then one GEMM per term in the launcher.
+Several problems of one shape (a layer's experts) run in one launch per block: the grid's second axis picks
+the problem, whose tensors lie ``batch_*`` elements apart; each row's arithmetic is the single problem's.
 Arithmetic mirrors ``quantizer.py`` exactly: IEEE division (``div_rn``), round-half-even, scales
 rounded to fp16.
 """
@@ -71,6 +73,11 @@ def _gptq_block_kernel(
     stride_u,
     stride_s,
     stride_e,
+    batch_w,  # elements between consecutive problems' W / codes (0 for one problem)
+    batch_u,  # ... U / P
+    batch_s,  # ... scales / zeros
+    batch_e,  # ... err / wq
+    batch_g,  # ... gpos
     MAXQ: tl.constexpr,
     GROUP: tl.constexpr,  # dynamic group size (0: parameters are precomputed)
     SYM: tl.constexpr,
@@ -81,6 +88,16 @@ def _gptq_block_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    w_ptr += b * batch_w
+    codes_ptr += b * batch_w
+    u_ptr += b * batch_u
+    p_ptr += b * batch_u
+    scales_ptr += b * batch_s
+    zeros_ptr += b * batch_s
+    err_ptr += b * batch_e
+    wq_ptr += b * batch_e
+    gpos_ptr += b * batch_g
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_K)
@@ -159,43 +176,61 @@ def launch_config(block_k: int, interpreting: bool = INTERPRETING) -> tuple[int,
 
 def gptq_sweep_triton(prep: Prepared, bits: int, group_size: int, sym: bool, mse: bool):
     """Same contract as ``reference.gptq_sweep_reference`` (codes as int32)."""
-    W = prep.W
-    N, K = W.shape
-    dev = W.device
-    block_k = triton.next_power_of_2(prep.block_size)
+    return gptq_sweep_triton_batched([prep], bits, group_size, sym, mse)[0]
+
+
+def _stacked(ts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, ...] contiguous; one tensor is viewed, not copied (a K = 8192 factor is 268 MB)."""
+    return (ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)).contiguous()
+
+
+def gptq_sweep_triton_batched(preps: list[Prepared], bits: int, group_size: int, sym: bool, mse: bool):
+    """``gptq_sweep_triton`` of several problems of one shape and one mode (one launch per column block for all;
+    the lazy updates stay one GEMM per problem, with the single problem's operand layouts, so every problem gets
+    the bits it gets alone). Returns [(codes, scales, zeros)] in order."""
+    p0, B = preps[0], len(preps)
+    N, K = p0.W.shape
+    dev = p0.W.device
+    block_k = triton.next_power_of_2(p0.block_size)
     block_n, num_warps = launch_config(block_k)
-    precomputed = prep.static_scale is not None
+    precomputed = p0.static_scale is not None
+    gptaq = p0.P is not None
+    W = _stacked([p.W for p in preps])  # one problem: its own tensor, updated in place as before
+    G = p0.static_scale.shape[1] if precomputed else K // group_size
     if precomputed:
-        scales, zeros = prep.static_scale.contiguous(), prep.static_zero.contiguous()
+        scales = _stacked([p.static_scale for p in preps])
+        zeros = _stacked([p.static_zero for p in preps])
     else:
-        scales = torch.empty(N, K // group_size, dtype=torch.float32, device=dev)
+        scales = torch.empty(B, N, G, dtype=torch.float32, device=dev)
         zeros = torch.empty_like(scales)
-    codes = torch.empty(N, K, dtype=torch.int32, device=dev)
-    err_buf = torch.empty(N * block_k, dtype=torch.float32, device=dev)
-    wq_buf = torch.empty_like(err_buf) if prep.P is not None else err_buf
-    gpos = prep.group_of_pos.to(torch.int32)
+    codes = torch.empty(B, N, K, dtype=torch.int32, device=dev)
+    err_buf = torch.empty(B, N * block_k, dtype=torch.float32, device=dev)
+    wq_buf = torch.empty_like(err_buf) if gptaq else err_buf
+    gpos = _stacked([p.group_of_pos.to(torch.int32) for p in preps])
     shrink = mse_shrink_factors(device=dev) if mse else torch.ones(1, device=dev)
-    U = prep.U.contiguous()
-    P = prep.P.contiguous() if prep.P is not None else U
-    grid = (triton.cdiv(N, block_n),)
-    for i1 in range(0, K, prep.block_size):
-        i2 = min(i1 + prep.block_size, K)
+    U = _stacked([p.U for p in preps])
+    P = _stacked([p.P for p in preps]) if gptaq else U
+    grid = (triton.cdiv(N, block_n), B)
+    for i1 in range(0, K, p0.block_size):
+        i2 = min(i1 + p0.block_size, K)
         # [N, count] contiguous, like the reference's Err1/Wq1: the lazy GEMMs below then see the same
         # operand layouts as the reference's and round the same way
-        err = err_buf[: N * (i2 - i1)].view(N, i2 - i1)
-        wq = wq_buf[: N * (i2 - i1)].view(N, i2 - i1)
+        err = [err_buf[b, : N * (i2 - i1)].view(N, i2 - i1) for b in range(B)]
+        wq = [wq_buf[b, : N * (i2 - i1)].view(N, i2 - i1) for b in range(B)]
         _gptq_block_kernel[grid](
-            W, U, P, codes, scales, zeros, err, wq, gpos, shrink,
-            i1, i2 - i1, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
+            W, U, P, codes, scales, zeros, err_buf, wq_buf, gpos, shrink,
+            i1, i2 - i1, N, W.stride(1), U.stride(1), scales.stride(1), i2 - i1,
+            W.stride(0), U.stride(0), scales.stride(0), err_buf.stride(0), gpos.stride(0),
             MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
-            N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=prep.P is not None,
+            N_GRID=shrink.numel() if mse else 0, NORM=2.4, GPTAQ=gptaq,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **SWEEP_OPTIONS,
         )
         if i2 < K:  # written as the reference writes it (a product, then a subtraction: two roundings)
-            W[:, i2:] -= err @ U[i1:i2, i2:]
-            if prep.P is not None:
-                W[:, i2:] += wq @ P[i1:i2, i2:]
-    return codes, (None if precomputed else scales), (None if precomputed else zeros)
+            for b in range(B):
+                W[b, :, i2:] -= err[b] @ U[b, i1:i2, i2:]
+                if gptaq:
+                    W[b, :, i2:] += wq[b] @ P[b, i1:i2, i2:]
+    return [(codes[b], None if precomputed else scales[b], None if precomputed else zeros[b]) for b in range(B)]
 
 
 def aot_variants():
@@ -227,7 +262,8 @@ def aot_variants():
             shrink = AotTensor(torch.float32, n_grid if mse else 1)
             i1 = block_size  # a middle block (every block starts at a multiple of block_size)
             args = (W, U, P, AotTensor(torch.int32, N, K), scales, scales, err, wq, AotTensor(torch.int32, K), shrink,
-                    i1, block_size, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0))
+                    i1, block_size, N, W.stride(0), U.stride(0), scales.stride(0), err.stride(0),
+                    N * K, K * K, N * (K // g), N * block_k, K)  # between experts of a batched launch
             kwargs = dict(MAXQ=2**bits - 1, GROUP=0 if precomputed else group_size, SYM=sym,
                           N_GRID=n_grid if mse else 0, NORM=2.4, GPTAQ=gptaq, BLOCK_N=block_n, BLOCK_K=block_k,
                           num_warps=num_warps, **SWEEP_OPTIONS)
