@@ -133,34 +133,24 @@ def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch, experts: dict
 def routed_input(layer, experts: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """What a fused-experts module gets when ``layer`` runs on ``batch``: the tokens [n·L, d] (sequence-major) and
     the experts each is routed to, [n·L, k] (the pass stops there)."""
-    seen = []
-
-    def grab(mod, args, kwargs):
-        names = ("hidden_states", "top_k_index")
-        seen.append([args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names)])
-        raise _Stop
-
-    handle = experts.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        layer(batch.hidden, **batch.kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError(f"{type(experts).__name__} was not reached in its layer's forward pass")
-    return seen[0][0], seen[0][1]
+    args, kwargs = _call_of(layer, experts, batch)
+    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("hidden_states", "top_k_index")))
 
 
 def input_of(layer, module, batch: Batch) -> torch.Tensor:
     """The input ``module`` sees when ``layer`` runs on ``batch`` (the pass stops there)."""
+    return _call_of(layer, module, batch)[0][0]
+
+
+def _call_of(layer, module, batch: Batch) -> tuple[tuple, dict]:
+    """The arguments ``module`` is called with when ``layer`` runs on ``batch`` (the pass stops there)."""
     seen = []
 
-    def grab(mod, args):
-        seen.append(args[0])
+    def grab(mod, args, kwargs):
+        seen.append((args, kwargs))
         raise _Stop
 
-    handle = module.register_forward_pre_hook(grab)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         layer(batch.hidden, **batch.kwargs)
     except _Stop:

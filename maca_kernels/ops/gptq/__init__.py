@@ -14,7 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .prepare import HessianFactor, NotPositiveDefiniteError, check_inputs, factor, ieee_fp32_matmul, prepare
+from .prepare import (
+    HessianFactor,
+    NotPositiveDefiniteError,
+    check_inputs,
+    factor,
+    factor_settings,
+    ieee_fp32_matmul,
+    prepare,
+)
 from .quantizer import check_scales
 from .reference import gptq_sweep_reference
 from .result import GPTQResult
@@ -122,9 +130,7 @@ def gptq_quantize(
                  scales=scales, zeros=zeros, mse=mse, damp_steps=damp_steps)
     bits = int(bits)  # checked: an int or an integer-like (e.g. numpy's), as the extension wants it
     if factor is not None:
-        _check_factor(factor, W, dict(act_order=bool(act_order), damp=damp, alpha=alpha if dxxt is not None else None,
-                                      reg=reg or None, gptaq=dxxt is not None, saliency=saliency is not None,
-                                      damp_steps=damp_steps), name)
+        _check_factor(factor, W, factor_settings(act_order, damp, dxxt, alpha, reg, saliency, damp_steps), name)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend is None:
@@ -205,9 +211,8 @@ def gptq_quantize_batched(
     for W, H, p in zip(Ws, Hs, per, strict=True):  # every argument checked before any work
         check_inputs(W, H, bits, group_size, block_size, damp, p["dxxt"], alpha, reg, None, p["name"], mse=mse)
         if p["factor"] is not None:
-            _check_factor(p["factor"], W, dict(act_order=bool(act_order), damp=damp, alpha=alpha if p["dxxt"] is not
-                                               None else None, reg=reg or None, gptaq=p["dxxt"] is not None,
-                                               saliency=False, damp_steps=None), p["name"])
+            _check_factor(p["factor"], W, factor_settings(act_order, damp, p["dxxt"], alpha, reg, None, None),
+                          p["name"])
     if len({p["dxxt"] is None for p in per}) != 1:
         raise ValueError("dxxts must be given for every weight or for none")
     bits = int(bits)

@@ -183,9 +183,14 @@ def factor(H, *, act_order, damp, dxxt=None, alpha=0.25, reg=None, saliency=None
     P = None
     if dxxt is not None and alpha:
         P = alpha * ((dxxt @ U.T).triu(1)) @ U
-    settings = dict(act_order=bool(act_order), damp=damp, alpha=alpha if dxxt is not None else None, reg=reg or None,
-                    gptaq=dxxt is not None, saliency=saliency is not None, damp_steps=damp_steps)
-    return HessianFactor(dead, perm, U, P, float(used), settings)
+    return HessianFactor(dead, perm, U, P, float(used),
+                         factor_settings(act_order, damp, dxxt, alpha, reg, saliency, damp_steps))
+
+
+def factor_settings(act_order, damp, dxxt, alpha, reg, saliency, damp_steps) -> dict:
+    """What a HessianFactor depends on besides H: a solve given a factor must ask for the same."""
+    return dict(act_order=bool(act_order), damp=damp, alpha=alpha if dxxt is not None else None, reg=reg or None,
+                gptaq=dxxt is not None, saliency=saliency is not None, damp_steps=damp_steps)
 
 
 def prepare(W, H, *, bits, group_size, sym, act_order, static_groups, damp, block_size, mse,
