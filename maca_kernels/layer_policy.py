@@ -9,7 +9,7 @@ the rest: a floating matrix is never left in float silently.
   contains "Router", as transformers 5's ``*TopKRouter``, or an ``nn.Linear`` named ``gate`` / ``router`` beside
   an ``experts`` module); scalar gates (an ``nn.Linear`` with one output, e.g. Qwen2-MoE's
   ``shared_expert_gate``: one value per token, nothing to pack); every parameter ``keep_float`` names (a pattern
-  matches a dotted name, its last part, or any one part, as ``overrides`` does: ``"experts"``, ``"down_proj"``,
+  matches a dotted name holding it as a run of whole parts, as ``overrides`` does: ``"experts"``, ``"down_proj"``,
   ``"mlp.experts.down_proj"``).
 - Anything else raises ``UncoveredParameterError`` before any work is done, naming each parameter (e.g. a 3-D
   tensor of a module that is not a fused-experts module); ``keep_float`` keeps it in float knowingly.
@@ -30,7 +30,9 @@ _QUANTIZED = ("weight", "gate_up_proj", "down_proj")  # a Linear's weight, a fus
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or p in name.split(".") for p in patterns)
+    """``name`` holds one of ``patterns`` as a run of whole dotted parts ("down_proj", "mlp.experts",
+    "model.layers.1"): a module's name covers everything inside it."""
+    return any(f".{p}." in f".{name}." for p in patterns)
 
 
 def _is_router(layer: nn.Module, name: str, module: nn.Module) -> bool:

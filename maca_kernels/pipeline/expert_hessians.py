@@ -1,4 +1,5 @@
-"""The Hessians of a fused-experts module's experts (``quantize_model``'s docstring has the formulas and the policy).
+"""The Hessians of an MoE layer's experts, fused or a list (``experts.py``; ``quantize_model``'s docstring has the
+formulas and the policy).
 
 The tokens reaching the module are captured once per layer (with their routing), then the experts are taken in
 chunks whose Hessians fit a fixed budget: a chunk's sums are accumulated from the captured tokens, added over the
@@ -16,9 +17,10 @@ import torch
 
 from ..ops.hessian.accumulator import HessianAccumulator
 from .activations import keep, use
-from .experts import FusedExperts
-from .model import routed_input
+from .experts import ExpertList, FusedExperts
 from .world import ShardSums
+
+Experts = FusedExperts | ExpertList
 
 CHUNK_BYTES = 1 << 30  # what one chunk's Hessians may take (fp32 sums, float64 totals, fp32 means)
 
@@ -26,7 +28,7 @@ CHUNK_BYTES = 1 << 30  # what one chunk's Hessians may take (fp32 sums, float64 
 @dataclass
 class Routed:
     """One micro-batch at the experts: its tokens [n·L, d] (sequence-major), GPTAQ's full-precision ones, and the
-    experts each token is routed to [n·L, k]."""
+    experts each token is routed to [n·L, k] (E pads a token that reached fewer)."""
 
     x: torch.Tensor
     x_fp: torch.Tensor | None
@@ -46,34 +48,34 @@ class ExpertCounts:
         return ["all tokens" if n == 0 else ("routed" if n >= min_tokens else "blended") for n in self.tokens]
 
 
-def capture(job, layer, fp_layer, ex: FusedExperts, fp_ex: FusedExperts | None, q, fp) -> dict[int, list[Routed]]:
+def capture(job, layer, fp_layer, ex: Experts, fp_ex: Experts | None, q, fp) -> dict[int, list[Routed]]:
     """This rank's micro-batches at the experts (kept where the calibration streams wait)."""
     out = {}
     for s in job.mine:
         out[s] = []
         for bi, b in enumerate(q[s]):
-            x, idx = routed_input(layer, ex.module, use(b, job.device))
-            x_fp = routed_input(fp_layer, fp_ex.module, use(fp[s][bi], job.device))[0] if fp_layer is not None else None
+            x, idx = ex.routed(layer, use(b, job.device))
+            x_fp = fp_ex.routed(fp_layer, use(fp[s][bi], job.device))[0] if fp_layer is not None else None
             n, L = b.hidden.shape[:2]
             out[s].append(Routed(keep(x, job.store), None if x_fp is None else keep(x_fp, job.store), idx, n, L))
     return out
 
 
-def count(job, ex: FusedExperts, routed: dict[int, list[Routed]]) -> ExpertCounts:
+def count(job, ex: Experts, routed: dict[int, list[Routed]]) -> ExpertCounts:
     """Tokens and sequences routed to each expert, over every rank's shards."""
     E = ex.num_experts
     tokens, seqs = torch.zeros(E, dtype=torch.int64), torch.zeros(E, dtype=torch.int64)
     for batches in routed.values():
         for r in batches:
-            hit = torch.zeros(r.n * r.L, E, dtype=torch.bool, device=r.idx.device)
-            hit.scatter_(1, r.idx.long(), True)
+            hit = torch.zeros(r.n * r.L, E + 1, dtype=torch.bool, device=r.idx.device)
+            hit = hit.scatter_(1, r.idx.long(), True)[:, :E]
             tokens += hit.sum(0).cpu()
             seqs += hit.view(r.n, r.L, E).any(1).sum(0).cpu()
     c = job.world.sum_int(tokens.tolist() + seqs.tolist())
     return ExpertCounts(tokens=c[:E], sequences=c[E:])
 
 
-def chunks(ex: FusedExperts, gptaq: bool) -> list[list[int]]:
+def chunks(ex: Experts, gptaq: bool) -> list[list[int]]:
     per_expert = 16 * max(ex.hidden, ex.intermediate) ** 2 * (2 if gptaq else 1)
     size = max(1, CHUNK_BYTES // per_expert)
     return [list(range(i, min(i + size, ex.num_experts))) for i in range(0, ex.num_experts, size)]
@@ -133,7 +135,7 @@ def block_hessian(job, routed, gptaq: bool, d: int) -> list[torch.Tensor]:
     return _mean(*got, job.opts["weighting"])
 
 
-def chunk_hessians(job, ex: FusedExperts, fp_ex, routed, chunk: list[int], counts: ExpertCounts, policy: list[str],
+def chunk_hessians(job, ex: Experts, fp_ex, routed, chunk: list[int], counts: ExpertCounts, policy: list[str],
                    down: bool, block: list[torch.Tensor] | None) -> dict[int, tuple]:
     """The experts of ``chunk``: {expert: (H, dxxt)} in fp32 for their gate/up (``down=False``; ``block``: the
     every-token Hessian from ``block_hessian``) or their down projection (the expert's own act(gate)·up)."""

@@ -130,13 +130,6 @@ def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch, experts: dict
     return groups
 
 
-def routed_input(layer, experts: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a fused-experts module gets when ``layer`` runs on ``batch``: the tokens [n·L, d] (sequence-major) and
-    the experts each is routed to, [n·L, k] (the pass stops there)."""
-    args, kwargs = _call_of(layer, experts, batch)
-    return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("hidden_states", "top_k_index")))
-
-
 def input_of(layer, module, batch: Batch) -> torch.Tensor:
     """The input ``module`` sees when ``layer`` runs on ``batch`` (the pass stops there)."""
     return _call_of(layer, module, batch)[0][0]
@@ -163,4 +156,4 @@ def _call_of(layer, module, batch: Batch) -> tuple[tuple, dict]:
 
 
 __all__ = ["Batch", "capture_first_inputs", "decoder_layers", "first", "group_linears", "input_of", "linears",
-           "module_settings", "routed_input", "swap"]
+           "module_settings", "swap"]

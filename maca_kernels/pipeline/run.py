@@ -38,7 +38,7 @@ from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
 from . import expert_hessians as eh
 from .activations import check_place, keep, store_for, use
-from .experts import FusedExperts, check_forward, find_experts, make_room
+from .experts import ExpertList, FusedExperts, find_experts, make_room
 from .model import (
     Batch,
     capture_first_inputs,
@@ -261,8 +261,8 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
         prefix = f"{layers_name}.{i}."
         mods, experts = _targets(layer, keep_float, prefix)
         for ex in experts.values():  # our reading of each experts class checked on its first module, before any work
-            if type(ex.module) not in probed and not ex.module.down_proj.is_meta:
-                check_forward(ex)
+            if type(ex.module) not in probed and not ex.is_meta:
+                ex.check()
                 probed.add(type(ex.module))
         for name, lin in mods.items():
             s = module_settings(prefix + name, dict(bits=bits, group_size=group_size), opts["overrides"])
@@ -288,9 +288,9 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
                 QuantizeStats(world_size=world.size), time.perf_counter())
 
 
-def _targets(layer: nn.Module, keep_float, prefix: str) -> tuple[dict, dict[str, FusedExperts]]:
+def _targets(layer: nn.Module, keep_float, prefix: str) -> tuple[dict, dict[str, FusedExperts | ExpertList]]:
     """What is quantized in a layer by name within it: its Linears and every expert's projections (views into the
-    fused parameters), and the fused-experts modules."""
+    fused parameters, or a list's Linears), and the experts modules."""
     experts = find_experts(layer, keep_float, prefix)
     mods = dict(quantized_linears(layer, keep_float, prefix))
     for ex in experts.values():
@@ -418,7 +418,7 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     fp_layer = copy.deepcopy(layer) if o["method"] == "gptaq" else None
     mods, experts = _targets(layer, o["keep_float"], prefix)
     for ex in experts.values():
-        check_forward(ex)
+        ex.check()
     stats.held("layer", [*layer.state_dict().values(), *(fp_layer.state_dict().values() if fp_layer else ())])
     stats.held("activations", [b.hidden for bs in [*q.values(), *(fp or {}).values()] for b in bs])
     layer_results: dict[str, dict] = {}  # name -> the tensors a resume commit writes (only with resume_dir)
@@ -428,9 +428,10 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     else:  # decoder layers repeat one structure: find the groups once per set of module names (rank 0 holds a shard)
         shape_key = tuple(mods)
         if shape_key not in group_cache:
-            lin = {n: m for n, m in mods.items() if isinstance(m, nn.Module)}
+            in_experts = {n for ex in experts.values() for n in ex.slices()}
+            lin = {n: m for n, m in mods.items() if n not in in_experts}
             found = (group_linears(layer, lin, use(q[job.mine[0]][0], job.device),
-                                   {n: ex.module for n, ex in experts.items()}) if world.rank == 0 else None)
+                                   {n: ex.entry for n, ex in experts.items()}) if world.rank == 0 else None)
             group_cache[shape_key] = world.broadcast_object(found)
         groups = group_cache[shape_key]
     for group in groups:
@@ -453,9 +454,9 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     return layer_results, packed, q, fp
 
 
-def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts, fp_ex, mods, q, fp, layer_results,
-                      packed) -> None:
-    """A fused-experts module, a chunk of experts at a time (expert_hessians.py): each expert's gate and up on its
+def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts | ExpertList, fp_ex, mods, q, fp,
+                      layer_results, packed) -> None:
+    """An MoE layer's experts, a chunk of experts at a time (expert_hessians.py): each expert's gate and up on its
     routed tokens' Hessian, then its down on the Hessian of its own quantized ``act(gate)·up``."""
     o, gptaq = job.opts, fp_layer is not None
     t0 = time.perf_counter()
@@ -467,12 +468,12 @@ def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts,
     block = eh.block_hessian(job, routed, gptaq, ex.hidden) if any(p != "routed" for p in policy) else None
     for chunk in eh.chunks(ex, gptaq):
         hs = eh.chunk_hessians(job, ex, fp_ex, routed, chunk, counts, policy, False, block)
-        names = {e: [f"{ex.name}.{e}.{p}" for p in ("gate_proj", "up_proj")] for e in chunk}
-        _solve_group(job, prefix, [n for e in chunk for n in names[e]], mods,
-                     {n: hs[e] for e in chunk for n in names[e]}, layer_results, packed)
+        names = {e: ex.stages(e) for e in chunk}
+        _solve_group(job, prefix, [n for e in chunk for n in names[e][0]], mods,
+                     {n: hs[e] for e in chunk for n in names[e][0]}, layer_results, packed)
         hs = eh.chunk_hessians(job, ex, fp_ex, routed, chunk, counts, policy, True, None)
-        _solve_group(job, prefix, [f"{ex.name}.{e}.down_proj" for e in chunk], mods,
-                     {f"{ex.name}.{e}.down_proj": hs[e] for e in chunk}, layer_results, packed)
+        _solve_group(job, prefix, [n for e in chunk for n in names[e][1]], mods,
+                     {n: hs[e] for e in chunk for n in names[e][1]}, layer_results, packed)
         del hs
     job.stats.experts[prefix + ex.name] = dict(tokens=counts.tokens, sequences=counts.sequences, policy=policy)
     if o["moe_calibration"] == "routed":

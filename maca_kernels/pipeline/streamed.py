@@ -196,7 +196,7 @@ def _plan(config, dtype, job) -> list[tuple[str, torch.Tensor]]:
     for i, layer in enumerate(job.layers):
         prefix = f"{job.layers_name}.{i}."
         mods, experts = _targets(layer, o["keep_float"], prefix)
-        for name, ex in experts.items():  # a place for each expert's modules (as quantize_model installs them)
+        for name, ex in ((n, ex) for n, ex in experts.items() if ex.fused):  # a place for each expert's modules
             swap(model, prefix + name, Experts.skeleton(ex.num_experts, ex.hidden, ex.intermediate, ex.act()))
         for name, lin in mods.items():
             s = module_settings(prefix + name, job.base, o["overrides"])

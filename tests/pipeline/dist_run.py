@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from tiny_models import random_sequences  # noqa: E402
+from tiny_models import ListMoeBlock, random_sequences  # noqa: E402
 
 import maca_kernels as mk  # noqa: E402
 
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--resume", default=None)
     p.add_argument("--in-memory", action="store_true")
+    p.add_argument("--list-experts", action="store_true", help="(in memory) the MoE blocks' experts as a ModuleList")
     p.add_argument("--die-after-layer", type=int, default=None, help="rank 1 exits at its first solve past this layer")
     p.add_argument("--rank1-method", default=None, help="rank 1 is given another method (a user's mistake)")
     a = p.parse_args()
@@ -49,8 +50,11 @@ def main() -> None:
     if a.in_memory:
         from transformers import AutoModelForCausalLM
 
-        model = mk.quantize_model(AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.float32), calib, 4, 32,
-                                  **kw)
+        model = AutoModelForCausalLM.from_pretrained(a.src, dtype=torch.float32)
+        if a.list_experts:
+            for layer in model.model.layers:
+                layer.mlp = ListMoeBlock(layer.mlp)
+        model = mk.quantize_model(model, calib, 4, 32, **kw)
         if rank == 0:
             mk.save_quantized(model, a.out, max_shard_size="40KB")
     else:

@@ -72,8 +72,8 @@ def test_in_memory_rtn_and_more_ranks_than_shards(src, tmp_path):
 
 
 def test_moe_experts_on_two_and_three_ranks(tmp_path):
-    """Fused experts (Qwen3-MoE): each expert's routed Hessians summed over the shards in shard order, its solves
-    spread over the ranks; GPTAQ (both streams route through the experts)."""
+    """Fused experts (Qwen3-MoE), and the same experts as a ModuleList: each expert's routed Hessians summed over the
+    shards in shard order, its solves spread over the ranks; GPTAQ (both streams route through the experts)."""
     from tiny_models import tiny_moe
 
     tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
@@ -83,6 +83,9 @@ def test_moe_experts_on_two_and_three_ranks(tmp_path):
     torchrun(3, tmp_path / "moe", tmp_path / "three", *args)
     same_folders(tmp_path / "one", tmp_path / "two")
     same_folders(tmp_path / "one", tmp_path / "three")
+    alone(tmp_path / "moe", tmp_path / "list1", *args, "--list-experts")  # experts as a ModuleList of MLPs
+    torchrun(2, tmp_path / "moe", tmp_path / "list2", *args, "--list-experts")
+    same_folders(tmp_path / "list1", tmp_path / "list2")
 
 
 def test_two_nodes_on_one_machine(src, tmp_path):

@@ -55,8 +55,65 @@ class ByteTokenizer:
         pass
 
 
+class ListMoeBlock(torch.nn.Module):
+    """A sparse MoE block in the older per-expert form (a router ``gate`` Linear, an ``experts`` ModuleList of MLPs,
+    a loop over experts that calls each with its tokens, slot by slot), holding a fused Qwen3-MoE block's weights."""
+
+    def __init__(self, fused, names=("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        nn = torch.nn
+        E, two_i, d = fused.experts.gate_up_proj.shape
+        inter = two_i // 2
+        self.top_k, self.norm, self.act = fused.gate.top_k, fused.gate.norm_topk_prob, fused.experts.act_fn
+        self.gate = nn.Linear(d, E, bias=False)
+        self.gate.weight.data.copy_(fused.gate.weight.data)
+        self.experts = nn.ModuleList()
+        for e in range(E):
+            mlp = ListExpert(d, inter, names, self.act)
+            gu = fused.experts.gate_up_proj.data[e]
+            mlp.get_submodule(names[0]).weight.data.copy_(gu[:inter])
+            mlp.get_submodule(names[1]).weight.data.copy_(gu[inter:])
+            mlp.get_submodule(names[2]).weight.data.copy_(fused.experts.down_proj.data[e])
+            self.experts.append(mlp)
+
+    def forward(self, hidden_states):
+        b, L, d = hidden_states.shape
+        x = hidden_states.reshape(-1, d)
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        w, sel = torch.topk(probs, self.top_k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True) if self.norm else w).to(x.dtype)
+        mask = torch.nn.functional.one_hot(sel, len(self.experts)).permute(2, 1, 0)  # [E, k, T]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            slot, tok = torch.where(mask[e])  # slot-major, not token order
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out.reshape(b, L, d)
+
+
+class ListExpert(torch.nn.Module):
+    def __init__(self, d, inter, names, act):
+        super().__init__()
+        self.names, self.act = names, act
+        for n, (k, m) in zip(names, ((d, inter), (d, inter), (inter, d)), strict=True):
+            self.add_module(n, torch.nn.Linear(k, m, bias=False))
+
+    def forward(self, x):
+        g, u, down = (self.get_submodule(n) for n in self.names)
+        return down(self.act(g(x)) * u(x))
+
+
 def tiny_moe(family: str):
+    """A tiny MoE model of ``family``; "list" / "list_w123": Qwen3-MoE with its experts as a ModuleList of MLPs
+    (Linears named gate/up/down_proj, or Mixtral's older w1/w3/w2)."""
     import transformers as tf
+
+    if family.startswith("list"):
+        model = tiny_moe("qwen3_moe")
+        names = ("w1", "w3", "w2") if family == "list_w123" else ("gate_proj", "up_proj", "down_proj")
+        for layer in model.model.layers:
+            layer.mlp = ListMoeBlock(layer.mlp, names)
+        return model.eval()
 
     common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, max_position_embeddings=256)
