@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.hessian.accumulator import HessianAccumulator
-from .activations import keep, use
+from .activations import keep
 from .experts import ExpertList, FusedExperts
 from .world import ShardSums
 
@@ -48,16 +48,17 @@ class ExpertCounts:
         return ["all tokens" if n == 0 else ("routed" if n >= min_tokens else "blended") for n in self.tokens]
 
 
-def capture(job, layer, fp_layer, ex: Experts, fp_ex: Experts | None, q, fp) -> dict[int, list[Routed]]:
-    """This rank's micro-batches at the experts (kept where the calibration streams wait)."""
-    out = {}
-    for s in job.mine:
-        out[s] = []
-        for bi, b in enumerate(q[s]):
-            x, idx = ex.routed(layer, use(b, job.device))
-            x_fp = fp_ex.routed(fp_layer, use(fp[s][bi], job.device))[0] if fp_layer is not None else None
-            n, L = b.hidden.shape[:2]
-            out[s].append(Routed(keep(x, job.store), None if x_fp is None else keep(x_fp, job.store), idx, n, L))
+def capture(job, ex: Experts, fp_ex: Experts | None, calls, q) -> dict[int, list[Routed]]:
+    """This rank's micro-batches at the experts (kept where the calibration streams wait), from ``calls``: (shard,
+    batch, the call of ``ex.entry``, that of ``fp_ex.entry``) for each micro-batch of ``q``."""
+    out: dict[int, list[Routed]] = {s: [] for s in job.mine}
+    for s, bi, call, fp_call in calls:
+        t0 = time.perf_counter()
+        x, idx = ex.routed(call)
+        x_fp = fp_ex.tokens(fp_call) if fp_ex is not None else None
+        job.stats.forward_s += time.perf_counter() - t0
+        n, L = q[s][bi].hidden.shape[:2]
+        out[s].append(Routed(keep(x, job.store), None if x_fp is None else keep(x_fp, job.store), idx, n, L))
     return out
 
 

@@ -69,11 +69,15 @@ class FusedExperts:
         """Expert e's projections by name within the layer: those fed its routed tokens (gate, up), then down."""
         return [f"{self.name}.{e}.gate_proj", f"{self.name}.{e}.up_proj"], [f"{self.name}.{e}.down_proj"]
 
-    def routed(self, layer: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens [n·L, d] (sequence-major) reaching the experts when ``layer`` runs on ``batch``, and the experts
-        each is routed to, [n·L, k] (the pass stops there)."""
-        args, kwargs = _call_of(layer, self.module, batch)
+    def routed(self, call: tuple[tuple, dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the call of ``entry`` (args, kwargs) in a layer's forward: the tokens [n·L, d] (sequence-major)
+        reaching the experts and the experts each is routed to, [n·L, k]."""
+        args, kwargs = call
         return tuple(args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("hidden_states", "top_k_index")))
+
+    def tokens(self, call: tuple[tuple, dict]) -> torch.Tensor:
+        """The tokens alone (GPTAQ's full-precision stream, routed as the quantized one)."""
+        return self.routed(call)[0]
 
     def check(self) -> None:
         check_forward(self)
@@ -176,10 +180,17 @@ class ExpertList:
         m = self.module[e]
         return _call_of(m, m.get_submodule(self.second), Batch(x, {}))[0][0]
 
-    def routed(self, layer: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``FusedExperts.routed``: the block's tokens [n·L, d] and the experts each reached, [n·L, k] (padded with
-        E where a token reached fewer than k), read off the experts' calls (the pass stops after the block)."""
-        return self._route(lambda: layer(batch.hidden, **batch.kwargs))
+    def routed(self, call: tuple[tuple, dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``FusedExperts.routed`` from the call of the block: its tokens [n·L, d] and the experts each reached,
+        [n·L, k] (padded with E where a token reached fewer than k), read off the experts' calls when the block runs
+        on that call."""
+        args, kwargs = call
+        return self._route(lambda: self.block(*args, **kwargs))
+
+    def tokens(self, call: tuple[tuple, dict]) -> torch.Tensor:
+        args, kwargs = call
+        x = args[0] if args else kwargs["hidden_states"]
+        return x.reshape(-1, x.shape[-1])
 
     def _route(self, run) -> tuple[torch.Tensor, torch.Tensor]:
         got: dict = {"x": None, "rows": [[] for _ in self.module]}

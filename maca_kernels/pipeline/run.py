@@ -43,15 +43,14 @@ from .model import (
     Batch,
     capture_first_inputs,
     decoder_layers,
-    first,
     group_linears,
-    input_of,
     linears,
     module_settings,
     swap,
 )
 from .schedule import assign_solves
 from .shards import Shards, make_shards
+from .stages import Replay, Stages
 from .state import (
     SAVED_FIELDS,
     LayerHashes,
@@ -426,7 +425,7 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
     if o["method"] == "rtn":
         groups = [list(mods)]  # no Hessian: every module at once
     else:  # decoder layers repeat one structure: find the groups once per set of module names (rank 0 holds a shard)
-        shape_key = tuple(mods)
+        shape_key = (tuple(mods), tuple(experts))
         if shape_key not in group_cache:
             in_experts = {n for ex in experts.values() for n in ex.slices()}
             lin = {n: m for n, m in mods.items() if n not in in_experts}
@@ -434,34 +433,48 @@ def _quantize_layer(job: _Job, source: nn.Module, prefix: str, q, fp, group_cach
                                    {n: ex.entry for n, ex in experts.items()}) if world.rank == 0 else None)
             group_cache[shape_key] = world.broadcast_object(found)
         groups = group_cache[shape_key]
-    for group in groups:
-        if o["method"] == "rtn":
+    if o["method"] == "rtn":
+        for group in groups:
             _solve_group(job, prefix, group, mods, dict.fromkeys(group, (None, None)), layer_results, packed)
-        elif group[0] in experts:
-            fp_ex = find_experts(fp_layer, o["keep_float"], prefix)[group[0]] if fp_layer is not None else None
-            _quantize_experts(job, prefix, layer, fp_layer, experts[group[0]], fp_ex, mods, q, fp, layer_results,
-                              packed)
-        else:
-            fp_mod = linears(fp_layer, o["keep_float"], prefix)[group[0]] if fp_layer is not None else None
-            H, dxxt = _group_hessian(job, layer, fp_layer, mods[group[0]], fp_mod, q, fp)
-            _solve_group(job, prefix, group, mods, dict.fromkeys(group, (H, dxxt)), layer_results, packed)
-    if o["method"] != "rtn":
-        t0 = time.perf_counter()
-        q = {s: [_forward(job, layer, b) for b in bs] for s, bs in q.items()}
+        return layer_results, packed, q, fp
+    fp_experts = find_experts(fp_layer, o["keep_float"], prefix) if fp_layer is not None else {}
+    fp_lin = linears(fp_layer, o["keep_float"], prefix) if fp_layer is not None else {}
+    t0 = time.perf_counter()
+    src = _stages(job, layer, q, [experts[g[0]].entry if g[0] in experts else mods[g[0]] for g in groups])
+    fp_src = None
+    try:
         if fp_layer is not None:
-            fp = {s: [_forward(job, fp_layer, b) for b in bs] for s, bs in fp.items()}
+            fp_src = _stages(job, fp_layer, fp, [fp_experts[g[0]].entry if g[0] in experts else fp_lin[g[0]]
+                                                 for g in groups])
         stats.forward_s += time.perf_counter() - t0
+        for group in groups:
+            if group[0] in experts:
+                calls = _calls(job, src, fp_src, experts[group[0]].entry,
+                               fp_experts[group[0]].entry if fp_src is not None else None)
+                _quantize_experts(job, prefix, experts[group[0]], fp_experts.get(group[0]), mods, calls, q,
+                                  layer_results, packed)
+            else:
+                calls = _calls(job, src, fp_src, mods[group[0]], fp_lin.get(group[0]))
+                H, dxxt = _group_hessian(job, mods[group[0]], calls, q)
+                _solve_group(job, prefix, group, mods, dict.fromkeys(group, (H, dxxt)), layer_results, packed)
+        t0 = time.perf_counter()
+        q = src.outputs()
+        fp = fp_src.outputs() if fp_src is not None else None
+        stats.forward_s += time.perf_counter() - t0
+    finally:
+        src.close()
+        if fp_src is not None:
+            fp_src.close()
     return layer_results, packed, q, fp
 
 
-def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts | ExpertList, fp_ex, mods, q, fp,
-                      layer_results, packed) -> None:
+def _quantize_experts(job: _Job, prefix: str, ex: FusedExperts | ExpertList, fp_ex, mods, calls, q, layer_results,
+                      packed) -> None:
     """An MoE layer's experts, a chunk of experts at a time (expert_hessians.py): each expert's gate and up on its
-    routed tokens' Hessian, then its down on the Hessian of its own quantized ``act(gate)·up``."""
-    o, gptaq = job.opts, fp_layer is not None
-    t0 = time.perf_counter()
-    routed = eh.capture(job, layer, fp_layer, ex, fp_ex, q, fp)
-    job.stats.forward_s += time.perf_counter() - t0
+    routed tokens' Hessian, then its down on the Hessian of its own quantized ``act(gate)·up``. ``calls``: as
+    ``_calls`` gives them for the experts' entry module."""
+    o, gptaq = job.opts, fp_ex is not None
+    routed = eh.capture(job, ex, fp_ex, calls, q)
     job.stats.held("activations", [t for rs in routed.values() for r in rs for t in (r.x, r.x_fp) if t is not None])
     counts = eh.count(job, ex, routed)
     policy = counts.policy(o["moe_calibration"], o["moe_min_tokens"])
@@ -486,9 +499,31 @@ def _quantize_experts(job: _Job, prefix: str, layer, fp_layer, ex: FusedExperts 
                            "their Hessians blended with every token's")
 
 
-def _forward(job: _Job, layer, b: Batch) -> Batch:
-    """The next layer's input for one micro-batch."""
-    return Batch(keep(first(layer(use(b, job.device).hidden, **b.kwargs)), job.store), b.kwargs)
+ONE_PASS = True  # each layer's forward run once, paused at each group (stages.py); False: re-run per group
+
+
+def _stages(job: _Job, layer, streams, stops) -> Stages | Replay:
+    """The layer's forward on this rank's micro-batches, paused at each group's entry module (``stops``): one pass
+    when the streams wait on the device, re-run per group when they wait in host memory (a paused forward holds
+    its intermediate tensors where it runs)."""
+    if ONE_PASS and job.store == job.device:
+        return Stages(layer, streams, stops, job.device, job.store)
+    return Replay(layer, streams, job.device, job.store)
+
+
+def _calls(job: _Job, src, fp_src, module, fp_module):
+    """(shard, batch, the call of ``module``, that of ``fp_module`` in GPTAQ's float layer) per micro-batch, in
+    shard order; the forwards' time counted."""
+    it = src.calls(module)
+    fit = fp_src.calls(fp_module) if fp_src is not None else None
+    while True:
+        t0 = time.perf_counter()
+        got = next(it, None)
+        fp_got = next(fit) if got is not None and fit is not None else None
+        job.stats.forward_s += time.perf_counter() - t0
+        if got is None:
+            return
+        yield got[0], got[1], got[2], (fp_got[2] if fp_got is not None else None)
 
 
 def _stream_bytes(job: _Job, gptaq: bool) -> int:
@@ -498,22 +533,21 @@ def _stream_bytes(job: _Job, gptaq: bool) -> int:
     return tokens * emb.shape[1] * emb.element_size() * (2 if gptaq else 1)
 
 
-def _group_hessian(job: _Job, layer, fp_layer, module, fp_module, q, fp):
-    """Mean Hessian (and GPTAQ cross term) of the input shared by one group: each of this rank's shards summed on
-    its own, the shards' sums added in shard order in float64 over all ranks, then normalised once."""
-    stats, d, gptaq = job.stats, module.in_features, fp_layer is not None
+def _group_hessian(job: _Job, module, calls, q):
+    """Mean Hessian (and GPTAQ cross term) of the input shared by one group (``calls``: as ``_calls`` gives them):
+    each of this rank's shards summed on its own, the shards' sums added in shard order in float64 over all ranks,
+    then normalised once."""
+    stats, d, gptaq = job.stats, module.in_features, job.opts["method"] == "gptaq"
     sums = ShardSums(job.world, job.shards.owner)
     for s in job.mine:
         acc = HessianAccumulator(d, weighting=job.opts["weighting"], cross_term=gptaq, device=job.device)
-        for bi, b in enumerate(q[s]):
-            t0 = time.perf_counter()
-            n, L = b.hidden.shape[:2]
-            x = _by_sequence(input_of(layer, module, use(b, job.device)), n, L, module)
-            x_fp = _by_sequence(input_of(fp_layer, fp_module, use(fp[s][bi], job.device)), n, L, module) if gptaq \
-                else None
+        for _ in q[s]:
+            _, bi, call, fp_call = next(calls)
+            n, L = q[s][bi].hidden.shape[:2]
+            x = _by_sequence(call[0][0], n, L, module)
+            x_fp = _by_sequence(fp_call[0][0], n, L, module) if gptaq else None
             t1 = time.perf_counter()
             acc.add(x, [L] * n, x_fp=x_fp)  # 16-bit activations go to the tensor cores as they are
-            stats.forward_s += t1 - t0
             stats.hessian_s += time.perf_counter() - t1
         sums.add(s, acc.sums(), (acc.n_sequences, acc.n_tokens))
     _wait(job)
