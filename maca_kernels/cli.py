@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a run failed (the one-line reason is printed), 2 bad ar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -37,8 +38,26 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048], help="MaCa sequence lengths")
     q.add_argument("--seq-len", type=int, default=2048, help="fixed-scheme sequence length")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--weighting", default=None, choices=("sequence", "token"),
+                   help="Hessian weighting: each sequence one sample (MaCa) or each token (classic GPTQ); default: "
+                        "sequence with --calib maca, token with --calib fixed")
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--sym", action="store_true")
+    q.add_argument("--static-groups", action="store_true",
+                   help="with --act-order: group parameters fixed before the sweep, in column order")
+    q.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
+    q.add_argument("--reg", type=float, default=None,
+                   help="saliency regularisation λ (adds λ·diag(s) to H; 0 or unset: none)")
+    q.add_argument("--alpha", type=float, default=0.25, help="GPTAQ: weight of the cross term")
+    q.add_argument("--mse", action="store_true", help="grid-search each group's range for the least squared error")
+    q.add_argument("--block-size", type=int, default=128, help="columns per lazy block update")
+    q.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"),
+                   help="zero points stored minus one (gptq, what most readers take) or as they are (gptq_v2)")
+    q.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="calibration tokens per forward micro-batch")
+    q.add_argument("--overrides", default=None, metavar="FILE",
+                   help="JSON or YAML file mapping module name patterns to other settings, e.g. "
+                        '{"down_proj": {"bits": 8}, "model.layers.0": {"group_size": 32}}')
     q.add_argument("--device", default=None, help="where each layer runs while quantized (e.g. cuda)")
     q.add_argument("--resume", default=None, help="folder for per-layer state; a rerun continues there")
     q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
@@ -190,6 +209,15 @@ def _quantize(a) -> None:
         raise UsageError(f"--calib-shards must be a positive int, got {a.calib_shards}")
     if a.timeout <= 0:
         raise UsageError(f"--timeout must be positive seconds, got {a.timeout}")
+    a.overrides = _read_overrides(a.overrides)
+    from .pipeline.run import check_settings
+
+    try:  # every setting checked before the model loads, with quantize_model's own rules and words
+        check_settings(dict(damp=a.damp, reg=a.reg, alpha=a.alpha, block_size=a.block_size, mse=a.mse,
+                            static_groups=a.static_groups, overrides=a.overrides, max_batch_tokens=a.max_batch_tokens),
+                       flag=lambda k: "--" + k.replace("_", "-"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     started = init_from_env(a.device, a.timeout)
     try:
         _quantize_ranked(a, World())
@@ -249,10 +277,12 @@ def _quantize_ranked(a, world) -> None:
             calib = calibration.fixed(calib_ids, a.seq_len, total_tokens=a.calib_tokens, seed=a.seed,
                                       max_positions=max_pos)
     _steady_heap()
-    options = dict(method=a.method, weighting="sequence" if a.calib == "maca" else "token", sym=a.sym,
-                   act_order=a.act_order, device=a.device, resume_dir=a.resume, keep_float=a.keep_float,
-                   calib_shards=a.calib_shards, activations=a.activations, moe_calibration=a.moe_calibration,
-                   moe_min_tokens=a.moe_min_tokens)
+    options = dict(method=a.method, weighting=a.weighting or ("sequence" if a.calib == "maca" else "token"),
+                   sym=a.sym, act_order=a.act_order, static_groups=a.static_groups, damp=a.damp, reg=a.reg,
+                   alpha=a.alpha, mse=a.mse, block_size=a.block_size, overrides=a.overrides,
+                   checkpoint_format=a.checkpoint_format, max_batch_tokens=a.max_batch_tokens, device=a.device,
+                   resume_dir=a.resume, keep_float=a.keep_float, calib_shards=a.calib_shards,
+                   activations=a.activations, moe_calibration=a.moe_calibration, moe_min_tokens=a.moe_min_tokens)
     if in_memory:
         quantize_model(model, calib, a.bits, a.group_size, **options)
         if world.rank != 0:
@@ -331,6 +361,27 @@ def _study(a) -> None:
         summarize(a.out)
     else:
         run_study(a.out, max_runs=a.max_runs)
+
+
+def _read_overrides(path: str | None) -> dict | None:
+    """--overrides FILE: a JSON or YAML mapping (YAML when the name ends in .yaml / .yml)."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UsageError(f"--overrides: no such file: {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise UsageError(f"--overrides: {path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
+                         f": {_one_line(exc)}") from None
+    return data
 
 
 def _one_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ continues there with bit-identical results, and one with other arguments or weig
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -249,6 +250,7 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     m = opts["moe_min_tokens"]
     if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"moe_min_tokens must be an int >= 0, got {m!r}")
+    check_settings(opts)
     _refuse_quantized(model)
     if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
         raise ValueError(f"keep_float must be a sequence of name patterns (str), got {keep_float!r}")
@@ -285,6 +287,47 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
                 world, make_shards(groups, shards, opts["max_batch_tokens"], world.size), qcfg,
                 QuantizeStats(world_size=world.size), time.perf_counter())
+
+
+def check_settings(s: dict, flag: Callable[[str], str] = str) -> None:
+    """The solver's settings, the overrides and the batching, checked before any work (``flag`` names an argument:
+    the CLI gives its own flags)."""
+    def number(k, lo=0.0):
+        v = s[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
+            raise ValueError(f"{flag(k)} must be a number ≥ {lo:g}, got {v!r}")
+
+    if isinstance(s["damp"], bool) or not isinstance(s["damp"], (int, float)) or not s["damp"] >= 0 \
+            or not math.isfinite(s["damp"]):
+        raise ValueError(f"{flag('damp')} must be a fraction ≥ 0 of mean(diag H), got {s['damp']!r}")
+    number("alpha")
+    if s["reg"] is not None:
+        number("reg")
+    for k in ("block_size", "max_batch_tokens"):
+        if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] <= 0:
+            raise ValueError(f"{flag(k)} must be a positive int, got {s[k]!r}")
+    for k in ("mse", "static_groups"):
+        if not isinstance(s[k], bool):
+            raise ValueError(f"{flag(k)} must be a bool, got {s[k]!r}")
+    over = s["overrides"]
+    if over is None:
+        return
+    if not isinstance(over, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in over.items()):
+        raise ValueError(f"{flag('overrides')} must map module name patterns to settings, e.g. "
+                         f'{{"down_proj": {{"bits": 8}}}}, got {over!r}')
+    for pattern, settings in over.items():
+        unknown = set(settings) - {"bits", "group_size"}
+        if unknown:
+            raise ValueError(f"{flag('overrides')}[{pattern!r}]: only bits and group_size can differ per module, got "
+                             f"{sorted(unknown)}")
+        try:
+            if "bits" in settings:
+                check_bits(settings["bits"])
+            g = settings.get("group_size", -1)
+            if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g <= 0):
+                raise ValueError(f"group_size must be -1 (one group per row) or a positive int, got {g!r}")
+        except ValueError as exc:
+            raise ValueError(f"{flag('overrides')}[{pattern!r}]: {exc}") from None
 
 
 def _targets(layer: nn.Module, keep_float, prefix: str) -> tuple[dict, dict[str, FusedExperts | ExpertList]]:
@@ -742,4 +785,4 @@ def _progress(it, enabled: bool, total: int, initial: int):
     return tqdm(it, total=total, initial=initial, desc="layers", unit="layer")
 
 
-__all__ = ["METHODS", "QuantizeStats", "quantize_model"]
+__all__ = ["METHODS", "QuantizeStats", "check_settings", "quantize_model"]

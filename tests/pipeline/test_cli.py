@@ -111,3 +111,66 @@ def test_folder_without_tokenizer(capsys, tmp_path):
     assert code == EXIT_USAGE and "--overwrite" in err
     code, err = run(capsys, *q, "--out", str(tmp_path / "b"), "--method", "rtn", "--bits", "3", "--overwrite")
     assert code == 0, err
+
+
+def test_every_quantize_model_option_has_a_flag(capsys, tmp_path, model_dir, monkeypatch):
+    """Each flag reaches quantize_model (here through quantize_folder) as the option of the same meaning; the
+    defaults are quantize_model's own."""
+    import inspect
+
+    from maca_kernels.pipeline import quantize_model
+
+    path, text = model_dir
+    seen = []
+    monkeypatch.setattr("maca_kernels.pipeline.streamed.quantize_folder", lambda *a, **k: seen.append(k) or "x")
+    q = ["quantize", "--model", str(path), "--group-size", "32", "--text", str(text), "--calib-tokens", "2048",
+         "--lengths", "32", "64", "128"]
+    (tmp_path / "o.yaml").write_text("down_proj:\n  bits: 8\nmodel.layers.0:\n  group_size: 16\n")
+    (tmp_path / "o.json").write_text('{"q_proj": {"bits": 3}}')
+    assert run(capsys, *q, "--out", str(tmp_path / "a"))[0] == 0
+    assert run(capsys, *q, "--out", str(tmp_path / "b"), "--weighting", "token", "--static-groups", "--act-order",
+               "--damp", "0.05", "--reg", "2", "--alpha", "0.5", "--mse", "--block-size", "64", "--checkpoint-format",
+               "gptq_v2", "--max-batch-tokens", "4096", "--overrides", str(tmp_path / "o.yaml"))[0] == 0
+    assert run(capsys, *q, "--out", str(tmp_path / "c"), "--calib", "fixed", "--seq-len", "128",
+               "--overrides", str(tmp_path / "o.json"))[0] == 0
+    defaults, given, fixed = seen
+    sig = inspect.signature(quantize_model).parameters
+    for k in ("static_groups", "damp", "reg", "alpha", "mse", "block_size", "checkpoint_format", "max_batch_tokens",
+              "overrides", "sym", "act_order", "calib_shards", "moe_calibration", "moe_min_tokens", "activations"):
+        assert defaults[k] == sig[k].default, k
+    assert defaults["weighting"] == "sequence" and fixed["weighting"] == "token"  # by --calib unless given
+    assert given == dict(given, weighting="token", static_groups=True, act_order=True, damp=0.05, reg=2.0, alpha=0.5,
+                         mse=True, block_size=64, checkpoint_format="gptq_v2", max_batch_tokens=4096,
+                         overrides={"down_proj": {"bits": 8}, "model.layers.0": {"group_size": 16}})
+    assert fixed["overrides"] == {"q_proj": {"bits": 3}}
+
+
+def test_bad_option_values_fail_before_the_model_loads(capsys, tmp_path, model_dir, monkeypatch):
+    path, text = model_dir
+    monkeypatch.setattr("maca_kernels.cli._load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("maca_kernels.cli._skeleton", lambda *a, **k: pytest.fail("the model was loaded"))
+    q = ["quantize", "--model", str(path), "--out", str(tmp_path / "o"), "--text", str(text)]
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "key.yaml").write_text("down_proj:\n  damp: 0.1\n")
+    (tmp_path / "bits.yml").write_text("down_proj:\n  bits: 5\n")
+    cases = [
+        (["--damp", "-0.1"], "--damp must be a fraction ≥ 0 of mean(diag H), got -0.1"),
+        (["--damp", "nan"], "--damp must be a fraction ≥ 0 of mean(diag H), got nan"),
+        (["--reg", "-1"], "--reg must be a number ≥ 0, got -1.0"),
+        (["--alpha", "inf"], "--alpha must be a number ≥ 0, got inf"),
+        (["--block-size", "0"], "--block-size must be a positive int, got 0"),
+        (["--max-batch-tokens", "-5"], "--max-batch-tokens must be a positive int, got -5"),
+        (["--overrides", str(tmp_path / "none.json")], "--overrides: no such file"),
+        (["--overrides", str(tmp_path / "bad.json")], "is not valid JSON"),
+        (["--overrides", str(tmp_path / "list.json")], "--overrides must map module name patterns to settings"),
+        (["--overrides", str(tmp_path / "key.yaml")], "--overrides['down_proj']: only bits and group_size can differ "
+                                                      "per module, got ['damp']"),
+        (["--overrides", str(tmp_path / "bits.yml")], "--overrides['down_proj']: bits must be one of"),
+    ]
+    for extra, message in cases:
+        code, err = run(capsys, *q, *extra)
+        assert code == EXIT_USAGE and message in err and len(err.splitlines()) == 1, (extra, err)
+    with pytest.raises(SystemExit) as exc:  # argparse's own: a value that is not a number, an unknown choice
+        main([*q, "--weighting", "tokens"])
+    assert exc.value.code == EXIT_USAGE

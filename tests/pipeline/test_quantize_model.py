@@ -207,3 +207,19 @@ def test_stats_say_what_each_part_held():
     assert mem["activations"] == round(2 * 80 * 64 * 4 / 2**20, 3)  # 80 tokens of hidden 64, both streams
     assert mem["hessian"] == round(2 * (4 + 8 + 4) * 128**2 / 2**20, 3)  # down_proj's input: d = 128
     assert "solve" not in mem  # measured on CUDA only
+
+
+def test_solver_settings_and_overrides_checked_before_any_forward():
+    model = tiny_model("llama")
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    seqs = random_sequences([16, 16])
+    cases = [(dict(damp=-1), "damp must be a fraction ≥ 0"), (dict(reg=float("nan")), "reg must be a number"),
+             (dict(alpha=-0.5), "alpha must be a number ≥ 0"), (dict(block_size=1.5), "block_size must be"),
+             (dict(mse=1), "mse must be a bool"),
+             (dict(overrides={"down_proj": {"bits": 5}}), r"overrides\['down_proj'\]: bits must be one of"),
+             (dict(overrides={"down_proj": {"sym": True}}), "only bits and group_size can differ")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            quantize_model(model, seqs, 4, 16, progress=False, log=None, **kw)
+    assert not calls
