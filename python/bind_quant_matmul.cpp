@@ -42,6 +42,25 @@ void quant_matmul(uintptr_t y_ptr, int64_t ldy, uintptr_t x_ptr, int x_dtype, in
   maca::quant_matmul(args);
 }
 
+void quant_dequantize(uintptr_t wt_ptr, int64_t N, int64_t K, uintptr_t qweight_ptr, uintptr_t qzeros_ptr,
+                      uintptr_t scales_ptr, uintptr_t g_idx_ptr, int64_t G, int64_t group_size, int bits,
+                      int zero_offset, int num_threads) {
+  maca::QuantMatmulArgs args;
+  args.N = N;
+  args.K = K;
+  args.qweight = as_ptr<const int32_t>(qweight_ptr);
+  args.qzeros = as_ptr<const int32_t>(qzeros_ptr);
+  args.scales = as_ptr<const uint16_t>(scales_ptr);
+  args.g_idx = as_ptr<const int32_t>(g_idx_ptr);
+  args.G = G;
+  args.group_size = group_size;
+  args.bits = bits;
+  args.zero_offset = zero_offset;
+  args.num_threads = num_threads;
+  py::gil_scoped_release no_gil;
+  maca::quant_dequantize(args, as_ptr<float>(wt_ptr));
+}
+
 }  // namespace
 
 void bind_quant_matmul(pybind11::module_& m) {
@@ -58,6 +77,12 @@ y: float32 rows ldy apart. x: rows ldx apart, x_dtype 0 = float32, 1 = float16, 
 qweight int32 [K*bits/32, N], qzeros int32 [G, N*bits/32], scales float16 [G, N], g_idx int32 [K]
 (0 for none), all contiguous. bits in {2, 3, 4, 8}. num_threads <= 0: OpenMP default.
 The GIL is released while computing.)doc");
+
+  m.def("quant_dequantize", &quant_dequantize, py::arg("wt_ptr"), py::arg("N"), py::arg("K"),
+        py::arg("qweight_ptr"), py::arg("qzeros_ptr"), py::arg("scales_ptr"), py::arg("g_idx_ptr"), py::arg("G"),
+        py::arg("group_size"), py::arg("bits"), py::arg("zero_offset"), py::arg("num_threads") = 0,
+        R"doc(wt[K, N] (float32, contiguous, overwritten) = dequant(W)^T from the same tensors as quant_matmul:
+wt[k, n] = (code[n, k] - zero[n, g(k)]) * scale[n, g(k)] in fp32, one rounding. The GIL is released.)doc");
 
   m.def("quant_matmul_build_info", &maca::quant_matmul_build_info,
         "SIMD paths compiled into the quant_matmul CPU kernel.");

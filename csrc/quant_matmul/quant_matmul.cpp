@@ -753,6 +753,73 @@ void quant_matmul(const QuantMatmulArgs& a) {
   });
 }
 
+void quant_dequantize(const QuantMatmulArgs& a, float* wt) {
+  auto fail = [](const char* what) { throw std::invalid_argument(std::string("quant_dequantize: ") + what); };
+  if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
+  if (a.N < 0 || a.K < 0 || (a.N * a.bits) % 32 != 0 || (a.K * a.bits) % 32 != 0) fail("bad N or K for the packing");
+  if (a.N == 0 || a.K == 0) return;
+  if (wt == nullptr || a.qweight == nullptr || a.qzeros == nullptr || a.scales == nullptr) fail("null pointer");
+  if (a.G < 1) fail("G must be >= 1");
+  if (a.g_idx != nullptr) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      if (a.g_idx[k] < 0 || a.g_idx[k] >= a.G) fail("g_idx entry outside [0, G)");
+    }
+  } else if (a.group_size < 1 || ceil_div(a.K, a.group_size) > a.G) {
+    fail("group_size must be >= 1 and ceil(K / group_size) <= G without g_idx");
+  }
+  Problem p{};
+  p.N = a.N;
+  p.K = a.K;
+  p.G = a.G;
+  p.qw = a.qweight;
+  p.qz = a.qzeros;
+  p.sc = a.scales;
+  p.g_idx = a.g_idx;
+  p.gs = a.group_size;
+  p.bits = a.bits;
+  p.zero_offset = a.zero_offset;
+  p.zwords = a.N * a.bits / 32;
+  constexpr int64_t kCols = 256;  // columns per chunk: a chunk's zeros and scales of every group stay in cache
+  const int64_t n_chunks = ceil_div(a.N, kCols);
+  const int requested = a.num_threads > 0 ? a.num_threads : default_num_threads();
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, n_chunks)));
+  std::vector<FloatBuffer> zeros(nthreads), scales(nthreads);
+  for (int t = 0; t < nthreads; ++t) {
+    zeros[t] = alloc_floats(a.G * kCols);
+    scales[t] = alloc_floats(a.G * kCols);
+  }
+  parallel_chunks(n_chunks, nthreads, [&](int64_t c, int slot) {
+    const int64_t n0 = c * kCols, n1 = std::min(a.N, n0 + kCols), w = n1 - n0;
+    float* z = zeros[slot].get();
+    float* s = scales[slot].get();
+    for (int64_t g = 0; g < a.G; ++g) {
+      for (int64_t n = n0; n < n1; ++n) {
+        z[g * kCols + n - n0] = p.zero(g, n);
+        s[g * kCols + n - n0] = half_to_float(a.scales[g * a.N + n]);
+      }
+    }
+    const uint32_t mask = (1u << a.bits) - 1u;
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int64_t g = p.group_of(k);
+      const float* zg = z + g * kCols;
+      const float* sg = s + g * kCols;
+      float* out = wt + k * a.N + n0;
+      if (a.bits == 3) {
+        for (int64_t j = 0; j < w; ++j) {
+          out[j] = (static_cast<float>(stream_field(a.qweight + n0 + j, a.N, k, 3)) - zg[j]) * sg[j];
+        }
+      } else {
+        const int per = 32 / a.bits;
+        const int shift = static_cast<int>(k % per) * a.bits;
+        const int32_t* row = a.qweight + (k / per) * a.N + n0;
+        for (int64_t j = 0; j < w; ++j) {
+          out[j] = (static_cast<float>((static_cast<uint32_t>(row[j]) >> shift) & mask) - zg[j]) * sg[j];
+        }
+      }
+    }
+  });
+}
+
 std::string quant_matmul_build_info() {
 #if MACA_QMM_AVX2
   return "avx2+fma f16c openmp";

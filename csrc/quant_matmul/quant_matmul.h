@@ -48,6 +48,12 @@ struct QuantMatmulArgs {
 // or write out of bounds (bad sizes or bits, null pointers, g_idx entries outside [0, G)).
 void quant_matmul(const QuantMatmulArgs& args);
 
+// The dequantized weight, transposed: wt float32 [K, N] row-major, wt[k, n] = (code[n, k] - zero[n, g(k)]) *
+// scale[n, g(k)] exactly as written (one rounding), so x @ wt is the fp32 matmul of the dequantized weight.
+// Uses the qweight / qzeros / scales / g_idx / G / group_size / bits / zero_offset / N / K / num_threads of
+// args (x and y are ignored). Throws std::invalid_argument as quant_matmul does.
+void quant_dequantize(const QuantMatmulArgs& args, float* wt);
+
 // Which code paths this build compiled in: "avx2+fma f16c openmp" or "portable openmp".
 std::string quant_matmul_build_info();
 

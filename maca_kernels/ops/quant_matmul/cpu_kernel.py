@@ -13,6 +13,11 @@ from ..._native import require_native
 from .validate import validate_quant_matmul
 
 _X_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Rows of x from which the weight is dequantized once and multiplied by torch's fp32 GEMM: decoding costs
+# ~1-2.5 ns per weight, amortised over M rows, while the BLAS's AVX-512 GEMM beats our AVX2 tiles by ~2× at
+# large M. Measured here (2 cores): the crossover is M ≈ 110 at 576×1536 and ≈ 375 at 4096×4096; at M = 2048
+# 13.5 vs 25.5 ms and 281 vs 469 ms.
+DEQUANT_MIN_ROWS = 512
 
 
 def cpu_quant_matmul(
@@ -66,6 +71,10 @@ def cpu_quant_matmul(
 
     C = require_native("quant_matmul")
     threads = num_threads if num_threads > 0 else torch.get_num_threads()
+    if M >= DEQUANT_MIN_ROWS and threads == torch.get_num_threads():
+        # the weight decoded once, then torch's fp32 GEMM (faster than our tiles here; it takes torch's threads)
+        wt = _dequantize(C, qweight, scales, qzeros, g_ptr, K, N, G, group_size, bits, checkpoint_format, threads)
+        return torch.mm(x if x.dtype == torch.float32 else x.float(), wt, out=out)
     C.quant_matmul(
         out.data_ptr(),
         out.stride(0) if M > 1 else N,
@@ -86,3 +95,24 @@ def cpu_quant_matmul(
         threads,
     )
     return out
+
+
+def _dequantize(C, qweight, scales, qzeros, g_ptr, K, N, G, group_size, bits, checkpoint_format, threads):
+    wt = torch.empty(K, N, dtype=torch.float32)
+    C.quant_dequantize(wt.data_ptr(), N, K, qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), g_ptr, G,
+                       group_size, bits, 1 if checkpoint_format == "gptq" else 0, threads)
+    return wt
+
+
+def cpu_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None = None,
+                   bits: int = 4, group_size: int = 128, checkpoint_format: str = "gptq", *,
+                   num_threads: int = 0) -> torch.Tensor:
+    """``dequant(W)ᵀ`` as fp32 ``[K, N]``: ``(code − zero)·scale`` per weight, one rounding (the C++ decoder)."""
+    K = qweight.shape[0] * 32 // bits
+    x = torch.empty(0, K, dtype=torch.float32)
+    shape = validate_quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, checkpoint_format)
+    g_ptr = 0 if shape.g_idx is None else shape.g_idx.data_ptr()
+    group_size = 0 if shape.g_idx is not None else shape.group
+    threads = num_threads if num_threads > 0 else torch.get_num_threads()
+    return _dequantize(require_native("quant_matmul"), qweight, scales, qzeros, g_ptr, K, shape.N, shape.G,
+                       group_size, bits, checkpoint_format, threads)

@@ -298,3 +298,35 @@ def test_native_bounds_checks(good):
     ):
         with pytest.raises(ValueError, match="quant_matmul"):
             call(**kw)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("convention", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
+def test_dequantize_is_the_formula_in_fp32_bit_for_bit(bits, convention, act_order):
+    from maca_kernels.ops.quant_matmul.cpu_kernel import cpu_dequantize
+
+    N, K, gs = N_FOR_BITS[bits] * 7, 192, 64  # N spans chunks of 256 columns with a ragged end
+    qweight, scales, qzeros, g_idx, W = make_case(N, K, bits, gs, convention, act_order, seed=bits)
+    wt = cpu_dequantize(qweight, scales, qzeros, g_idx if act_order else None, bits, gs, convention)
+    assert wt.shape == (K, N) and wt.dtype == torch.float32
+    assert torch.equal(wt.double(), W.T.float().double())  # (code − zero)·scale, one fp32 rounding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act_order", [False, True], ids=["sorted", "act_order"])
+def test_many_rows_take_the_dequantized_gemm(dtype, act_order, monkeypatch):
+    """From DEQUANT_MIN_ROWS rows the weight is decoded once and multiplied by torch's GEMM: same accuracy, same
+    output contract (the given out, its padding untouched)."""
+    import maca_kernels.ops.quant_matmul.cpu_kernel as ck
+
+    calls = []
+    real = ck._dequantize
+    monkeypatch.setattr(ck, "_dequantize", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ck, "DEQUANT_MIN_ROWS", 9)
+    qweight, scales, qzeros, g_idx, W = make_case(40, 128, 4, 32, "gptq", act_order, seed=3)
+    for M, decoded in ((8, False), (9, True), (37, True)):
+        calls.clear()
+        x = randn(M, 128, dtype=dtype, seed=M)
+        err = run_checked(x, qweight, scales, qzeros, g_idx if act_order else None, 4, 32, "gptq", W)
+        assert err < TOL and bool(calls) == decoded
