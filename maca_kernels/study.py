@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -42,17 +42,25 @@ class Cell:
     scheme: str = "-"  # key of SCHEMES, "-" for fp / rtn
     reg: float = 0.0  # saliency regularisation λ
     seed: int = 0
+    group_size: int = 0  # 0: the study's; another value is written into the key ("-g32")
 
     @property
     def key(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
         if self.method in ("fp", "rtn"):
-            return self.method if self.method == "fp" else f"{self.bits}b-rtn"
-        return f"{self.bits}b-{self.method}-{self.scheme}-reg{self.reg:g}-s{self.seed}"
+            return self.method if self.method == "fp" else f"{self.bits}b-rtn{g}"
+        return f"{self.bits}b-{self.method}-{self.scheme}-reg{self.reg:g}{g}-s{self.seed}"
 
     @property
     def group(self) -> str:
         """The cell without its seed: what the table averages over."""
         return self.key.rsplit("-s", 1)[0] if self.method in ("gptq", "gptaq") else self.key
+
+    @property
+    def base(self) -> str:
+        """The cell without λ and seed: what λ is chosen within."""
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"{self.bits}b-{self.method}-{self.scheme}{g}"
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,11 @@ class StudyConfig:
     bits: tuple = (4, 3, 2)
     group_size: int = 64  # SmolLM2's hidden size 576 is not a multiple of 128
     seeds: tuple = (0, 1, 2)
-    lambdas: tuple = (0.0, 0.05, 0.5)
+    # λ grids, swept at the first seed; a grid is doubled while the λ chosen sits at its top (up to MAX_LAMBDA),
+    # then every seed runs at the λ chosen
+    lambdas: tuple = (0.0, 0.05, 0.5, 1.0, 2.0, 4.0, 8.0)
+    gptaq_lambdas: tuple = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+    aligned_group_size: int = 32  # the embedded model's Q4_1 blocks: RTN and GPTQ at this group size too (0: off)
     calib_tokens: int = 8192
     calib_lengths: tuple = (128, 512, 1024, 2048)
     eval_lengths: tuple = (128, 512, 2048)
@@ -68,10 +80,18 @@ class StudyConfig:
     holdout_fraction: float = 0.1
 
 
-def plan(cfg: StudyConfig) -> list[Cell]:
+# What a run depends on (a run made with the same values is reused whatever the grid); the rest is the grid.
+RUN_FIELDS = ("group_size", "calib_tokens", "calib_lengths", "eval_lengths", "eval_tokens", "holdout_fraction")
+MAX_LAMBDA = 1024.0  # H + λ·diag(H) tends to RTN as λ grows: an optimum still at the top here is reported as such
+
+
+def plan(cfg: StudyConfig, runs=()) -> list[Cell]:
     """Every cell, most informative first (so an interrupted study has the main comparison): FP and RTN;
-    GPTQ / GPTAQ fixed vs MaCa on the first seed; GPTQ's other seeds, ablation and λ sweep; GPTAQ's other
-    seeds last (a GPTAQ run costs about twice a GPTQ run: two forward streams and the cross term)."""
+    GPTQ / GPTAQ fixed vs MaCa on the first seed; GPTQ's other seeds and ablations; GPTQ's λ sweep; the
+    aligned group size; GPTAQ's λ sweep and other seeds (a GPTAQ run costs about twice a GPTQ run). The sweeps
+    depend on the finished ``runs``: the grid grows while its best λ sits at its top, and the other seeds run at
+    the λ chosen once the first seed's sweep is complete."""
+    done = {r["key"]: r for r in runs}
     cells = [Cell(0, "fp")] + [Cell(b, "rtn") for b in cfg.bits]
     first, rest = cfg.seeds[0], cfg.seeds[1:]
     for method in ("gptq", "gptaq"):
@@ -79,10 +99,48 @@ def plan(cfg: StudyConfig) -> list[Cell]:
     cells += [Cell(b, "gptq", s, seed=seed) for seed in rest for b in cfg.bits for s in ("fixed", "maca")]
     cells += [Cell(b, "gptq", "mix-token", seed=seed) for seed in cfg.seeds for b in cfg.bits]
     cells += [Cell(b, "gptq", "fixed-seq", seed=first) for b in cfg.bits]  # same H up to scale as "fixed"
-    cells += [Cell(b, "gptq", s, lam, seed) for lam in cfg.lambdas if lam for seed in cfg.seeds for b in cfg.bits
-              for s in ("fixed", "maca")]
+    for b in cfg.bits:
+        for s in ("fixed", "maca"):
+            cells += _sweep(Cell(b, "gptq", s, seed=first), cfg.lambdas, rest, done)
+    ag = cfg.aligned_group_size
+    if ag and ag != cfg.group_size:
+        for g in (cfg.group_size, ag):  # the study's group size keyed explicitly: these runs record weight errors
+            cells += [Cell(b, "rtn", group_size=g) for b in cfg.bits]
+            cells += [Cell(b, "gptq", s, seed=first, group_size=g) for b in cfg.bits for s in ("fixed", "maca")]
+    for b in cfg.bits:
+        for s in ("fixed", "maca"):
+            cells += _sweep(Cell(b, "gptaq", s, seed=first), cfg.gptaq_lambdas, rest, done)
     cells += [Cell(b, "gptaq", s, seed=seed) for seed in rest for b in cfg.bits for s in ("fixed", "maca")]
-    return cells
+    out, seen = [], set()
+    for c in cells:
+        if c.key not in seen:
+            seen.add(c.key)
+            out.append(c)
+    return out
+
+
+def _sweep(base: Cell, grid, rest, done: dict) -> list[Cell]:
+    at, best = _swept(base, grid, done)
+    return at if best is None else at + [replace(best, seed=seed) for seed in rest]
+
+
+def _swept(base: Cell, grid, done: dict) -> tuple[list[Cell], Cell | None]:
+    """The first seed's cells of a sweep (grown while its best λ sits at the top) and the best one, or None while
+    a cell of the sweep has no run yet."""
+    at = [replace(base, reg=lam) for lam in sorted(set(grid))]
+    while True:
+        scores = [val_score(done[c.key]) if c.key in done else None for c in at]
+        if None in scores or len(at) < 2:
+            return at, None
+        best = at[scores.index(min(scores))]
+        if best is not at[-1] or best.reg == 0 or best.reg * 2 > MAX_LAMBDA:
+            return at, best
+        at.append(replace(base, reg=best.reg * 2))  # at the top of the grid: not an optimum yet
+
+
+def val_score(run: dict) -> float:
+    """What λ is chosen by: the mean log-perplexity on the in-domain validation text over evaluation lengths."""
+    return statistics.mean(math.log(v) for v in run["perplexity"]["jargon_val"].values())
 
 
 @dataclass
@@ -131,16 +189,25 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
     model = fp_model if cell.method == "fp" else copy.deepcopy(fp_model)
     entry: dict = {"cell": asdict(cell), "key": cell.key}
     max_pos = getattr(fp_model.config, "max_position_embeddings", None)
+    gs = cell.group_size or cfg.group_size
+    err = [0.0, 0.0]  # Σ‖W − Q‖², Σ‖W‖² over the quantized matrices
+
+    def weight_error(name, H, r):
+        w = fp_model.get_submodule(name).weight.detach().double()
+        err[0] += float((w - r.weight.double()).square().sum())
+        err[1] += float(w.square().sum())
+
     if cell.method == "rtn":
-        quantize_model(model, None, cell.bits, cfg.group_size, method="rtn", progress=False, log=None)
+        quantize_model(model, None, cell.bits, gs, method="rtn", progress=False, log=None, callback=weight_error)
     elif cell.method in ("gptq", "gptaq"):
         calib = calibration_for(cell, texts, cfg, max_pos)
         entry["calibration"] = calib.describe() | {"checks": check_bookkeeping(calib, texts, cfg)}
         # one calibration shard: the summation order of the published runs (study/runs/), which 8 shards would
         # change in the last bits and, through GPTQ's rounding, perplexities by several percent (README)
-        quantize_model(model, calib, cell.bits, cfg.group_size, method=cell.method,
-                       weighting=SCHEMES[cell.scheme][1], reg=cell.reg or None, calib_shards=1, progress=False,
-                       log=None)
+        quantize_model(model, calib, cell.bits, gs, method=cell.method, weighting=SCHEMES[cell.scheme][1],
+                       reg=cell.reg or None, calib_shards=1, progress=False, log=None, callback=weight_error)
+    if err[1]:
+        entry["weight_error"] = math.sqrt(err[0] / err[1])  # relative Frobenius error of the quantized weights
     entry["quantize_s"] = round(time.perf_counter() - t0, 2)
     if getattr(model, "quantize_stats", None) is not None:
         entry["time_split"] = model.quantize_stats.summary()
@@ -163,31 +230,42 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
     cfg_path = os.path.join(out_dir, "config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
-            if json.load(f)["config"] != _config_record(cfg):
+            if _run_fields(json.load(f)["config"]) != _run_fields(_config_record(cfg)):
                 raise RuntimeError(f"{out_dir} holds a study made with another study configuration; resume with "
-                                   "the same configuration, or start in another --out folder")
+                                   f"the same {', '.join(RUN_FIELDS)}, or start in another --out folder")
     _write_json(cfg_path,
                 {"config": _config_record(cfg), "meta": meta, "text_layout": texts.layout,
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     done = 0
-    for cell in plan(cfg):
-        path = os.path.join(runs_dir, cell.key + ".json")
-        if os.path.exists(path):
-            with open(path) as f:
-                made_with = json.load(f).get("config")
-            if made_with != _config_record(cfg):
-                raise RuntimeError(f"{path} was made with another study configuration ({made_with}); resume with "
-                                   "the same configuration, or start in another --out folder")
-            continue
-        if max_runs is not None and done >= max_runs:
+    while max_runs is None or done < max_runs:
+        runs = _valid_runs(out_dir, cfg)
+        have = {r["key"] for r in runs}
+        todo = [c for c in plan(cfg, runs) if c.key not in have]  # the plan grows with the sweeps' results
+        if not todo:
             break
+        cell = todo[0]
         entry = run_cell(cell, fp_model, texts, cfg) | {"config": _config_record(cfg)}
-        _write_json(path, entry)  # as soon as it finishes: an interrupted study resumes after it
+        _write_json(os.path.join(runs_dir, cell.key + ".json"), entry)  # as soon as it finishes: a rerun resumes
         done += 1
         ppl = entry["perplexity"]
         log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
             + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
     return summarize(out_dir, log=log)
+
+
+def _run_fields(record: dict) -> dict:
+    return {k: record.get(k) for k in RUN_FIELDS}
+
+
+def _valid_runs(out_dir: str, cfg: StudyConfig) -> list[dict]:
+    """The finished runs, each checked to be made with this study's run fields (a grid may differ)."""
+    runs = load_runs(out_dir)
+    for r in runs:
+        if _run_fields(r.get("config") or {}) != _run_fields(_config_record(cfg)):
+            raise RuntimeError(f"{out_dir}/runs/{r['key']}.json was made with another study configuration "
+                               f"({r.get('config')}); resume with the same {', '.join(RUN_FIELDS)}, or start in "
+                               "another --out folder")
+    return runs
 
 
 def _config_record(cfg: StudyConfig) -> dict:
@@ -232,7 +310,11 @@ def aggregate(runs: list[dict]) -> dict:
         groups.setdefault(_cell(r).group, []).append(r)
     out = {}
     for g, rs in groups.items():
-        entry = {"n": len(rs), "cell": rs[0]["cell"], "quantize_s": statistics.mean(r["quantize_s"] for r in rs)}
+        entry = {"n": len(rs), "cell": rs[0]["cell"], "quantize_s": statistics.mean(r["quantize_s"] for r in rs),
+                 "eval_s": statistics.mean(r["eval_s"] for r in rs)}
+        errs = [r["weight_error"] for r in rs if "weight_error" in r]
+        if errs:
+            entry["weight_error"] = statistics.mean(errs)
         for t in TEXTS:
             entry[t] = {}
             for L in rs[0]["perplexity"][t]:
@@ -242,43 +324,41 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def choose_lambda(agg: dict) -> dict:
-    """For each (bits, method, scheme) with several λ: the λ with the lowest mean log-perplexity on the
-    in-domain validation text over evaluation lengths. Nothing else is read: not the test half, not the Bible."""
-    choice: dict[str, dict] = {}
-    for g, e in agg.items():
-        c = e["cell"]
-        if c["method"] not in ("gptq", "gptaq"):
-            continue
-        base = f"{c['bits']}b-{c['method']}-{c['scheme']}"
-        score = statistics.mean(math.log(m) for m, _ in e["jargon_val"].values())
-        best = choice.get(base)
-        if best is None or score < best["val_score"]:
-            choice[base] = {"reg": c["reg"], "group": g, "val_score": score}
-    seeds: dict[str, list[int]] = {}
-    for e in agg.values():
-        c = e["cell"]
-        if c["method"] in ("gptq", "gptaq"):
-            seeds.setdefault(f"{c['bits']}b-{c['method']}-{c['scheme']}", []).append(e["n"])
-    # a choice needs several λ, each over the same number of seeds (an unfinished sweep chooses nothing)
-    return {b: v for b, v in choice.items() if len(seeds[b]) > 1 and len(set(seeds[b])) == 1}
+def choose_lambda(runs: list[dict], cfg: StudyConfig) -> dict:
+    """For each (bits, method, scheme) whose first-seed λ sweep is finished: the λ with the lowest ``val_score``
+    at the first seed (the in-domain validation text, nothing else: not the test half, not the Bible), the grid
+    it was chosen from, and whether it is an optimum inside the grid ("interior") or sits at λ = 0 (no
+    regularisation helps) or at the top (``MAX_LAMBDA`` reached)."""
+    done = {r["key"]: r for r in runs}
+    out = {}
+    for method, grid in (("gptq", cfg.lambdas), ("gptaq", cfg.gptaq_lambdas)):
+        for b in cfg.bits:
+            for scheme in ("fixed", "maca"):
+                at, best = _swept(Cell(b, method, scheme, seed=cfg.seeds[0]), grid, done)
+                if best is None:
+                    continue
+                where = "zero" if best.reg == 0 else ("top" if best is at[-1] else "interior")
+                out[best.base] = {"reg": best.reg, "group": best.group, "val_score": val_score(done[best.key]),
+                                  "grid": [c.reg for c in at], "where": where}
+    return out
 
 
 def summarize(out_dir: str, log=print) -> dict:
-    """Tables and plots from the runs of ``<out_dir>/config.json``'s configuration and plan (others are
-    left out and counted)."""
+    """Tables and plots from the runs made with ``<out_dir>/config.json``'s run fields (others are left out and
+    counted)."""
     with open(os.path.join(out_dir, "config.json")) as f:
         record = json.load(f)["config"]
-    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
-    keys = {c.key for c in plan(cfg)}
+    names = {f.name for f in fields(StudyConfig)}
+    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names})
     found = load_runs(out_dir)
-    runs = [r for r in found if r.get("config") == record and r["key"] in keys]
+    runs = [r for r in found if _run_fields(r.get("config") or {}) == _run_fields(record)]
     if not runs:
         raise RuntimeError(f"no finished runs of this configuration in {out_dir}/runs")
     agg = aggregate(runs)
-    lam = choose_lambda(agg)
-    summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs), "planned": len(keys),
-               "left_out": len(found) - len(runs),
+    lam = choose_lambda(runs, cfg)
+    keys = {c.key for c in plan(cfg, runs)}
+    summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs),
+               "planned_left": len(keys - {r["key"] for r in runs}), "left_out": len(found) - len(runs),
                "wall_s": round(sum(r["quantize_s"] + r["eval_s"] for r in runs), 1)}
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     table = markdown_table(agg, lam)
@@ -298,20 +378,22 @@ def markdown_table(agg: dict, lam: dict) -> str:
     any_entry = next(iter(agg.values()))
     lengths = list(any_entry["jargon_test"])
     head = ("| cell | seeds | " + " | ".join(f"{t} @{L}" for t in ("jargon_test", "bible") for L in lengths)
-            + " | quantize s |")
-    rows = [head, "|" + " --- |" * (3 + 2 * len(lengths))]
-    chosen = {v["group"] for v in lam.values()}
+            + " | weight err | quantize s | eval s |")
+    rows = [head, "|" + " --- |" * (5 + 2 * len(lengths))]
+    chosen = {v["group"]: v["where"] for v in lam.values()}
+    marks = {"interior": " (λ chosen)", "zero": " (λ chosen: 0)", "top": " (λ chosen at the grid's top)"}
 
     def order(g):
         c = agg[g]["cell"]
-        return (c["method"] != "fp", -c["bits"], ["fp", "rtn", "gptq", "gptaq"].index(c["method"]), c["scheme"],
-                c["reg"])
+        return (c["method"] != "fp", -c["bits"], c.get("group_size", 0), ["fp", "rtn", "gptq", "gptaq"].index(
+            c["method"]), c["scheme"], c["reg"])
 
     for g in sorted(agg, key=order):
         e = agg[g]
-        mark = " (λ chosen)" if g in chosen else ""
         cells = [_fmt(e[t][L]) for t in ("jargon_test", "bible") for L in lengths]
-        rows.append(f"| {g}{mark} | {e['n']} | " + " | ".join(cells) + f" | {e['quantize_s']:.0f} |")
+        err = f"{e['weight_error']:.4f}" if "weight_error" in e else ""
+        rows.append(f"| {g}{marks.get(chosen.get(g), '')} | {e['n']} | " + " | ".join(cells)
+                    + f" | {err} | {e['quantize_s']:.0f} | {e['eval_s']:.0f} |")
     return "\n".join(rows)
 
 
@@ -334,7 +416,8 @@ def _plots(agg: dict, lam: dict, out_dir: str) -> None:
             ax = axes[i][j]
             for g, e in sorted(agg.items()):
                 c = e["cell"]
-                shown = c["bits"] == b and c["reg"] == 0 and c["scheme"] in ("-", "fixed", "maca")
+                shown = (c["bits"] == b and c["reg"] == 0 and c["scheme"] in ("-", "fixed", "maca")
+                         and not c.get("group_size"))
                 if not (c["method"] == "fp" or shown):
                     continue
                 pts = sorted((int(L), m, s) for L, (m, s) in e[text].items())
@@ -353,8 +436,8 @@ def _plots(agg: dict, lam: dict, out_dir: str) -> None:
     sweeps = {}
     for e in agg.values():
         c = e["cell"]
-        if c["method"] == "gptq" and c["scheme"] in ("fixed", "maca"):
-            sweeps.setdefault((c["bits"], c["scheme"]), []).append((c["reg"], e))
+        if c["method"] in ("gptq", "gptaq") and c["scheme"] in ("fixed", "maca") and not c.get("group_size"):
+            sweeps.setdefault((c["bits"], f"{c['method']} {c['scheme']}"), []).append((c["reg"], e))
     sweeps = {k: sorted(v, key=lambda t: t[0]) for k, v in sweeps.items() if len(v) > 1}
     if not sweeps:
         return
@@ -364,14 +447,14 @@ def _plots(agg: dict, lam: dict, out_dir: str) -> None:
         for (bb, scheme), pts in sorted(sweeps.items()):
             if bb != b:
                 continue
-            for text, style in (("jargon_val", ":"), ("jargon_test", "-"), ("bible", "--")):
+            for text, style in (("jargon_val", ":"), ("bible", "--")):
                 L = max(pts[0][1][text], key=int)
                 ax.plot([max(r, 1e-3) for r, _ in pts], [e[text][L][0] for _, e in pts], style, marker="o",
                         label=f"{scheme} {text}@{L}")
         ax.set_xscale("log")
         ax.set_xlabel("λ (0 drawn at 1e-3)")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"{b}-bit GPTQ, saliency regularisation")
+        ax.set_title(f"{b}-bit, saliency regularisation (first seed; λ = 0: mean of seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "lambda.png"), dpi=90)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import sys
@@ -19,8 +20,9 @@ from tiny_models import tiny_model  # noqa: E402
 from maca_kernels import calibration, study  # noqa: E402
 from maca_kernels.cli import main  # noqa: E402
 
-CFG = study.StudyConfig(bits=(4,), group_size=32, seeds=(0, 1), lambdas=(0.0, 0.5), calib_tokens=256,
-                        calib_lengths=(16, 32, 64), eval_lengths=(16, 64), eval_tokens=128)
+CFG = study.StudyConfig(bits=(4,), group_size=32, seeds=(0, 1), lambdas=(0.0, 0.5), gptaq_lambdas=(0.0, 0.5),
+                        aligned_group_size=16, calib_tokens=256, calib_lengths=(16, 32, 64), eval_lengths=(16, 64),
+                        eval_tokens=128)
 
 
 def loader():
@@ -33,22 +35,65 @@ def loader():
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("study"))
-    study.run_study(out, CFG, load=loader, log=lambda *_: None)
+    top, study.MAX_LAMBDA = study.MAX_LAMBDA, 2.0  # a sweep grows at most to λ = 2 here
+    try:
+        study.run_study(out, CFG, load=loader, log=lambda *_: None)
+    finally:
+        study.MAX_LAMBDA = top
     return out
 
 
 def test_plan_covers_the_grid_once():
     cells = study.plan(CFG)
     keys = [c.key for c in cells]
-    assert len(keys) == len(set(keys)) == 1 + 1 + 2 * 2 * 2 + 2 + 1 + 2 * 2
+    # fp, RTN; GPTQ/GPTAQ × fixed/MaCa at seed 0; GPTQ's seed 1; mix-token × 2 seeds; fixed-seq; GPTQ λ = 0.5 ×
+    # 2 schemes; RTN and GPTQ fixed/MaCa at g32 and g16; GPTAQ λ = 0.5 × 2 schemes; GPTAQ's seed 1
+    assert len(keys) == len(set(keys)) == 1 + 1 + 4 + 2 + 2 + 1 + 2 + 2 * 3 + 2 + 2
     assert keys[:2] == ["fp", "4b-rtn"]
     assert {c.seed for c in cells if c.method == "gptaq"} == {0, 1}
     assert {c.reg for c in cells if c.scheme == "maca"} == {0.0, 0.5}
+    assert {c.key for c in cells if c.group_size} == {"4b-rtn-g32", "4b-rtn-g16", "4b-gptq-fixed-reg0-g32-s0",
+                                                      "4b-gptq-maca-reg0-g32-s0", "4b-gptq-fixed-reg0-g16-s0",
+                                                      "4b-gptq-maca-reg0-g16-s0"}
+
+
+def fake_run(cell, val):
+    return {"key": cell.key, "cell": study.asdict(cell), "perplexity": {"jargon_val": {"16": val, "64": val}}}
+
+
+def test_a_sweep_grows_while_its_best_is_at_the_top_then_runs_every_seed_there():
+    cfg = study.StudyConfig(bits=(4,), seeds=(0, 1, 2), lambdas=(0.0, 1.0, 2.0), gptaq_lambdas=(0.0,),
+                            aligned_group_size=0)
+    base = study.Cell(4, "gptq", "maca")
+
+    def planned(vals):
+        runs = [fake_run(study.replace(base, reg=lam), v) for lam, v in vals.items()]
+        return {c.key for c in study.plan(cfg, runs) if c.scheme == "maca" and c.method == "gptq"}, \
+            study.choose_lambda(runs, cfg).get("4b-gptq-maca")
+
+    keys, choice = planned({0.0: 9, 1.0: 8})  # λ = 2 not run yet: nothing chosen, no other seed
+    assert "4b-gptq-maca-reg2-s0" in keys and not any("-reg2-s1" in k or "-reg1-s1" in k for k in keys)
+    assert choice is None
+    keys, choice = planned({0.0: 9, 1.0: 8, 2.0: 7})  # best at the top: λ = 4 next, still no choice
+    assert "4b-gptq-maca-reg4-s0" in keys and choice is None
+    keys, choice = planned({0.0: 9, 1.0: 8, 2.0: 7, 4.0: 7.5})  # interior now: every seed at λ = 2
+    assert {"4b-gptq-maca-reg2-s1", "4b-gptq-maca-reg2-s2"} <= keys and "4b-gptq-maca-reg8-s0" not in keys
+    assert choice == {"reg": 2.0, "group": "4b-gptq-maca-reg2", "val_score": math.log(7), "grid": [0, 1, 2, 4],
+                      "where": "interior"}
+    keys, choice = planned({0.0: 6, 1.0: 8, 2.0: 7})  # no regularisation is best: said so
+    assert choice["where"] == "zero" and "4b-gptq-maca-reg4-s0" not in keys
+    top, study.MAX_LAMBDA = study.MAX_LAMBDA, 4.0
+    try:
+        _, choice = planned({0.0: 9, 1.0: 8, 2.0: 7, 4.0: 6})  # the cap reached: reported as the top
+    finally:
+        study.MAX_LAMBDA = top
+    assert choice["where"] == "top" and choice["reg"] == 4.0
 
 
 def test_every_run_is_one_file_and_calibration_stays_off_evaluation_text(finished):
     runs = study.load_runs(finished)
-    assert sorted(r["key"] for r in runs) == sorted(c.key for c in study.plan(CFG))
+    assert sorted(r["key"] for r in runs) == sorted(c.key for c in study.plan(CFG, runs))
+    assert all(0 < r["weight_error"] < 1 for r in runs if r["cell"]["method"] != "fp")
     layout = json.loads(Path(finished, "config.json").read_text())["text_layout"]
     assert layout["calib"][1] == layout["jargon_val"][0] and layout["jargon_val"][1] == layout["jargon_test"][0]
     for r in runs:
@@ -86,35 +131,40 @@ def test_rerun_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     assert all(os.path.getmtime(tmp_path / "runs" / f) == t for f, t in stamps.items())
 
 
-def test_lambda_is_chosen_on_validation_text_only(finished):
-    agg = study.aggregate(study.load_runs(finished))
-    choice = study.choose_lambda(agg)
-    assert set(choice) == {"4b-gptq-fixed", "4b-gptq-maca"}
-    # make the Bible and the test half prefer the other λ: the choice must not move
-    other = copy.deepcopy(agg)
-    for key, c in choice.items():
-        for g, e in other.items():
-            if g.startswith(key + "-reg"):
-                better = e["cell"]["reg"] != c["reg"]
-                for t in ("bible", "jargon_test"):
-                    e[t] = {L: (1.0 if better else 1e6, 0.0) for L in e[t]}
-    assert study.choose_lambda(other) == choice
-    # and the validation half does move it
-    for key, c in choice.items():
-        for g, e in other.items():
-            if g.startswith(key + "-reg") and e["cell"]["reg"] != c["reg"]:
-                e["jargon_val"] = {L: (1.0, 0.0) for L in e["jargon_val"]}
-    assert all(study.choose_lambda(other)[k]["reg"] != c["reg"] for k, c in choice.items())
+def test_lambda_is_chosen_on_validation_text_only(finished, monkeypatch):
+    monkeypatch.setattr(study, "MAX_LAMBDA", 2.0)  # as the fixture ran it
+    runs = study.load_runs(finished)
+    choice = study.choose_lambda(runs, CFG)
+    assert {"4b-gptq-fixed", "4b-gptq-maca", "4b-gptaq-fixed", "4b-gptaq-maca"} == set(choice)
+    # make the Bible and the test half prefer another λ: the choice must not move
+    other = copy.deepcopy(runs)
+    for r in other:
+        c = study.Cell(**r["cell"])
+        if c.base in choice:
+            better = c.reg != choice[c.base]["reg"]
+            for t in ("bible", "jargon_test"):
+                r["perplexity"][t] = {L: (1.0 if better else 1e6) for L in r["perplexity"][t]}
+    assert study.choose_lambda(other, CFG) == choice
+    # and the validation half does move it: to λ = 0, or from 0 to 0.5, the grid's top, which makes the sweep
+    # grow (λ = 1 has no run: nothing is chosen until it has)
+    for r in other:
+        c = study.Cell(**r["cell"])
+        if c.base in choice and c.seed == 0 and c.reg == (0.5 if choice[c.base]["reg"] == 0 else 0.0):
+            r["perplexity"]["jargon_val"] = {L: 1.0 for L in r["perplexity"]["jargon_val"]}
+    moved = study.choose_lambda(other, CFG)
+    for k, c in choice.items():
+        assert (moved[k]["reg"] == 0.0 and moved[k]["where"] == "zero") if c["reg"] else k not in moved
 
 
 def test_summary_table_plots_and_cli(finished, capsys):
     table = Path(finished, "results.md").read_text()
-    assert re.search(r"\| 4b-gptq-maca-reg0( \(λ chosen\))? \| 2 \|", table) and "±" in table
-    assert "(λ chosen)" in table
+    assert re.search(r"\| 4b-gptq-maca-reg0( \(λ chosen[^)]*\))? \| 2 \|", table) and "±" in table
+    assert "(λ chosen" in table
     assert table.index("| fp |") < table.index("4b-rtn")
     assert Path(finished, "perplexity.png").stat().st_size > 0 and Path(finished, "lambda.png").stat().st_size > 0
     summary = json.loads(Path(finished, "summary.json").read_text())
-    assert summary["runs"] == len(study.plan(CFG)) and summary["wall_s"] > 0
+    assert summary["runs"] == len(study.load_runs(finished)) and summary["planned_left"] == 0
+    assert summary["wall_s"] > 0
     assert main(["study", "--out", finished, "--summarize-only"]) == 0
     assert "4b-gptaq-maca-reg0" in capsys.readouterr().out
     assert main(["study", "--out", str(Path(finished, "nothing")), "--summarize-only"]) == 2  # no such study
@@ -128,3 +178,10 @@ def test_a_study_does_not_resume_from_runs_of_another_configuration(finished, tm
     other = study.StudyConfig(**{**study.asdict(CFG), "calib_tokens": 512})
     with pytest.raises(RuntimeError, match="made with another study configuration"):
         study.run_study(str(out), other, load=loader, log=lambda *_: None)
+    # a wider grid is the same study: its runs are reused, only the new cells run
+    ran = []
+    wider = study.StudyConfig(**{**study.asdict(CFG), "lambdas": (0.0, 0.5, 0.25)})
+    before = set(os.listdir(out / "runs"))
+    study.run_study(str(out), wider, load=loader, max_runs=1, log=ran.append)
+    new = set(os.listdir(out / "runs")) - before
+    assert len(new) == 1 and new.pop().endswith("-reg0.25-s0.json")
