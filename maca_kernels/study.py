@@ -273,6 +273,29 @@ def _config_record(cfg: StudyConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def grid_blocks(model, block: int = 32, levels: int = 16) -> dict:
+    """How many ``block``-column blocks of the decoder layers' Linear weights hold their values on one grid of at
+    most ``levels`` equally spaced values (what a Q4_1 origin leaves), for blocks aligned at column 0 and, as a
+    control, shifted by half a block. Returns the fractions (float32 weights; a step is "equal" within 1e-3)."""
+    out = {}
+    for shift in (0, block // 2):
+        hit = total = 0
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Linear) or ".layers." not in name:
+                continue
+            w = m.weight.detach().float()
+            K = (w.shape[1] - shift) // block * block
+            b = w[:, shift:shift + K].reshape(-1, block).sort(dim=1).values
+            lo, hi = b[:, :1], b[:, -1:]
+            step = (hi - lo) / (levels - 1)
+            q = (b - lo) / step.clamp_min(1e-30)
+            on = ((q - q.round()).abs() < 1e-3).all(dim=1) | (hi == lo).squeeze(1)
+            hit += int(on.sum())
+            total += on.numel()
+        out["aligned" if shift == 0 else f"shifted_by_{shift}"] = hit / total
+    return out
+
+
 def _load_embedded():
     from . import embedded
 
@@ -281,6 +304,7 @@ def _load_embedded():
     jargon = calibration.load_token_ids(text=embedded.jargon_text(), tokenizer=tok)
     bible = calibration.load_token_ids(text=embedded.bible_text()[:400_000], tokenizer=tok)  # ~100k tokens
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "model_note": embedded.MODEL_NOTE,
+            "weights_on_a_4bit_grid_of_32_columns": grid_blocks(fp_model),
             "calibration_text": "Jargon File (Debian jargon-text)",
             "out_of_domain_text": "King James Bible (bible-kjv)"}
     return fp_model, jargon, bible, meta

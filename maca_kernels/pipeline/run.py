@@ -123,7 +123,7 @@ def quantize_model(
     block_size: int = 128,
     mse: bool = False,
     alpha: float = 0.25,
-    reg: float | None = None,
+    reg: float | str | None = "auto",
     overrides: dict[str, dict] | None = None,
     keep_float: Sequence[str] = (),
     checkpoint_format: str = "gptq",
@@ -143,9 +143,14 @@ def quantize_model(
 
     ``calib``: a ``Calibration`` (``maca_kernels.calibration``), a LongTensor [n, L] or a list of 1-D token
     tensors. ``method`` "gptq" | "gptaq" | "rtn" (RTN needs no calibration: pass ``calib=None``).
-    ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``overrides`` maps a
-    module name (or its last part, e.g. "down_proj") to other ``bits``/``group_size``. ``keep_float`` names
-    parameters or modules to leave in float (patterns as ``overrides``); every other floating matrix of a
+    ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``reg``: saliency
+    regularisation λ (H + λ·diag(H)), or "auto" (the default): the λ the study chose for each module's bits
+    (``STUDY_REG``; README "Results", rows "λ chosen": the best of λ ∈ {0, 0.05, 0.5, 1, 2, 4, 8} on held-out
+    Jargon text, the same for both calibrations). ``reg=0`` (or None) with ``weighting="token"`` is the
+    classic GPTQ.
+    ``overrides`` maps a module name pattern (e.g. "down_proj", "model.layers.0") to other ``bits`` /
+    ``group_size``. ``keep_float`` names parameters or modules to leave in float (patterns as ``overrides``:
+    a run of whole dotted parts, so a module's name covers everything inside it); every other floating matrix of a
     decoder layer must be a quantized ``nn.Linear``, fused experts or a router, else ``UncoveredParameterError`` is
     raised before any work (``layer_policy.py``).
 
@@ -280,6 +285,9 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     qcfg = _quant_config(bits, group_size, opts["sym"], opts["act_order"], opts["static_groups"],
                          opts["checkpoint_format"], method, weighting, calib, opts["overrides"], keep_float,
                          opts["damp"], opts["mse"])
+    if method != "rtn":  # the λ each bit width of the run was solved with
+        widths = {bits} | {o["bits"] for o in (opts["overrides"] or {}).values() if "bits" in o}
+        qcfg["meta"]["reg"] = {str(b): resolved_reg(opts["reg"], b) for b in sorted(widths)}
     if world.size > 1:
         world.same_everywhere(_arguments_digest(model, groups, bits, group_size, opts, device),
                               "arguments, calibration tokens or model structure")
@@ -287,6 +295,15 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
     return _Job(model, layers_name, layers, home, device, opts, dict(bits=bits, group_size=group_size), solve_kw,
                 world, make_shards(groups, shards, opts["max_batch_tokens"], world.size), qcfg,
                 QuantizeStats(world_size=world.size), time.perf_counter())
+
+
+# The saliency strength λ the study (README "Results") chose on held-out in-domain text, per bit width, for both
+# calibrations: an optimum inside the grid at 4 and 3 bits; 8 bits was not studied and takes the 4-bit value.
+STUDY_REG = {8: 2.0, 4: 2.0, 3: 0.5, 2: 0.5}
+
+
+def resolved_reg(reg, bits: int) -> float | None:
+    return STUDY_REG[bits] if reg == "auto" else reg
 
 
 def check_settings(s: dict, flag: Callable[[str], str] = str) -> None:
@@ -301,7 +318,9 @@ def check_settings(s: dict, flag: Callable[[str], str] = str) -> None:
             or not math.isfinite(s["damp"]):
         raise ValueError(f"{flag('damp')} must be a fraction ≥ 0 of mean(diag H), got {s['damp']!r}")
     number("alpha")
-    if s["reg"] is not None:
+    if s["reg"] is not None and s["reg"] != "auto":
+        if isinstance(s["reg"], str):
+            raise ValueError(f"{flag('reg')} must be 'auto' or a number ≥ 0, got {s['reg']!r}")
         number("reg")
     for k in ("block_size", "max_batch_tokens"):
         if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] <= 0:
@@ -645,18 +664,18 @@ def _solve_group(job: _Job, prefix: str, group: list[str], mods: dict, hessians:
             rs = [rtn_quantize(W, s["bits"], s["group_size"], job.solve_kw["sym"], mse=job.solve_kw["mse"],
                                name=full[n]) for W, n in zip(Ws, batch, strict=True)]
         else:
+            kw = dict(job.solve_kw, reg=resolved_reg(job.solve_kw["reg"], s["bits"]))  # a batch has one bit width
             factors = {}  # one factorisation per Hessian: gate and up (q/k/v, an expert's gate and up) share it
             for n in batch:
                 H, dxxt = hessians[n]
                 if (id(H), id(dxxt)) not in factors:
-                    factors[id(H), id(dxxt)] = gptq_factor(H, act_order=job.solve_kw["act_order"],
-                                                           damp=job.solve_kw["damp"], dxxt=dxxt, alpha=o["alpha"],
-                                                           reg=job.solve_kw["reg"], name=full[n])
+                    factors[id(H), id(dxxt)] = gptq_factor(H, act_order=kw["act_order"], damp=kw["damp"], dxxt=dxxt,
+                                                           alpha=o["alpha"], reg=kw["reg"], name=full[n])
             hd = [hessians[n] for n in batch]
             gptaq = hd[0][1] is not None
             rs = gptq_quantize_batched(Ws, [h for h, _ in hd], s["bits"], s["group_size"], alpha=o["alpha"],
                                        dxxts=[d for _, d in hd] if gptaq else None, names=[full[n] for n in batch],
-                                       factors=[factors[id(h), id(d)] for h, d in hd], **job.solve_kw)
+                                       factors=[factors[id(h), id(d)] for h, d in hd], **kw)
             del factors
         dt = (time.perf_counter() - t0) / len(batch)  # a batch's time, shared by its modules
         stats.solve_s += dt * len(batch)
@@ -785,4 +804,4 @@ def _progress(it, enabled: bool, total: int, initial: int):
     return tqdm(it, total=total, initial=initial, desc="layers", unit="layer")
 
 
-__all__ = ["METHODS", "QuantizeStats", "check_settings", "quantize_model"]
+__all__ = ["METHODS", "STUDY_REG", "QuantizeStats", "check_settings", "quantize_model", "resolved_reg"]

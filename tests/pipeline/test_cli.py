@@ -171,6 +171,7 @@ def test_bad_option_values_fail_before_the_model_loads(capsys, tmp_path, model_d
     for extra, message in cases:
         code, err = run(capsys, *q, *extra)
         assert code == EXIT_USAGE and message in err and len(err.splitlines()) == 1, (extra, err)
-    with pytest.raises(SystemExit) as exc:  # argparse's own: a value that is not a number, an unknown choice
-        main([*q, "--weighting", "tokens"])
-    assert exc.value.code == EXIT_USAGE
+    for bad in (["--weighting", "tokens"], ["--reg", "strong"]):  # argparse's own: an unknown choice, not a number
+        with pytest.raises(SystemExit) as exc:
+            main([*q, *bad])
+        assert exc.value.code == EXIT_USAGE

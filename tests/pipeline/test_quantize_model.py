@@ -223,3 +223,23 @@ def test_solver_settings_and_overrides_checked_before_any_forward():
         with pytest.raises(ValueError, match=message):
             quantize_model(model, seqs, 4, 16, progress=False, log=None, **kw)
     assert not calls
+
+
+def test_reg_auto_takes_the_studys_lambda_for_each_modules_bits():
+    """The default reg="auto": each module is solved with STUDY_REG[its bits] (here 4 and, by override, 3); the
+    checkpoint's meta names them; reg=0 is the classic solve."""
+    from maca_kernels.pipeline.run import STUDY_REG
+
+    seqs = random_sequences([16, 16, 32])
+    seen = {}
+    model = quantize_model(tiny_model("llama"), seqs, 4, 16, progress=False, log=None,
+                           overrides={"down_proj": {"bits": 3}},
+                           callback=lambda n, H, r: seen.__setitem__(n, (H, r)))
+    assert model.config.quantization_config["meta"]["reg"] == {"3": STUDY_REG[3], "4": STUDY_REG[4]}
+    fresh = tiny_model("llama")
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        H, r = seen[name]
+        W = fresh.get_submodule(name).weight.detach()
+        for reg, same in ((STUDY_REG[r.bits], True), (0, False)):
+            want = mk.gptq_quantize(W, H, bits=r.bits, group_size=16, reg=reg)
+            assert torch.equal(want.codes, r.codes) == same, (name, reg)
