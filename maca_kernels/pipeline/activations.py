@@ -17,10 +17,21 @@ def check_place(place) -> str:
     return place
 
 
-def fits(stream_bytes: int, free_bytes: int) -> bool:
+def fits(stream_bytes: int, free: int) -> bool:
     """A layer's forward holds its inputs and its outputs at once, and the layer's copies, Hessians and solves need
     room beside them: the streams stay on the device while twice their size is at most half of what is free."""
-    return 2 * stream_bytes <= free_bytes // 2
+    return 2 * stream_bytes <= free // 2
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for more tensors on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) * 1024
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: no limit assumed
 
 
 def store_for(place: str, device: torch.device, stream_bytes: int) -> torch.device:
@@ -51,4 +62,4 @@ def use(b: Batch, device: torch.device) -> Batch:
     return Batch(b.hidden.to(device, non_blocking=True), b.kwargs)
 
 
-__all__ = ["PLACES", "check_place", "fits", "keep", "store_for", "use"]
+__all__ = ["PLACES", "check_place", "fits", "free_bytes", "keep", "store_for", "use"]

@@ -259,7 +259,7 @@ def rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
 
 
 def _row_keys(x: torch.Tensor) -> torch.Tensor:
-    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[x.element_size()]
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[x.element_size()]
     w = torch.randint(1, 2**31, (x.shape[-1],), generator=torch.Generator().manual_seed(1)).to(x.device)
     return (x.contiguous().view(bits).to(torch.int64) * w).sum(-1)  # wraps on overflow: a hint, checked after
 
@@ -283,6 +283,14 @@ def find_experts(layer: nn.Module, keep_float=(), prefix: str = "") -> dict[str,
             found[name] = FusedExperts(name, m)
         elif _is_expert_list(layer, name, m):
             found[name] = _expert_list(layer, prefix, name, m)
+        else:
+            continue
+        part = [n for n in found[name].slices() if matches(prefix + n, keep_float)]
+        if part:
+            raise UnsupportedExpertsError(
+                f"keep_float {list(keep_float)} names {len(part)} of the {len(found[name].slices())} expert "
+                f"matrices of {prefix}{name} (e.g. {prefix}{part[0]}): experts are quantized or kept in float as a "
+                f"whole; name the module ({prefix}{name}) to keep it, or a pattern outside it")
     return found
 
 

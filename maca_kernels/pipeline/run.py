@@ -38,7 +38,7 @@ from ..ops.gptq.rtn import rtn_quantize
 from ..ops.hessian.accumulator import HessianAccumulator
 from ..resume import ResumeDir
 from . import expert_hessians as eh
-from .activations import check_place, keep, store_for, use
+from .activations import check_place, fits, free_bytes, keep, store_for, use
 from .experts import ExpertList, FusedExperts, find_experts, make_room
 from .model import (
     Batch,
@@ -267,14 +267,16 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
         prefix = f"{layers_name}.{i}."
         mods, experts = _targets(layer, keep_float, prefix)
         for ex in experts.values():  # our reading of each experts class checked on its first module, before any work
-            if type(ex.module) not in probed and not ex.is_meta:
+            if type(ex.entry) not in probed and not ex.is_meta:
                 ex.check()
-                probed.add(type(ex.module))
+                probed.add(type(ex.entry))
         for name, lin in mods.items():
             s = module_settings(prefix + name, dict(bits=bits, group_size=group_size), opts["overrides"])
             check_group_size(s["group_size"], lin.in_features, f" ({prefix + name})")
     home = next(p.device for p in model.parameters() if not p.is_meta)
     device = torch.device(opts["device"]) if opts["device"] is not None else home
+    if device.type == "cuda" and device.index is None:  # the caller's current device, named (threads start on 0)
+        device = torch.device("cuda", torch.cuda.current_device())
     solve_kw = {k: opts[k] for k in ("sym", "act_order", "static_groups", "damp", "block_size", "mse", "reg")}
     world = World()
     groups = [] if method == "rtn" else _lengths_groups(calib)
@@ -393,6 +395,7 @@ def _run(job: _Job, load_layer, on_layer) -> None:
     cpu_threads = torch.get_num_threads() if job.device.type == "cpu" else None
     settings = dict(method=o["method"], weighting=o["weighting"], base=job.base, overrides=o["overrides"],
                     alpha=o["alpha"], **job.solve_kw, max_batch_tokens=o["max_batch_tokens"],
+                    reg_by_bits={str(b): resolved_reg(o["reg"], b) for b in STUDY_REG},  # what "auto" meant
                     moe_calibration=o["moe_calibration"], moe_min_tokens=o["moe_min_tokens"],
                     calib_shards=o["calib_shards"], device=job.device.type, cpu_threads=cpu_threads,
                     keep_float=sorted(o["keep_float"]))
@@ -562,15 +565,25 @@ def _quantize_experts(job: _Job, prefix: str, ex: FusedExperts | ExpertList, fp_
 
 
 ONE_PASS = True  # each layer's forward run once, paused at each group (stages.py); False: re-run per group
+MAX_PAUSED = 64  # forwards paused at once per stream: each is a thread (with, on a CPU, its own OpenMP pool)
 
 
 def _stages(job: _Job, layer, streams, stops) -> Stages | Replay:
     """The layer's forward on this rank's micro-batches, paused at each group's entry module (``stops``): one pass
-    when the streams wait on the device, re-run per group when they wait in host memory (a paused forward holds
-    its intermediate tensors where it runs)."""
-    if ONE_PASS and job.store == job.device:
+    when the streams wait on the device and what the paused forwards hold fits, else re-run per group."""
+    if ONE_PASS and job.store == job.device and sum(map(len, streams.values())) <= MAX_PAUSED \
+            and _paused_fit(job, layer):
         return Stages(layer, streams, stops, job.device, job.store)
     return Replay(layer, streams, job.device, job.store)
+
+
+def _paused_fit(job: _Job, layer) -> bool:
+    """Paused forwards hold, per token, about the layer's input, its residual and its widest intermediate (the MLP's
+    before down_proj): (2 + widest / hidden) streams, checked against free memory as the streams themselves are."""
+    hidden = job.model.get_input_embeddings().weight.shape[1]
+    widest = max((m.out_features for m in layer.modules() if isinstance(m, nn.Linear)), default=hidden)
+    held = int(_stream_bytes(job, job.opts["method"] == "gptaq") * (2 + widest / hidden))
+    return fits(held, free_bytes(job.device))
 
 
 def _calls(job: _Job, src, fp_src, module, fp_module):
@@ -585,6 +598,7 @@ def _calls(job: _Job, src, fp_src, module, fp_module):
         job.stats.forward_s += time.perf_counter() - t0
         if got is None:
             return
+        assert fp_got is None or fp_got[:2] == got[:2], "the two streams' micro-batches out of step"
         yield got[0], got[1], got[2], (fp_got[2] if fp_got is not None else None)
 
 
@@ -604,7 +618,8 @@ def _group_hessian(job: _Job, module, calls, q):
     for s in job.mine:
         acc = HessianAccumulator(d, weighting=job.opts["weighting"], cross_term=gptaq, device=job.device)
         for _ in q[s]:
-            _, bi, call, fp_call = next(calls)
+            s_at, bi, call, fp_call = next(calls)
+            assert s_at == s, "micro-batches out of shard order"
             n, L = q[s][bi].hidden.shape[:2]
             x = _by_sequence(call[0][0], n, L, module)
             x_fp = _by_sequence(fp_call[0][0], n, L, module) if gptaq else None

@@ -32,14 +32,18 @@ class _Cancel(BaseException):
 
 
 class _Paused:
-    """One forward in its own thread, paused at the first call of each stop module."""
+    """One forward in its own thread, paused at the first call of each stop module. The thread takes the caller's
+    per-thread torch state that decides the arithmetic: grad mode (off), the current CUDA device and the default
+    device."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, device: torch.device):
         self._fn = fn
+        self._device = device
+        self._default = torch.get_default_device()
         self._go: queue.Queue = queue.Queue(maxsize=1)
         self._back: queue.Queue = queue.Queue(maxsize=1)
         self.seen: set[int] = set()
-        self.done = False
+        self.done = self.closing = False
         self._thread = threading.Thread(target=self._main, daemon=True, name="maca-layer-forward")
         self._thread.start()
 
@@ -49,7 +53,10 @@ class _Paused:
             self._back.put(("cancelled", None))
             return
         try:
-            with torch.no_grad():  # grad mode is per thread
+            if self._device.type == "cuda":
+                torch.cuda.set_device(self._device)
+            torch.set_default_device(self._default)
+            with torch.no_grad():
                 out = self._fn()
             self._back.put(("done", out))
         except _Cancel:
@@ -59,24 +66,34 @@ class _Paused:
 
     def pause(self, module: nn.Module, call: Call) -> None:
         """In the forward's thread: hand ``call`` over and wait to be let go on."""
+        if self.closing:
+            raise _Cancel
         self._back.put(("at", (module, call)))
         if self._go.get() == "cancel":
             raise _Cancel
 
     def resume(self):
         """Let the forward run to its next stop (or its end): ("at", (module, call)) or ("done", output)."""
+        if self.done:
+            raise RuntimeError("the layer's forward on this micro-batch has already ended")
         self._go.put("go")
         kind, got = self._back.get()
-        if kind == "error":
-            self.done = True
-            raise got
         self.done = kind != "at"
+        if kind == "error":
+            raise got
         return kind, got
 
     def cancel(self) -> None:
+        """Unwind the forward wherever it is (paused, running on to its next stop, or finished)."""
+        self.closing = True
         if not self.done:
-            self._go.put("cancel")
-            self._back.get()
+            self._go.put("cancel")  # read by a paused forward, or by none if it has already ended
+            while self._thread.is_alive():  # a Ctrl-C may have taken its last message: never wait on a dead thread
+                try:
+                    self._back.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    pass
             self.done = True
         self._thread.join()
 
@@ -100,7 +117,7 @@ class Stages:
         try:
             for s, bs in streams.items():
                 for bi, b in enumerate(bs):
-                    self._runs[s, bi] = _Paused(lambda b=b: first(layer(use(b, device).hidden, **b.kwargs)))
+                    self._runs[s, bi] = _Paused(lambda b=b: first(layer(use(b, device).hidden, **b.kwargs)), device)
         except BaseException:
             self.close()
             raise
@@ -125,10 +142,12 @@ class Stages:
         return out
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        for run in self._runs.values():
-            run.cancel()
+        try:
+            for run in self._runs.values():
+                run.cancel()
+        finally:
+            for h in self._hooks:
+                h.remove()
 
 
 class Replay:

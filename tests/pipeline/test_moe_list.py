@@ -156,3 +156,14 @@ def test_rows_are_found_bit_for_bit_and_equal_rows_in_order():
     assert rows_of(x, x[pos] * 1.0001) is None
     assert rows_of(x, x[[3, 3, 3, 3, 3]]) is None  # more copies than x holds
     assert rows_of(x, x[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("family", ["list", "qwen3_moe"])
+def test_keep_float_on_part_of_the_experts_is_refused(family):
+    """Experts are quantized or kept whole: a pattern that names some of their matrices is an error naming them,
+    before any work (a fused module cannot hold float and packed experts side by side)."""
+    seqs = random_sequences(SEQS, seed=1)
+    for pattern in ("down_proj", "mlp.experts.0"):
+        with pytest.raises(UnsupportedExpertsError, match=r"keep_float \[.*\] names \d+ of the 12 expert matrices of "
+                                                          r"model.layers.0.mlp.experts"):
+            quantize_model(tiny_moe(family), seqs, **KW, keep_float=(pattern,))

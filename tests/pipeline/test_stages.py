@@ -56,3 +56,20 @@ def test_an_error_midway_leaves_no_paused_forward(monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "maca-layer-forward"]
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model as it was
+
+
+@pytest.mark.parametrize("why", ["memory", "count"])
+def test_replay_when_paused_forwards_would_not_fit(why, monkeypatch):
+    """Too little free memory for what paused forwards hold, or more micro-batches than MAX_PAUSED: the layer is
+    re-run per group instead, with the same bits."""
+    made = []
+    monkeypatch.setattr(run, "Stages", lambda *a, **k: made.append(1) or run.Replay(a[0], a[1], a[3], a[4]))
+    if why == "memory":
+        monkeypatch.setattr(run, "free_bytes", lambda device: 1 << 10)
+    else:
+        monkeypatch.setattr(run, "MAX_PAUSED", 2)
+    low, _ = quantized(tiny_model("llama"), monkeypatch, True)
+    assert not made
+    monkeypatch.undo()
+    full, _ = quantized(tiny_model("llama"), monkeypatch, True)
+    assert all(torch.equal(low[k], full[k]) for k in low)

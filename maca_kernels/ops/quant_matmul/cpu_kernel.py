@@ -74,7 +74,8 @@ def cpu_quant_matmul(
     if M >= DEQUANT_MIN_ROWS and threads == torch.get_num_threads():
         # the weight decoded once, then torch's fp32 GEMM (faster than our tiles here; it takes torch's threads)
         wt = _dequantize(C, qweight, scales, qzeros, g_ptr, K, N, G, group_size, bits, checkpoint_format, threads)
-        return torch.mm(x if x.dtype == torch.float32 else x.float(), wt, out=out)
+        # (the BLAS sums in another order than the tiles: results agree to fp32 rounding, not bit for bit)
+        return torch.mm(x.detach().float(), wt, out=out)
     C.quant_matmul(
         out.data_ptr(),
         out.stride(0) if M > 1 else N,
