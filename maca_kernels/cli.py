@@ -231,6 +231,8 @@ def _quantize(a) -> None:
     started = init_from_env(a.device, a.timeout)
     try:
         _quantize_ranked(a, World())
+        if started:  # every rank stays until rank 0 has written: no connection torn down while a peer still works
+            torch.distributed.barrier()
     finally:
         if started:
             torch.distributed.destroy_process_group()

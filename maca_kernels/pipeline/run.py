@@ -145,9 +145,9 @@ def quantize_model(
     tensors. ``method`` "gptq" | "gptaq" | "rtn" (RTN needs no calibration: pass ``calib=None``).
     ``weighting`` "sequence" (MaCa: each sequence one sample) or "token" (classic). ``reg``: saliency
     regularisation λ (H + λ·diag(H)), or "auto" (the default): the λ the study chose for each module's bits
-    (``STUDY_REG``; README "Results", rows "λ chosen": the best of λ ∈ {0, 0.05, 0.5, 1, 2, 4, 8} on held-out
-    Jargon text, the same for both calibrations). ``reg=0`` (or None) with ``weighting="token"`` is the
-    classic GPTQ.
+    (``STUDY_REG``: 2.0 at 4 bits, 0.5 at 3, 1.0 at 2; README "Results", rows "λ chosen": the best of
+    λ ∈ {0, 0.05, 0.5, 1, 2, 4, 8} on held-out Jargon text). ``reg=0`` (or None) with ``weighting="token"`` is
+    the classic GPTQ.
     ``overrides`` maps a module name pattern (e.g. "down_proj", "model.layers.0") to other ``bits`` /
     ``group_size``. ``keep_float`` names parameters or modules to leave in float (patterns as ``overrides``:
     a run of whole dotted parts, so a module's name covers everything inside it); every other floating matrix of a
@@ -299,9 +299,10 @@ def _prepare(model: nn.Module, calib, bits, group_size, opts: dict) -> _Job:
                 QuantizeStats(world_size=world.size), time.perf_counter())
 
 
-# The saliency strength λ the study (README "Results") chose on held-out in-domain text, per bit width, for both
-# calibrations: an optimum inside the grid at 4 and 3 bits; 8 bits was not studied and takes the 4-bit value.
-STUDY_REG = {8: 2.0, 4: 2.0, 3: 0.5, 2: 0.5}
+# The saliency strength λ the study (README "Results") chose on held-out in-domain text, per bit width: an optimum
+# inside the grid {0, 0.05, 0.5, 1, 2, 4, 8} for every cell; the same for both calibrations at 4 bits (2) and 3 bits
+# (0.5); at 2 bits MaCa's (1; fixed-length chose 2). 8 bits was not studied and takes the 4-bit value.
+STUDY_REG = {8: 2.0, 4: 2.0, 3: 0.5, 2: 1.0}
 
 
 def resolved_reg(reg, bits: int) -> float | None:

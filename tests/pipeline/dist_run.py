@@ -61,7 +61,8 @@ def main() -> None:
         mk.quantize_folder(a.src, a.out, calib, 4, 32, dtype=torch.float32, max_shard_size="40KB", **kw)
     stats = mk.quantize_folder.last_stats if not a.in_memory else model.quantize_stats
     print(f"rank {rank}: solved {stats.solve_s:.3f} s, reduce {stats.reduce_s:.3f} s", flush=True)
-    if started:
+    if started:  # every rank stays until rank 0 has written: no connection torn down while a peer still works
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
