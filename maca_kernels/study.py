@@ -209,6 +209,7 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
     if err[1]:
         entry["weight_error"] = math.sqrt(err[0] / err[1])  # relative Frobenius error of the quantized weights
     entry["quantize_s"] = round(time.perf_counter() - t0, 2)
+    entry["code"] = _code_version()  # GPTQ's codes move with any change of fp32 rounding: runs compare within one
     if getattr(model, "quantize_stats", None) is not None:
         entry["time_split"] = model.quantize_stats.summary()
     t1 = time.perf_counter()
@@ -251,6 +252,23 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
         log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
             + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
     return summarize(out_dir, log=log)
+
+
+def _code_version() -> str:
+    """The commit the run was made with (with "+changes" when the work tree differs), or the package version."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/maca_kernels", ":/csrc", ":/python"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from . import __version__
+
+        return __version__
 
 
 def _run_fields(record: dict) -> dict:

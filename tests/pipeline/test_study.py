@@ -94,6 +94,7 @@ def test_every_run_is_one_file_and_calibration_stays_off_evaluation_text(finishe
     runs = study.load_runs(finished)
     assert sorted(r["key"] for r in runs) == sorted(c.key for c in study.plan(CFG, runs))
     assert all(0 < r["weight_error"] < 1 for r in runs if r["cell"]["method"] != "fp")
+    assert all(isinstance(r["code"], str) and r["code"] for r in runs)  # the commit (or version) it ran at
     layout = json.loads(Path(finished, "config.json").read_text())["text_layout"]
     assert layout["calib"][1] == layout["jargon_val"][0] and layout["jargon_val"][1] == layout["jargon_test"][0]
     for r in runs:
