@@ -496,7 +496,7 @@ def _plots(agg: dict, lam: dict, out_dir: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("λ (0 drawn at 1e-3)")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"{b}-bit, saliency regularisation (first seed; λ = 0: mean of seeds)")
+        ax.set_title(f"{b}-bit, λ sweep (seed 0; means where 3 seeds ran)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "lambda.png"), dpi=90)
