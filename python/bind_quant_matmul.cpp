@@ -17,16 +17,11 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void quant_matmul(uintptr_t y_ptr, int64_t ldy, uintptr_t x_ptr, int x_dtype, int64_t ldx, int64_t M, int64_t N,
-                  int64_t K, uintptr_t qweight_ptr, uintptr_t qzeros_ptr, uintptr_t scales_ptr, uintptr_t g_idx_ptr,
-                  int64_t G, int64_t group_size, int bits, int zero_offset, int num_threads) {
+// The weight's fields, shared by both entry points.
+maca::QuantMatmulArgs weight_args(int64_t N, int64_t K, uintptr_t qweight_ptr, uintptr_t qzeros_ptr,
+                                  uintptr_t scales_ptr, uintptr_t g_idx_ptr, int64_t G, int64_t group_size, int bits,
+                                  int zero_offset, int num_threads) {
   maca::QuantMatmulArgs args;
-  args.y = as_ptr<float>(y_ptr);
-  args.ldy = ldy;
-  args.x = as_ptr<const void>(x_ptr);
-  args.x_dtype = static_cast<maca::QuantMatmulXType>(x_dtype);
-  args.ldx = ldx;
-  args.M = M;
   args.N = N;
   args.K = K;
   args.qweight = as_ptr<const int32_t>(qweight_ptr);
@@ -38,6 +33,20 @@ void quant_matmul(uintptr_t y_ptr, int64_t ldy, uintptr_t x_ptr, int x_dtype, in
   args.bits = bits;
   args.zero_offset = zero_offset;
   args.num_threads = num_threads;
+  return args;
+}
+
+void quant_matmul(uintptr_t y_ptr, int64_t ldy, uintptr_t x_ptr, int x_dtype, int64_t ldx, int64_t M, int64_t N,
+                  int64_t K, uintptr_t qweight_ptr, uintptr_t qzeros_ptr, uintptr_t scales_ptr, uintptr_t g_idx_ptr,
+                  int64_t G, int64_t group_size, int bits, int zero_offset, int num_threads) {
+  maca::QuantMatmulArgs args = weight_args(N, K, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, G, group_size, bits,
+                                           zero_offset, num_threads);
+  args.y = as_ptr<float>(y_ptr);
+  args.ldy = ldy;
+  args.x = as_ptr<const void>(x_ptr);
+  args.x_dtype = static_cast<maca::QuantMatmulXType>(x_dtype);
+  args.ldx = ldx;
+  args.M = M;
   py::gil_scoped_release no_gil;  // pure C++ from here on
   maca::quant_matmul(args);
 }
@@ -45,18 +54,8 @@ void quant_matmul(uintptr_t y_ptr, int64_t ldy, uintptr_t x_ptr, int x_dtype, in
 void quant_dequantize(uintptr_t wt_ptr, int64_t N, int64_t K, uintptr_t qweight_ptr, uintptr_t qzeros_ptr,
                       uintptr_t scales_ptr, uintptr_t g_idx_ptr, int64_t G, int64_t group_size, int bits,
                       int zero_offset, int num_threads) {
-  maca::QuantMatmulArgs args;
-  args.N = N;
-  args.K = K;
-  args.qweight = as_ptr<const int32_t>(qweight_ptr);
-  args.qzeros = as_ptr<const int32_t>(qzeros_ptr);
-  args.scales = as_ptr<const uint16_t>(scales_ptr);
-  args.g_idx = as_ptr<const int32_t>(g_idx_ptr);
-  args.G = G;
-  args.group_size = group_size;
-  args.bits = bits;
-  args.zero_offset = zero_offset;
-  args.num_threads = num_threads;
+  const maca::QuantMatmulArgs args = weight_args(N, K, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, G, group_size,
+                                                 bits, zero_offset, num_threads);
   py::gil_scoped_release no_gil;
   maca::quant_dequantize(args, as_ptr<float>(wt_ptr));
 }

@@ -625,6 +625,35 @@ int64_t sorted_group_size(const int32_t* g_idx, int64_t K) {
   return gs;
 }
 
+// The weight's fields of a Problem, its groups checked: g_idx entries inside [0, G), or a group size whose
+// groups fit G. `fail` throws with the caller's name.
+template <typename Fail>
+Problem weight_problem(const QuantMatmulArgs& a, Fail fail) {
+  if (a.qweight == nullptr || a.qzeros == nullptr || a.scales == nullptr) fail("null qweight, qzeros or scales");
+  if (a.G < 1) fail("G must be >= 1");
+  if (a.g_idx != nullptr) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      if (a.g_idx[k] < 0 || a.g_idx[k] >= a.G) fail("g_idx entry outside [0, G)");
+    }
+  } else {
+    if (a.group_size < 1) fail("group_size must be >= 1 without g_idx");
+    if (ceil_div(a.K, a.group_size) > a.G) fail("ceil(K / group_size) exceeds G");
+  }
+  Problem p{};
+  p.N = a.N;
+  p.K = a.K;
+  p.G = a.G;
+  p.qw = a.qweight;
+  p.qz = a.qzeros;
+  p.sc = a.scales;
+  p.g_idx = a.g_idx;
+  p.gs = a.group_size;
+  p.bits = a.bits;
+  p.zero_offset = a.zero_offset;
+  p.zwords = a.N * a.bits / 32;
+  return p;
+}
+
 }  // namespace
 
 void quant_matmul(const QuantMatmulArgs& a) {
@@ -641,38 +670,17 @@ void quant_matmul(const QuantMatmulArgs& a) {
     return;
   }
   if (a.x == nullptr || a.ldx < a.K) fail("x is null or ldx < K");
-  if (a.qweight == nullptr || a.qzeros == nullptr || a.scales == nullptr) fail("null qweight, qzeros or scales");
-  if (a.G < 1) fail("G must be >= 1");
   if (a.x_dtype != QuantMatmulXType::kFloat32 && a.x_dtype != QuantMatmulXType::kFloat16 &&
       a.x_dtype != QuantMatmulXType::kBFloat16)
     fail("bad x dtype code");
 
-  Problem p{};
+  Problem p = weight_problem(a, fail);
   p.y = a.y;
   p.ldy = a.ldy;
   p.M = a.M;
-  p.N = a.N;
-  p.K = a.K;
-  p.G = a.G;
-  p.qw = a.qweight;
-  p.qz = a.qzeros;
-  p.sc = a.scales;
-  p.bits = a.bits;
-  p.zero_offset = a.zero_offset;
-  p.zwords = a.N * a.bits / 32;
-
-  // Groups: sorted (g = k / gs) or an arbitrary g_idx.
-  if (a.g_idx != nullptr) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      if (a.g_idx[k] < 0 || a.g_idx[k] >= a.G) fail("g_idx entry outside [0, G)");
-    }
+  if (a.g_idx != nullptr) {  // an identity-like g_idx (k / gs) takes the sorted-group paths
     p.gs = sorted_group_size(a.g_idx, a.K);
     p.g_idx = p.gs > 0 ? nullptr : a.g_idx;
-  } else {
-    if (a.group_size < 1) fail("group_size must be >= 1 without g_idx");
-    if (ceil_div(a.K, a.group_size) > a.G) fail("ceil(K / group_size) exceeds G");
-    p.gs = a.group_size;
-    p.g_idx = nullptr;
   }
   p.n_groups = p.g_idx ? 0 : ceil_div(a.K, p.gs);
 
@@ -758,27 +766,8 @@ void quant_dequantize(const QuantMatmulArgs& a, float* wt) {
   if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8) fail("bits must be 2, 3, 4 or 8");
   if (a.N < 0 || a.K < 0 || (a.N * a.bits) % 32 != 0 || (a.K * a.bits) % 32 != 0) fail("bad N or K for the packing");
   if (a.N == 0 || a.K == 0) return;
-  if (wt == nullptr || a.qweight == nullptr || a.qzeros == nullptr || a.scales == nullptr) fail("null pointer");
-  if (a.G < 1) fail("G must be >= 1");
-  if (a.g_idx != nullptr) {
-    for (int64_t k = 0; k < a.K; ++k) {
-      if (a.g_idx[k] < 0 || a.g_idx[k] >= a.G) fail("g_idx entry outside [0, G)");
-    }
-  } else if (a.group_size < 1 || ceil_div(a.K, a.group_size) > a.G) {
-    fail("group_size must be >= 1 and ceil(K / group_size) <= G without g_idx");
-  }
-  Problem p{};
-  p.N = a.N;
-  p.K = a.K;
-  p.G = a.G;
-  p.qw = a.qweight;
-  p.qz = a.qzeros;
-  p.sc = a.scales;
-  p.g_idx = a.g_idx;
-  p.gs = a.group_size;
-  p.bits = a.bits;
-  p.zero_offset = a.zero_offset;
-  p.zwords = a.N * a.bits / 32;
+  if (wt == nullptr) fail("wt is null");
+  const Problem p = weight_problem(a, fail);
   constexpr int64_t kCols = 256;  // columns per chunk: a chunk's zeros and scales of every group stay in cache
   const int64_t n_chunks = ceil_div(a.N, kCols);
   const int requested = a.num_threads > 0 ? a.num_threads : default_num_threads();

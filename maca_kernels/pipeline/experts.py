@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer_policy import matches
-from .model import Batch, _call_of, _Stop
+from .model import Batch, StopForward, call_of
 
 
 class UnsupportedExpertsError(ValueError):
@@ -178,7 +178,7 @@ class ExpertList:
     def inner(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's input of its second Linear for tokens ``x`` [T, d], by its own forward."""
         m = self.module[e]
-        return _call_of(m, m.get_submodule(self.second), Batch(x, {}))[0][0]
+        return call_of(m, m.get_submodule(self.second), Batch(x, {}))[0][0]
 
     def routed(self, call: tuple[tuple, dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``FusedExperts.routed`` from the call of the block: its tokens [n·L, d] and the experts each reached,
@@ -199,7 +199,7 @@ class ExpertList:
             got["x"] = args[0] if args else kwargs["hidden_states"]
 
         def stop(mod, args, out):
-            raise _Stop
+            raise StopForward
 
         hooks = [self.block.register_forward_pre_hook(at_block, with_kwargs=True),
                  self.block.register_forward_hook(stop)]
@@ -207,7 +207,7 @@ class ExpertList:
                   for e, m in enumerate(self.module)]
         try:
             run()
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for h in hooks:

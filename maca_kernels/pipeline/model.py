@@ -12,7 +12,7 @@ from torch import nn
 from ..layer_policy import matches, quantized_linears
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted input has been seen."""
 
 
@@ -81,14 +81,14 @@ def capture_first_inputs(model, id_batches, device) -> list[Batch]:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
         captured.append(Batch(hidden.detach().to(device), _to(kw, device)))
-        raise _Stop
+        raise StopForward
 
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for ids in id_batches:
             try:
                 model(input_ids=ids.to(home), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -132,21 +132,21 @@ def group_linears(layer, mods: dict[str, nn.Linear], batch: Batch, experts: dict
 
 def input_of(layer, module, batch: Batch) -> torch.Tensor:
     """The input ``module`` sees when ``layer`` runs on ``batch`` (the pass stops there)."""
-    return _call_of(layer, module, batch)[0][0]
+    return call_of(layer, module, batch)[0][0]
 
 
-def _call_of(layer, module, batch: Batch) -> tuple[tuple, dict]:
+def call_of(layer, module, batch: Batch) -> tuple[tuple, dict]:
     """The arguments ``module`` is called with when ``layer`` runs on ``batch`` (the pass stops there)."""
     seen = []
 
     def grab(mod, args, kwargs):
         seen.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         layer(batch.hidden, **batch.kwargs)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -155,5 +155,5 @@ def _call_of(layer, module, batch: Batch) -> tuple[tuple, dict]:
     return seen[0]
 
 
-__all__ = ["Batch", "capture_first_inputs", "decoder_layers", "first", "group_linears", "input_of", "linears",
-           "module_settings", "swap"]
+__all__ = ["Batch", "StopForward", "call_of", "capture_first_inputs", "decoder_layers", "first", "group_linears",
+           "input_of", "linears", "module_settings", "swap"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .activations import keep, use
-from .model import Batch, _call_of, first
+from .model import Batch, call_of, first
 
 Call = tuple[tuple, dict]  # what a module is called with: (args, kwargs)
 
@@ -160,7 +160,7 @@ class Replay:
     def calls(self, module: nn.Module) -> Iterator[tuple[int, int, Call]]:
         for s, bs in self.streams.items():
             for bi, b in enumerate(bs):
-                yield s, bi, _call_of(self.layer, module, use(b, self.device))
+                yield s, bi, call_of(self.layer, module, use(b, self.device))
 
     def outputs(self) -> dict[int, list[Batch]]:
         return {s: [Batch(keep(first(self.layer(use(b, self.device).hidden, **b.kwargs)), self.store), b.kwargs)
