@@ -14,6 +14,7 @@ is lost). ``summarize`` turns the run files into mean ± std tables, the λ choi
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -220,10 +221,19 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
 
 
 def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=None, max_runs: int | None = None,
-              log=print) -> dict:
+              rerun: tuple[str, ...] = (), log=print) -> dict:
     """Run the cells of ``plan(cfg)`` not yet in ``<out_dir>/runs/`` (at most ``max_runs`` of them), then
-    summarize. ``load()`` → (fp_model, jargon_ids, bible_ids, meta); default: the embedded model and texts."""
+    summarize. ``load()`` → (fp_model, jargon_ids, bible_ids, meta); default: the embedded model and texts.
+
+    ``rerun``: key patterns (fnmatch, e.g. ``"*-reg0.5-s*"``) whose finished runs count as not done when they were
+    made with other code than this (their ``code`` record differs, or is missing), so that the cells compared in
+    one table come from one commit: GPTQ's codes, and so perplexities by several percent, move with any change of
+    fp32 rounding. Each rerun replaces its file when it finishes; an interrupted rerun resumes."""
     cfg = cfg or StudyConfig()
+    code = _code_version()
+    if rerun and code.endswith("+changes"):
+        raise RuntimeError("rerun: the work tree has uncommitted changes to the package, so the new runs could not "
+                           "name the code they were made with; commit first (or run from a clean worktree)")
     fp_model, jargon, bible, meta = (load or _load_embedded)()
     texts = split_texts(jargon, bible, cfg.holdout_fraction)
     runs_dir = os.path.join(out_dir, "runs")
@@ -239,7 +249,7 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     done = 0
     while max_runs is None or done < max_runs:
-        runs = _valid_runs(out_dir, cfg)
+        runs = [r for r in _valid_runs(out_dir, cfg) if not _stale(r, rerun, code)]
         have = {r["key"] for r in runs}
         todo = [c for c in plan(cfg, runs) if c.key not in have]  # the plan grows with the sweeps' results
         if not todo:
@@ -252,6 +262,10 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
         log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
             + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
     return summarize(out_dir, log=log)
+
+
+def _stale(run: dict, patterns, code: str) -> bool:
+    return run.get("code") != code and any(fnmatch.fnmatchcase(run["key"], p) for p in patterns)
 
 
 def _code_version() -> str:
@@ -353,7 +367,8 @@ def aggregate(runs: list[dict]) -> dict:
     out = {}
     for g, rs in groups.items():
         entry = {"n": len(rs), "cell": rs[0]["cell"], "quantize_s": statistics.mean(r["quantize_s"] for r in rs),
-                 "eval_s": statistics.mean(r["eval_s"] for r in rs)}
+                 "eval_s": statistics.mean(r["eval_s"] for r in rs),
+                 "code": sorted({r.get("code") or "unrecorded" for r in rs})}  # the commits its runs were made at
         errs = [r["weight_error"] for r in rs if "weight_error" in r]
         if errs:
             entry["weight_error"] = statistics.mean(errs)
@@ -420,8 +435,8 @@ def markdown_table(agg: dict, lam: dict) -> str:
     any_entry = next(iter(agg.values()))
     lengths = list(any_entry["jargon_test"])
     head = ("| cell | seeds | " + " | ".join(f"{t} @{L}" for t in ("jargon_test", "bible") for L in lengths)
-            + " | weight err | quantize s | eval s |")
-    rows = [head, "|" + " --- |" * (5 + 2 * len(lengths))]
+            + " | weight err | quantize s | eval s | code |")
+    rows = [head, "|" + " --- |" * (6 + 2 * len(lengths))]
     chosen = {v["group"]: v["where"] for v in lam.values()}
     marks = {"interior": " (λ chosen)", "zero": " (λ chosen: 0)", "top": " (λ chosen at the grid's top)"}
 
@@ -435,7 +450,7 @@ def markdown_table(agg: dict, lam: dict) -> str:
         cells = [_fmt(e[t][L]) for t in ("jargon_test", "bible") for L in lengths]
         err = f"{e['weight_error']:.4f}" if "weight_error" in e else ""
         rows.append(f"| {g}{marks.get(chosen.get(g), '')} | {e['n']} | " + " | ".join(cells)
-                    + f" | {err} | {e['quantize_s']:.0f} | {e['eval_s']:.0f} |")
+                    + f" | {err} | {e['quantize_s']:.0f} | {e['eval_s']:.0f} | {', '.join(e.get('code', ()))} |")
     return "\n".join(rows)
 
 

@@ -132,6 +132,27 @@ def test_rerun_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     assert all(os.path.getmtime(tmp_path / "runs" / f) == t for f, t in stamps.items())
 
 
+def test_rerun_replaces_only_matching_runs_made_with_other_code(tmp_path, monkeypatch):
+    calls = []
+    run_cell = study.run_cell
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a: calls.append(cell.key) or run_cell(cell, *a))
+    monkeypatch.setattr(study, "_code_version", lambda: "aaaaaaa")
+    study.run_study(str(tmp_path), CFG, load=loader, max_runs=3, log=lambda *_: None)  # fp, 4b-rtn, 4b-gptq-fixed
+    path = tmp_path / "runs" / "4b-rtn.json"
+    old = json.loads(path.read_text())
+    assert old["code"] == "aaaaaaa"
+    study.run_study(str(tmp_path), CFG, load=loader, max_runs=1, rerun=("4b-*",), log=lambda *_: None)
+    assert calls[3:] == ["4b-gptq-maca-reg0-s0"]  # same code: nothing rerun, the next planned cell runs
+    monkeypatch.setattr(study, "_code_version", lambda: "bbbbbbb")
+    study.run_study(str(tmp_path), CFG, load=loader, max_runs=2, rerun=("4b-rtn", "*-fixed-*"), log=lambda *_: None)
+    assert calls[4:] == ["4b-rtn", "4b-gptq-fixed-reg0-s0"]  # in plan order; fp and MaCa kept
+    assert json.loads(path.read_text())["code"] == "bbbbbbb"
+    assert json.loads((tmp_path / "runs" / "fp.json").read_text())["code"] == "aaaaaaa"
+    monkeypatch.setattr(study, "_code_version", lambda: "bbbbbbb+changes")
+    with pytest.raises(RuntimeError, match="uncommitted changes"):
+        study.run_study(str(tmp_path), CFG, load=loader, rerun=("*",), log=lambda *_: None)
+
+
 def test_lambda_is_chosen_on_validation_text_only(finished, monkeypatch):
     monkeypatch.setattr(study, "MAX_LAMBDA", 2.0)  # as the fixture ran it
     runs = study.load_runs(finished)
