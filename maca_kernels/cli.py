@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="study")
     st.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (then summarize)")
     st.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plots")
+    st.add_argument("--sensitivity", action="store_true",
+                    help="instead: how far GPTQ moves when only its Hessians' summation order changes "
+                         "(<out>/sensitivity.json)")
     st.add_argument("--rerun", action="append", default=[], metavar="PATTERN",
                     help="rerun the finished runs whose key matches PATTERN (fnmatch, e.g. '*-reg0.5-s0'; repeatable) "
                          "and that were made with other code than this commit")
@@ -370,9 +373,11 @@ def _demo(a) -> None:
 
 
 def _study(a) -> None:
-    from .study import run_study, summarize
+    from .study import run_study, sensitivity, summarize
 
-    if a.summarize_only:
+    if a.sensitivity:
+        sensitivity(a.out)
+    elif a.summarize_only:
         summarize(a.out)
     else:
         run_study(a.out, max_runs=a.max_runs, rerun=tuple(a.rerun))

@@ -18,6 +18,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -183,7 +184,10 @@ def check_bookkeeping(calib, texts: Texts, cfg: StudyConfig) -> dict:
             "total_tokens": calib.total_tokens}
 
 
-def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
+def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig, *, calib_shards: int = 1,
+             codes: dict | None = None) -> dict:
+    """One run: quantize a copy of ``fp_model`` as ``cell`` says and evaluate it. ``calib_shards``: the Hessians'
+    summation order (1, the published runs'); ``codes``: if given, filled with each module's codes."""
     from .pipeline import quantize_model
 
     t0 = time.perf_counter()
@@ -197,6 +201,8 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
         w = fp_model.get_submodule(name).weight.detach().double()
         err[0] += float((w - r.weight.double()).square().sum())
         err[1] += float(w.square().sum())
+        if codes is not None:
+            codes[name] = r.codes.to(torch.uint8)
 
     if cell.method == "rtn":
         quantize_model(model, None, cell.bits, gs, method="rtn", progress=False, log=None, callback=weight_error)
@@ -206,7 +212,8 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig) -> dict:
         # one calibration shard: the summation order of the published runs (study/runs/), which 8 shards would
         # change in the last bits and, through GPTQ's rounding, perplexities by several percent (README)
         quantize_model(model, calib, cell.bits, gs, method=cell.method, weighting=SCHEMES[cell.scheme][1],
-                       reg=cell.reg or None, calib_shards=1, progress=False, log=None, callback=weight_error)
+                       reg=cell.reg or None, calib_shards=calib_shards, progress=False, log=None,
+                       callback=weight_error)
     if err[1]:
         entry["weight_error"] = math.sqrt(err[0] / err[1])  # relative Frobenius error of the quantized weights
     entry["quantize_s"] = round(time.perf_counter() - t0, 2)
@@ -266,6 +273,49 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
 
 def _stale(run: dict, patterns, code: str) -> bool:
     return run.get("code") != code and any(fnmatch.fnmatchcase(run["key"], p) for p in patterns)
+
+
+def sensitivity(out_dir: str = "study", cells=((4, 0.0), (4, 2.0), (3, 0.0), (3, 0.5)), shards=(1, 8), *,
+                cfg: StudyConfig | None = None, load=None, log=print) -> dict:
+    """How far a GPTQ run moves when nothing changes but the fp32 summation order of its Hessians: the study's
+    fixed-length cell at seed 0 for each (bits, λ) in ``cells``, quantized with each of ``shards`` calibration
+    shards (partial sums reduced in float64: the same sum, other last bits). Per cell: each run's perplexities, the
+    fraction of codes that differ (overall and per layer) and the relative weight error. Written to
+    ``<out_dir>/sensitivity.json`` after each cell; the cells already there (at this commit) are kept."""
+    cfg = cfg or StudyConfig()
+    fp_model, jargon, bible, _ = (load or _load_embedded)()
+    texts = split_texts(jargon, bible, cfg.holdout_fraction)
+    path = os.path.join(out_dir, "sensitivity.json")
+    code = _code_version()
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {k: v for k, v in json.load(f)["cells"].items() if v.get("code") == code}
+    for bits, reg in cells:
+        cell = Cell(bits, "gptq", "fixed", reg=reg, seed=cfg.seeds[0])
+        if cell.key in done:
+            continue
+        runs, all_codes = {}, []
+        for n in shards:
+            all_codes.append({})
+            e = run_cell(cell, fp_model, texts, cfg, calib_shards=n, codes=all_codes[-1])
+            runs[str(n)] = {k: e[k] for k in ("perplexity", "weight_error", "quantize_s")}
+        a, b = all_codes[0], all_codes[-1]
+        layers: dict[str, list[int]] = {}
+        for name in a:
+            layer = re.match(r"(.*?\.\d+)\.", name + ".").group(1)  # model.layers.<i>
+            diff = layers.setdefault(layer, [0, 0])
+            diff[0] += int((a[name] != b[name]).sum())
+            diff[1] += a[name].numel()
+        changed = sum(d for d, _ in layers.values()) / sum(n for _, n in layers.values())
+        done[cell.key] = {"code": code, "shards": list(shards), "runs": runs, "codes_changed": changed,
+                          "codes_changed_by_layer": {k: d / n for k, (d, n) in layers.items()}}
+        _write_json(path, {"what": "GPTQ runs that differ only in the fp32 summation order of their Hessians "
+                                   "(calibration shards reduced in float64)", "cells": done})
+        ppl = [runs[str(n)]["perplexity"]["jargon_test"][str(cfg.eval_lengths[0])] for n in shards]
+        log(f"{cell.key}: codes changed {changed:.2%}, jargon_test@{cfg.eval_lengths[0]} "
+            + " vs ".join(f"{p:.2f}" for p in ppl))
+    return done
 
 
 def _code_version() -> str:

@@ -153,6 +153,27 @@ def test_rerun_replaces_only_matching_runs_made_with_other_code(tmp_path, monkey
         study.run_study(str(tmp_path), CFG, load=loader, rerun=("*",), log=lambda *_: None)
 
 
+def test_sensitivity_compares_runs_that_differ_only_in_summation_order(tmp_path):
+    logged = []
+    done = study.sensitivity(str(tmp_path), cells=((4, 0.0),), shards=(1, 1), cfg=CFG, load=loader,
+                             log=logged.append)
+    e = done["4b-gptq-fixed-reg0-s0"]
+    assert e["codes_changed"] == 0 and set(e["codes_changed_by_layer"].values()) == {0.0}  # one order: same bits
+    assert list(e["codes_changed_by_layer"]) == [f"model.layers.{i}" for i in range(2)]
+    assert e["runs"]["1"]["perplexity"] == study.run_cell(study.Cell(4, "gptq", "fixed"), *_fp_and_texts())[
+        "perplexity"]  # the study's own run of that cell
+    two = study.sensitivity(str(tmp_path), cells=((4, 0.0), (4, 0.5)), shards=(1, 4), cfg=CFG, load=loader,
+                            log=logged.append)
+    assert two["4b-gptq-fixed-reg0-s0"] == e  # kept (same commit), only the new cell ran
+    assert 0 <= two["4b-gptq-fixed-reg0.5-s0"]["codes_changed"] < 0.5 and len(logged) == 2
+    assert json.loads((tmp_path / "sensitivity.json").read_text())["cells"] == two
+
+
+def _fp_and_texts():
+    fp, jargon, bible, _ = loader()
+    return fp, study.split_texts(jargon, bible, CFG.holdout_fraction), CFG
+
+
 def test_lambda_is_chosen_on_validation_text_only(finished, monkeypatch):
     monkeypatch.setattr(study, "MAX_LAMBDA", 2.0)  # as the fixture ran it
     runs = study.load_runs(finished)
