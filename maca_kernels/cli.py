@@ -375,6 +375,8 @@ def _demo(a) -> None:
 def _study(a) -> None:
     from .study import run_study, sensitivity, summarize
 
+    if a.rerun and (a.sensitivity or a.summarize_only):
+        raise UsageError("--rerun reruns study runs: it cannot be combined with --sensitivity or --summarize-only")
     if a.sensitivity:
         sensitivity(a.out)
     elif a.summarize_only:

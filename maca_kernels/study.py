@@ -185,9 +185,10 @@ def check_bookkeeping(calib, texts: Texts, cfg: StudyConfig) -> dict:
 
 
 def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig, *, calib_shards: int = 1,
-             codes: dict | None = None) -> dict:
+             codes: dict | None = None, code: str | None = None) -> dict:
     """One run: quantize a copy of ``fp_model`` as ``cell`` says and evaluate it. ``calib_shards``: the Hessians'
-    summation order (1, the published runs'); ``codes``: if given, filled with each module's codes."""
+    summation order (1, the published runs'); ``codes``: if given, filled with each module's codes; ``code``: the
+    commit to record (default: the work tree's now; a long study passes the one it started with)."""
     from .pipeline import quantize_model
 
     t0 = time.perf_counter()
@@ -217,7 +218,7 @@ def run_cell(cell: Cell, fp_model, texts: Texts, cfg: StudyConfig, *, calib_shar
     if err[1]:
         entry["weight_error"] = math.sqrt(err[0] / err[1])  # relative Frobenius error of the quantized weights
     entry["quantize_s"] = round(time.perf_counter() - t0, 2)
-    entry["code"] = _code_version()  # GPTQ's codes move with any change of fp32 rounding: runs compare within one
+    entry["code"] = code or _code_version()  # GPTQ's codes move with any change of fp32 rounding: compare within one
     if getattr(model, "quantize_stats", None) is not None:
         entry["time_split"] = model.quantize_stats.summary()
     t1 = time.perf_counter()
@@ -232,14 +233,16 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
     """Run the cells of ``plan(cfg)`` not yet in ``<out_dir>/runs/`` (at most ``max_runs`` of them), then
     summarize. ``load()`` → (fp_model, jargon_ids, bible_ids, meta); default: the embedded model and texts.
 
-    ``rerun``: key patterns (fnmatch, e.g. ``"*-reg0.5-s*"``) whose finished runs count as not done when they were
-    made with other code than this (their ``code`` record differs, or is missing), so that the cells compared in
-    one table come from one commit: GPTQ's codes, and so perplexities by several percent, move with any change of
-    fp32 rounding. Each rerun replaces its file when it finishes; an interrupted rerun resumes."""
+    ``rerun``: key patterns (fnmatch, e.g. ``"*-reg0.5-s*"``): the finished runs they match that were made with
+    other code than this commit (their ``code`` differs, or is missing) count as not done, so that the cells one
+    table compares come from one commit (GPTQ's codes, and so its perplexities by several percent, move with any
+    change of fp32 rounding: ``sensitivity``). The plan's cells run first, in its order (a stale run the plan
+    no longer holds, e.g. a seed at a λ not chosen, is rerun after them). Each rerun replaces its file when it
+    finishes; an interrupted rerun resumes, and until it has finished the summary leaves the stale runs out."""
     cfg = cfg or StudyConfig()
     code = _code_version()
-    if rerun and code.endswith("+changes"):
-        raise RuntimeError("rerun: the work tree has uncommitted changes to the package, so the new runs could not "
+    if rerun and not re.fullmatch(r"[0-9a-f]{7,40}", code):
+        raise RuntimeError(f"rerun: the package's code is {code!r}, not a clean git commit, so the new runs could not "
                            "name the code they were made with; commit first (or run from a clean worktree)")
     fp_model, jargon, bible, meta = (load or _load_embedded)()
     texts = split_texts(jargon, bible, cfg.holdout_fraction)
@@ -254,65 +257,80 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
     _write_json(cfg_path,
                 {"config": _config_record(cfg), "meta": meta, "text_layout": texts.layout,
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
+    if rerun:
+        found = _valid_runs(out_dir, cfg)
+        for p in rerun:
+            n = sum(_stale(r, (p,), code) for r in found)
+            log(f"rerun {p!r}: {n} of the {sum(fnmatch.fnmatchcase(r['key'], p) for r in found)} runs it matches "
+                f"were made with other code than {code}")
     done = 0
     while max_runs is None or done < max_runs:
-        runs = [r for r in _valid_runs(out_dir, cfg) if not _stale(r, rerun, code)]
+        found = _valid_runs(out_dir, cfg)
+        runs = [r for r in found if not _stale(r, rerun, code)]
         have = {r["key"] for r in runs}
         todo = [c for c in plan(cfg, runs) if c.key not in have]  # the plan grows with the sweeps' results
+        todo += [_cell(r) for r in found if _stale(r, rerun, code) and _cell(r) not in todo]
         if not todo:
             break
         cell = todo[0]
-        entry = run_cell(cell, fp_model, texts, cfg) | {"config": _config_record(cfg)}
+        entry = run_cell(cell, fp_model, texts, cfg, code=code) | {"config": _config_record(cfg)}
         _write_json(os.path.join(runs_dir, cell.key + ".json"), entry)  # as soon as it finishes: a rerun resumes
         done += 1
         ppl = entry["perplexity"]
         log(f"{cell.key}: quantize {entry['quantize_s']} s, eval {entry['eval_s']} s, "
             + ", ".join(f"{t}@{L} {v:.2f}" for t in ("jargon_test", "bible") for L, v in ppl[t].items()))
-    return summarize(out_dir, log=log)
+    return summarize(out_dir, log=log, leave_out=lambda r: _stale(r, rerun, code))
 
 
 def _stale(run: dict, patterns, code: str) -> bool:
     return run.get("code") != code and any(fnmatch.fnmatchcase(run["key"], p) for p in patterns)
 
 
-def sensitivity(out_dir: str = "study", cells=((4, 0.0), (4, 2.0), (3, 0.0), (3, 0.5)), shards=(1, 8), *,
+def sensitivity(out_dir: str = "study", cells=((4, 0.0), (4, 2.0), (3, 0.0), (3, 0.5)), orders=(1, 4), *,
                 cfg: StudyConfig | None = None, load=None, log=print) -> dict:
     """How far a GPTQ run moves when nothing changes but the fp32 summation order of its Hessians: the study's
-    fixed-length cell at seed 0 for each (bits, λ) in ``cells``, quantized with each of ``shards`` calibration
-    shards (partial sums reduced in float64: the same sum, other last bits). Per cell: each run's perplexities, the
-    fraction of codes that differ (overall and per layer) and the relative weight error. Written to
-    ``<out_dir>/sensitivity.json`` after each cell; the cells already there (at this commit) are kept."""
+    fixed-length cell at seed 0 for each (bits, λ) in ``cells``, quantized twice, with the two calibration shard
+    counts in ``orders`` (partial sums reduced in float64: the same sum, other last bits; a shard holds at least
+    one sequence, so the effective count, recorded, is at most the cell's 4 windows). Per cell: each run's
+    perplexities and weight error, and the fraction of codes that differ, overall and per layer. Written to
+    ``<out_dir>/sensitivity.json`` after each cell; a cell already there with this commit and settings is kept."""
     cfg = cfg or StudyConfig()
+    if len(orders) != 2 or orders[0] == orders[1]:
+        raise ValueError(f"orders must be two different shard counts, got {orders!r}")
+    code = _code_version()
     fp_model, jargon, bible, _ = (load or _load_embedded)()
     texts = split_texts(jargon, bible, cfg.holdout_fraction)
     path = os.path.join(out_dir, "sensitivity.json")
-    code = _code_version()
-    done = {}
-    if os.path.exists(path):
+    settings = {"orders": list(orders), "config": _config_record(cfg)}
+    kept = {}
+    if os.path.exists(path) and not code.endswith("+changes"):
         with open(path) as f:
-            done = {k: v for k, v in json.load(f)["cells"].items() if v.get("code") == code}
+            kept = json.load(f)["cells"]
+    done = {}
     for bits, reg in cells:
         cell = Cell(bits, "gptq", "fixed", reg=reg, seed=cfg.seeds[0])
-        if cell.key in done:
+        old = kept.get(cell.key)
+        if old is not None and old["code"] == code and {k: old.get(k) for k in settings} == settings:
+            done[cell.key] = old
             continue
-        runs, all_codes = {}, []
-        for n in shards:
-            all_codes.append({})
-            e = run_cell(cell, fp_model, texts, cfg, calib_shards=n, codes=all_codes[-1])
-            runs[str(n)] = {k: e[k] for k in ("perplexity", "weight_error", "quantize_s")}
-        a, b = all_codes[0], all_codes[-1]
+        runs, codes = {}, []
+        for n in orders:
+            codes.append({})
+            e = run_cell(cell, fp_model, texts, cfg, calib_shards=n, codes=codes[-1], code=code)
+            runs[str(n)] = {"effective_shards": min(n, e["calibration"]["n_sequences"])} | {
+                k: e[k] for k in ("perplexity", "weight_error", "quantize_s")}
         layers: dict[str, list[int]] = {}
-        for name in a:
-            layer = re.match(r"(.*?\.\d+)\.", name + ".").group(1)  # model.layers.<i>
-            diff = layers.setdefault(layer, [0, 0])
-            diff[0] += int((a[name] != b[name]).sum())
-            diff[1] += a[name].numel()
+        for name, a in codes[0].items():
+            m = re.match(r"(.*?\.\d+)\.", name + ".")  # model.layers.<i>
+            diff = layers.setdefault(m.group(1) if m else name, [0, 0])
+            diff[0] += int((a != codes[1][name]).sum())
+            diff[1] += a.numel()
         changed = sum(d for d, _ in layers.values()) / sum(n for _, n in layers.values())
-        done[cell.key] = {"code": code, "shards": list(shards), "runs": runs, "codes_changed": changed,
+        done[cell.key] = {"code": code, **settings, "runs": runs, "codes_changed": changed,
                           "codes_changed_by_layer": {k: d / n for k, (d, n) in layers.items()}}
         _write_json(path, {"what": "GPTQ runs that differ only in the fp32 summation order of their Hessians "
-                                   "(calibration shards reduced in float64)", "cells": done})
-        ppl = [runs[str(n)]["perplexity"]["jargon_test"][str(cfg.eval_lengths[0])] for n in shards]
+                                   "(calibration shards reduced in float64)", "cells": kept | done})
+        ppl = [runs[str(n)]["perplexity"]["jargon_test"][str(cfg.eval_lengths[0])] for n in orders]
         log(f"{cell.key}: codes changed {changed:.2%}, jargon_test@{cfg.eval_lengths[0]} "
             + " vs ".join(f"{p:.2f}" for p in ppl))
     return done
@@ -450,22 +468,25 @@ def choose_lambda(runs: list[dict], cfg: StudyConfig) -> dict:
     return out
 
 
-def summarize(out_dir: str, log=print) -> dict:
+def summarize(out_dir: str, log=print, leave_out=None) -> dict:
     """Tables and plots from the runs made with ``<out_dir>/config.json``'s run fields (others are left out and
-    counted)."""
+    counted), less those ``leave_out(run)`` names (a rerun's stale runs still waiting: counted as such)."""
     with open(os.path.join(out_dir, "config.json")) as f:
         record = json.load(f)["config"]
     names = {f.name for f in fields(StudyConfig)}
     cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names})
     found = load_runs(out_dir)
     runs = [r for r in found if _run_fields(r.get("config") or {}) == _run_fields(record)]
+    pending = [r for r in runs if leave_out is not None and leave_out(r)]
+    runs = [r for r in runs if r not in pending]
     if not runs:
         raise RuntimeError(f"no finished runs of this configuration in {out_dir}/runs")
     agg = aggregate(runs)
     lam = choose_lambda(runs, cfg)
     keys = {c.key for c in plan(cfg, runs)}
     summary = {"groups": agg, "lambda_choice": lam, "runs": len(runs),
-               "planned_left": len(keys - {r["key"] for r in runs}), "left_out": len(found) - len(runs),
+               "planned_left": len(keys - {r["key"] for r in runs}), "rerun_pending": len(pending),
+               "left_out": len(found) - len(runs) - len(pending),
                "wall_s": round(sum(r["quantize_s"] + r["eval_s"] for r in runs), 1)}
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     table = markdown_table(agg, lam)
@@ -517,6 +538,8 @@ def _plots(agg: dict, lam: dict, out_dir: str) -> None:
     except ImportError:
         return
     bits = sorted({e["cell"]["bits"] for e in agg.values() if e["cell"]["bits"]}, reverse=True)
+    if not bits:  # only the float model has run yet
+        return
     fig, axes = plt.subplots(2, len(bits), figsize=(5 * len(bits), 8), squeeze=False)
     for j, b in enumerate(bits):
         for i, text in enumerate(("jargon_test", "bible")):

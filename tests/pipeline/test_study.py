@@ -122,7 +122,7 @@ def test_check_bookkeeping_refuses_a_window_on_evaluation_text():
 def test_rerun_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
     calls = []
     run_cell = study.run_cell
-    monkeypatch.setattr(study, "run_cell", lambda cell, *a: calls.append(cell.key) or run_cell(cell, *a))
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **k: calls.append(cell.key) or run_cell(cell, *a, **k))
     study.run_study(str(tmp_path), CFG, load=loader, max_runs=3, log=lambda *_: None)
     first = sorted(os.listdir(tmp_path / "runs"))
     assert len(calls) == 3 and len(first) == 3
@@ -135,38 +135,79 @@ def test_rerun_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
 def test_rerun_replaces_only_matching_runs_made_with_other_code(tmp_path, monkeypatch):
     calls = []
     run_cell = study.run_cell
-    monkeypatch.setattr(study, "run_cell", lambda cell, *a: calls.append(cell.key) or run_cell(cell, *a))
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, **k: calls.append(cell.key) or run_cell(cell, *a, **k))
     monkeypatch.setattr(study, "_code_version", lambda: "aaaaaaa")
-    study.run_study(str(tmp_path), CFG, load=loader, max_runs=3, log=lambda *_: None)  # fp, 4b-rtn, 4b-gptq-fixed
-    path = tmp_path / "runs" / "4b-rtn.json"
-    old = json.loads(path.read_text())
-    assert old["code"] == "aaaaaaa"
-    study.run_study(str(tmp_path), CFG, load=loader, max_runs=1, rerun=("4b-*",), log=lambda *_: None)
-    assert calls[3:] == ["4b-gptq-maca-reg0-s0"]  # same code: nothing rerun, the next planned cell runs
-    monkeypatch.setattr(study, "_code_version", lambda: "bbbbbbb")
-    study.run_study(str(tmp_path), CFG, load=loader, max_runs=2, rerun=("4b-rtn", "*-fixed-*"), log=lambda *_: None)
-    assert calls[4:] == ["4b-rtn", "4b-gptq-fixed-reg0-s0"]  # in plan order; fp and MaCa kept
-    assert json.loads(path.read_text())["code"] == "bbbbbbb"
-    assert json.loads((tmp_path / "runs" / "fp.json").read_text())["code"] == "aaaaaaa"
-    monkeypatch.setattr(study, "_code_version", lambda: "bbbbbbb+changes")
-    with pytest.raises(RuntimeError, match="uncommitted changes"):
-        study.run_study(str(tmp_path), CFG, load=loader, rerun=("*",), log=lambda *_: None)
-
-
-def test_sensitivity_compares_runs_that_differ_only_in_summation_order(tmp_path):
+    out = str(tmp_path)
+    study.run_study(out, CFG, load=loader, max_runs=4, log=lambda *_: None)  # fp, RTN, GPTQ fixed and MaCa
+    code = {f: json.loads((tmp_path / "runs" / f"{f}.json").read_text())["code"] for f in ("fp", "4b-rtn")}
+    assert code == {"fp": "aaaaaaa", "4b-rtn": "aaaaaaa"}
     logged = []
-    done = study.sensitivity(str(tmp_path), cells=((4, 0.0),), shards=(1, 1), cfg=CFG, load=loader,
+    study.run_study(out, CFG, load=loader, max_runs=1, rerun=("4b-*",), log=logged.append)
+    assert calls[4:] == ["4b-gptaq-fixed-reg0-s0"]  # same code: nothing rerun, the next planned cell runs
+    assert logged[0] == "rerun '4b-*': 0 of the 3 runs it matches were made with other code than aaaaaaa"
+    # the commit moves while the study runs: every run records the one it started with, and it ends
+    versions = iter(f"{i:07x}" for i in range(11, 10**6))
+    monkeypatch.setattr(study, "_code_version", lambda: next(versions))
+    gone = tmp_path / "runs" / "4b-gptq-maca-reg0-s0.json"
+    record = json.loads(gone.read_text())
+    del record["code"]  # made before runs recorded their commit: stale for any pattern that matches it
+    gone.write_text(json.dumps(record))
+    summary = study.run_study(out, CFG, load=loader, max_runs=3, rerun=("4b-rtn", "*-maca-*"), log=logged.append)
+    assert calls[5:] == ["4b-rtn", "4b-gptq-maca-reg0-s0", "4b-gptaq-maca-reg0-s0"]  # in plan order, then new
+    runs = {r["key"]: r["code"] for r in study.load_runs(out)}
+    assert runs["4b-rtn"] == runs["4b-gptq-maca-reg0-s0"] == "000000b" and runs["fp"] == "aaaaaaa"
+    assert runs["4b-gptq-fixed-reg0-s0"] == "aaaaaaa"  # not matched: kept
+    assert summary["rerun_pending"] == 0
+    monkeypatch.setattr(study, "_code_version", lambda: "ccccccc")
+    summary = study.run_study(out, CFG, load=loader, max_runs=1, rerun=("4b-gptq-*",), log=logged.append)
+    assert calls[8:] == ["4b-gptq-fixed-reg0-s0"] and summary["rerun_pending"] == 1  # MaCa's waits: left out
+    for code in ("bbbbbbb+changes", "0.3.0"):  # no clean commit to record
+        monkeypatch.setattr(study, "_code_version", lambda code=code: code)
+        with pytest.raises(RuntimeError, match="not a clean git commit"):
+            study.run_study(out, CFG, load=loader, rerun=("*",), log=lambda *_: None)
+    assert main(["study", "--out", out, "--summarize-only", "--rerun", "*"]) == 2
+
+
+def test_a_stale_run_outside_the_plan_is_rerun_after_it(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    monkeypatch.setattr(study, "_code_version", lambda: "aaaaaaa")
+    study.run_study(out, CFG, load=loader, max_runs=1, log=lambda *_: None)  # fp
+    extra = study.Cell(4, "gptq", "fixed", reg=0.05, seed=1)  # a seed at a λ the plan does not hold
+    assert extra not in study.plan(CFG, study.load_runs(out))
+    fp_model, jargon, bible, _ = loader()
+    texts = study.split_texts(jargon, bible, CFG.holdout_fraction)
+    entry = study.run_cell(extra, fp_model, texts, CFG) | {"config": study._config_record(CFG)}
+    study._write_json(str(tmp_path / "runs" / f"{extra.key}.json"), entry)
+    monkeypatch.setattr(study, "_code_version", lambda: "bbbbbbb")
+    order = []
+    monkeypatch.setattr(study, "run_cell", lambda cell, *a, code, **k: order.append(cell.key) or dict(
+        entry, key=cell.key, cell=study.asdict(cell), code=code))  # the real run's numbers, under each key
+    study.run_study(out, CFG, load=loader, rerun=("*-reg0.05-*",), log=lambda *_: None)
+    assert order[-1] == extra.key and order.count(extra.key) == 1 and len(order) > 1
+
+
+def test_sensitivity_compares_runs_that_differ_only_in_summation_order(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(study, "_code_version", lambda: "aaaaaaa")
+    done = study.sensitivity(str(tmp_path), cells=((4, 0.0),), orders=(1, 3), cfg=CFG, load=loader,
                              log=logged.append)
     e = done["4b-gptq-fixed-reg0-s0"]
-    assert e["codes_changed"] == 0 and set(e["codes_changed_by_layer"].values()) == {0.0}  # one order: same bits
     assert list(e["codes_changed_by_layer"]) == [f"model.layers.{i}" for i in range(2)]
+    assert 0 <= e["codes_changed"] <= 1 and e["code"] == "aaaaaaa" and e["orders"] == [1, 3]
+    n_seq = CFG.calib_tokens // max(CFG.calib_lengths)
+    assert [r["effective_shards"] for r in e["runs"].values()] == [1, min(3, n_seq)]
     assert e["runs"]["1"]["perplexity"] == study.run_cell(study.Cell(4, "gptq", "fixed"), *_fp_and_texts())[
         "perplexity"]  # the study's own run of that cell
-    two = study.sensitivity(str(tmp_path), cells=((4, 0.0), (4, 0.5)), shards=(1, 4), cfg=CFG, load=loader,
-                            log=logged.append)
-    assert two["4b-gptq-fixed-reg0-s0"] == e  # kept (same commit), only the new cell ran
-    assert 0 <= two["4b-gptq-fixed-reg0.5-s0"]["codes_changed"] < 0.5 and len(logged) == 2
-    assert json.loads((tmp_path / "sensitivity.json").read_text())["cells"] == two
+    same = study.sensitivity(str(tmp_path), cells=((4, 0.0),), orders=(1, 3), cfg=CFG, load=loader,
+                             log=logged.append)
+    assert same["4b-gptq-fixed-reg0-s0"] == e and len(logged) == 1  # kept: same commit and settings
+    other = study.sensitivity(str(tmp_path), cells=((4, 0.0),), orders=(1, 2), cfg=CFG, load=loader,
+                              log=logged.append)
+    assert other["4b-gptq-fixed-reg0-s0"]["orders"] == [1, 2] and len(logged) == 2  # other settings: run again
+    stored = json.loads((tmp_path / "sensitivity.json").read_text())["cells"]
+    assert stored == other
+    with pytest.raises(ValueError, match="two different shard counts"):
+        study.sensitivity(str(tmp_path), orders=(2, 2), cfg=CFG, load=loader)
 
 
 def _fp_and_texts():
