@@ -265,11 +265,12 @@ def run_study(out_dir: str = "study", cfg: StudyConfig | None = None, *, load=No
                 f"were made with other code than {code}")
     done = 0
     while max_runs is None or done < max_runs:
-        found = _valid_runs(out_dir, cfg)
-        runs = [r for r in found if not _stale(r, rerun, code)]
+        runs, stale = [], []
+        for r in _valid_runs(out_dir, cfg):
+            (stale if _stale(r, rerun, code) else runs).append(r)
         have = {r["key"] for r in runs}
         todo = [c for c in plan(cfg, runs) if c.key not in have]  # the plan grows with the sweeps' results
-        todo += [_cell(r) for r in found if _stale(r, rerun, code) and _cell(r) not in todo]
+        todo += [c for c in map(_cell, stale) if c not in todo]
         if not todo:
             break
         cell = todo[0]
@@ -302,15 +303,16 @@ def sensitivity(out_dir: str = "study", cells=((4, 0.0), (4, 2.0), (3, 0.0), (3,
     texts = split_texts(jargon, bible, cfg.holdout_fraction)
     path = os.path.join(out_dir, "sensitivity.json")
     settings = {"orders": list(orders), "config": _config_record(cfg)}
-    kept = {}
-    if os.path.exists(path) and not code.endswith("+changes"):
+    kept = {}  # every cell already there stays in the file; one is reused only at this clean commit and settings
+    if os.path.exists(path):
         with open(path) as f:
             kept = json.load(f)["cells"]
     done = {}
     for bits, reg in cells:
         cell = Cell(bits, "gptq", "fixed", reg=reg, seed=cfg.seeds[0])
         old = kept.get(cell.key)
-        if old is not None and old["code"] == code and {k: old.get(k) for k in settings} == settings:
+        if old is not None and old["code"] == code and not code.endswith("+changes") and \
+                {k: old.get(k) for k in settings} == settings:
             done[cell.key] = old
             continue
         runs, codes = {}, []
@@ -476,9 +478,10 @@ def summarize(out_dir: str, log=print, leave_out=None) -> dict:
     names = {f.name for f in fields(StudyConfig)}
     cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names})
     found = load_runs(out_dir)
-    runs = [r for r in found if _run_fields(r.get("config") or {}) == _run_fields(record)]
-    pending = [r for r in runs if leave_out is not None and leave_out(r)]
-    runs = [r for r in runs if r not in pending]
+    runs, pending = [], []
+    for r in found:
+        if _run_fields(r.get("config") or {}) == _run_fields(record):
+            (pending if leave_out is not None and leave_out(r) else runs).append(r)
     if not runs:
         raise RuntimeError(f"no finished runs of this configuration in {out_dir}/runs")
     agg = aggregate(runs)

@@ -206,6 +206,12 @@ def test_sensitivity_compares_runs_that_differ_only_in_summation_order(tmp_path,
     assert other["4b-gptq-fixed-reg0-s0"]["orders"] == [1, 2] and len(logged) == 2  # other settings: run again
     stored = json.loads((tmp_path / "sensitivity.json").read_text())["cells"]
     assert stored == other
+    monkeypatch.setattr(study, "_code_version", lambda: "aaaaaaa+changes")  # a dirty tree: nothing reused ...
+    dirty = study.sensitivity(str(tmp_path), cells=((4, 0.5),), orders=(1, 2), cfg=CFG, load=loader,
+                              log=logged.append)
+    assert len(logged) == 3 and dirty["4b-gptq-fixed-reg0.5-s0"]["code"] == "aaaaaaa+changes"
+    stored = json.loads((tmp_path / "sensitivity.json").read_text())["cells"]
+    assert stored == other | dirty  # ... and nothing recorded before is dropped from the file
     with pytest.raises(ValueError, match="two different shard counts"):
         study.sensitivity(str(tmp_path), orders=(2, 2), cfg=CFG, load=loader)
 
